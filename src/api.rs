@@ -1,0 +1,383 @@
+//! The control plane's REST API, `/api/routes`, answered exactly as configurable-http-proxy
+//! answers it, so JupyterHub can drive hubgate unchanged.
+//!
+//! Every status and body the API can return is decided in [`ApiError`] (failures) or the handler
+//! functions here (successes). Route changes go to the route table only through
+//! [`RouteTable::apply`], all-or-nothing.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::ser::{SerializeMap, Serializer};
+use serde_json::Value;
+
+use crate::path;
+use crate::proxy::{empty, json};
+use crate::routes::{format_timestamp, Change, Outcome, Route, RouteData, RouteTable, Snapshot};
+use crate::target::Target;
+use crate::upstream::ProxyBody;
+
+const ROUTES: &str = "/api/routes";
+
+/// A refused API request. Statuses and messages follow CHP; bodies are JSON (CHP sends plain
+/// text with no content type, which is one of the differences the README lists).
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("Not Found")]
+    NotFound,
+    #[error("Method not supported")]
+    Method,
+    /// 403 with an empty body, exactly as CHP.
+    #[error("forbidden")]
+    Forbidden,
+    #[error("Body not valid JSON: {0}")]
+    BadJson(String),
+    #[error("Must specify 'target' as string")]
+    NoTarget,
+    #[error("{0}")]
+    BadTarget(#[from] crate::target::TargetError),
+    #[error("Invalid route path: {0}")]
+    BadPath(#[from] path::PathError),
+    #[error("Invalid datestamp '{0}' must be ISO8601.")]
+    BadDate(String),
+    #[error("Request body larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("Could not read the request body: {0}")]
+    Body(String),
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::Method => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BadJson(_)
+            | ApiError::NoTarget
+            | ApiError::BadTarget(_)
+            | ApiError::BadPath(_)
+            | ApiError::BadDate(_)
+            | ApiError::Body(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    fn into_response(self) -> Response<ProxyBody> {
+        let status = self.status();
+        if matches!(self, ApiError::Forbidden) {
+            return empty(status);
+        }
+        let body = serde_json::json!({"status": status.as_u16(), "message": self.to_string()});
+        json(status, body.to_string())
+    }
+}
+
+/// The API service.
+pub struct Api {
+    table: Arc<RouteTable>,
+    token: Option<String>,
+    host_routing: bool,
+    max_body: usize,
+}
+
+impl Api {
+    pub fn new(
+        table: Arc<RouteTable>,
+        token: Option<String>,
+        host_routing: bool,
+        max_body: usize,
+    ) -> Self {
+        Api {
+            table,
+            token,
+            host_routing,
+            max_body,
+        }
+    }
+
+    /// Serves one API request. Never fails: every error becomes a response.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let method = req.method().clone();
+        let resp = match self.route(req).await {
+            Ok(resp) => resp,
+            Err(err) => {
+                match &err {
+                    ApiError::Forbidden => {
+                        tracing::warn!(%method, "API request refused: bad or missing token")
+                    }
+                    other => tracing::warn!(%method, error = %other, "API request refused"),
+                }
+                err.into_response()
+            }
+        };
+        tracing::debug!(%method, status = resp.status().as_u16(), "api");
+        Ok(resp)
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
+        let rest = match req.uri().path().strip_prefix(ROUTES) {
+            Some(rest) if rest.is_empty() || rest.starts_with('/') => rest.to_owned(),
+            _ => return Err(ApiError::NotFound),
+        };
+        match *req.method() {
+            Method::GET => {
+                self.authorize(&req)?;
+                if rest.is_empty() || rest == "/" {
+                    self.list(req.uri().query())
+                } else {
+                    self.get_one(&rest)
+                }
+            }
+            Method::POST => {
+                // CHP reads and parses the body before it checks the token, so bad JSON is a 400
+                // even with a bad token. JupyterHub never depends on it; we keep the order.
+                let authorized = self.authorize(&req);
+                let data = self.read_json(req.into_body()).await?;
+                authorized?;
+                self.post(&rest, data)
+            }
+            Method::DELETE => {
+                self.authorize(&req)?;
+                self.delete(&rest)
+            }
+            _ => Err(ApiError::Method),
+        }
+    }
+
+    /// `Authorization: token <t>`, the whole header, compared in constant time. CHP's pattern
+    /// is unanchored (`xtoken <t>` passes); this one is not.
+    fn authorize<B>(&self, req: &Request<B>) -> Result<(), ApiError> {
+        let Some(expected) = &self.token else {
+            return Ok(());
+        };
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, token) = v.trim().split_once(char::is_whitespace)?;
+                let token = token.trim_start();
+                (scheme.eq_ignore_ascii_case("token")
+                    && !token.is_empty()
+                    && !token.contains(char::is_whitespace))
+                .then_some(token)
+            });
+        match given {
+            Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => Ok(()),
+            _ => Err(ApiError::Forbidden),
+        }
+    }
+
+    async fn read_json(&self, body: Incoming) -> Result<Value, ApiError> {
+        let bytes = Limited::new(body, self.max_body)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    ApiError::TooLarge(self.max_body)
+                } else {
+                    ApiError::Body(e.to_string())
+                }
+            })?
+            .to_bytes();
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::BadJson(e.to_string()))
+    }
+
+    fn list(&self, query: Option<&str>) -> Result<Response<ProxyBody>, ApiError> {
+        let since = inactive_since(query)?;
+        let snapshot = self.table.snapshot();
+        let body = serialize_table(&snapshot, since);
+        Ok(json(StatusCode::OK, body))
+    }
+
+    fn get_one(&self, raw: &str) -> Result<Response<ProxyBody>, ApiError> {
+        let key = path::route_key(raw)?;
+        match self.table.load().get(&key) {
+            Some(route) => {
+                let body = serde_json::to_vec(&RouteView(route)).unwrap_or_default();
+                Ok(json(StatusCode::OK, body))
+            }
+            None => Ok(empty(StatusCode::NOT_FOUND)),
+        }
+    }
+
+    fn post(&self, raw: &str, data: Value) -> Result<Response<ProxyBody>, ApiError> {
+        let key = path::route_key(raw)?;
+        let Value::Object(mut data) = data else {
+            return Err(ApiError::NoTarget);
+        };
+        let target = match data.get("target") {
+            Some(Value::String(t)) => Target::parse(t)?,
+            _ => return Err(ApiError::NoTarget),
+        };
+        data.remove("last_activity");
+        if self.host_routing && key != "/" {
+            let host = key[1..].split('/').next().unwrap_or_default().to_owned();
+            data.insert("host".to_owned(), Value::String(host));
+        }
+        tracing::info!(route = %key, target = ?target, "adding route");
+        let route = Route::new(key.into(), target, data, self.host_routing);
+        self.table.apply(vec![Change::Upsert(Arc::new(route))]);
+        Ok(empty(StatusCode::CREATED))
+    }
+
+    fn delete(&self, raw: &str) -> Result<Response<ProxyBody>, ApiError> {
+        let key: Arc<str> = path::route_key(raw)?.into();
+        let outcome = self.table.apply(vec![Change::Remove(key.clone())]);
+        if outcome.first() == Some(&Outcome::Removed) {
+            tracing::info!(route = %key, "removed route");
+            Ok(empty(StatusCode::NO_CONTENT))
+        } else {
+            Ok(empty(StatusCode::NOT_FOUND))
+        }
+    }
+}
+
+/// `?inactive_since=` (or CHP's `?inactiveSince=`), as milliseconds since the epoch.
+fn inactive_since(query: Option<&str>) -> Result<Option<i64>, ApiError> {
+    let Some(query) = query else {
+        return Ok(None);
+    };
+    let mut value = None;
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k == "inactiveSince" || (k == "inactive_since" && value.is_none()) {
+            let v = v.replace('+', " ");
+            value = Some(path::decode(&v).map(|c| c.into_owned()).unwrap_or(v));
+        }
+    }
+    match value.filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) => parse_date(&v).map(Some).ok_or(ApiError::BadDate(v)),
+    }
+}
+
+/// The date forms JupyterHub and people send: RFC 3339 with any offset, a naive date-time
+/// (taken as UTC, as Python's `isoformat()` of a UTC time reads), a bare date, and RFC 2822.
+pub fn parse_date(s: &str) -> Option<i64> {
+    use chrono::{DateTime, NaiveDate, NaiveDateTime};
+    let s = s.trim();
+    if let Ok(d) = DateTime::parse_from_rfc3339(s) {
+        return Some(d.timestamp_millis());
+    }
+    for fmt in [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M",
+    ] {
+        if let Ok(d) = NaiveDateTime::parse_from_str(s, fmt) {
+            return Some(d.and_utc().timestamp_millis());
+        }
+    }
+    if let Ok(d) = DateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f%:z") {
+        return Some(d.timestamp_millis());
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return d
+            .and_hms_opt(0, 0, 0)
+            .map(|d| d.and_utc().timestamp_millis());
+    }
+    DateTime::parse_from_rfc2822(s)
+        .ok()
+        .map(|d| d.timestamp_millis())
+}
+
+/// A route as JSON without copying its data: the posted keys, then `last_activity`.
+struct RouteView<'a>(&'a Route);
+
+impl serde::Serialize for RouteView<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let data: &RouteData = self.0.data();
+        let mut map = s.serialize_map(Some(data.len() + 1))?;
+        for (k, v) in data {
+            map.serialize_entry(k, v)?;
+        }
+        map.serialize_entry(
+            "last_activity",
+            &format_timestamp(self.0.last_activity_ms()),
+        )?;
+        map.end()
+    }
+}
+
+/// The whole table (or the routes idle since a time) as one JSON object, sorted by key so that
+/// two listings of the same table are byte-identical.
+pub fn serialize_table(snapshot: &Snapshot, inactive_since: Option<i64>) -> Bytes {
+    let mut routes: Vec<&Arc<Route>> = snapshot
+        .iter()
+        .filter(|r| inactive_since.is_none_or(|since| r.last_activity_ms() < since))
+        .collect();
+    routes.sort_unstable_by(|a, b| a.key().cmp(b.key()));
+    let mut out = Vec::with_capacity(routes.len() * 160 + 2);
+    let mut ser = serde_json::Serializer::new(&mut out);
+    let result = (|| {
+        let mut map = ser.serialize_map(Some(routes.len()))?;
+        for route in routes {
+            map.serialize_entry(route.key(), &RouteView(route))?;
+        }
+        map.end()
+    })();
+    if let Err(e) = result {
+        tracing::error!(error = %e, "could not serialise the route table");
+    }
+    Bytes::from(out)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_in_the_forms_clients_send() {
+        let want = 1_763_836_200_123;
+        for s in [
+            "2025-11-22T18:30:00.123Z",
+            "2025-11-22T18:30:00.123+00:00",
+            "2025-11-22T19:30:00.123+01:00",
+            "2025-11-22T18:30:00.123",
+            "2025-11-22 18:30:00.123",
+        ] {
+            assert_eq!(parse_date(s), Some(want), "{s}");
+        }
+        assert_eq!(parse_date("2025-11-22"), Some(1_763_769_600_000));
+        assert_eq!(
+            parse_date("Sat, 22 Nov 2025 18:30:00 +0000"),
+            Some(want - 123)
+        );
+        assert_eq!(parse_date("yesterday"), None);
+        assert_eq!(parse_date(""), None);
+    }
+
+    #[test]
+    fn inactive_since_prefers_the_camel_case_name() {
+        let q = Some("inactive_since=2025-11-22&inactiveSince=2025-11-23");
+        assert_eq!(inactive_since(q).unwrap(), parse_date("2025-11-23"));
+        assert!(matches!(
+            inactive_since(Some("inactive_since=nope")),
+            Err(ApiError::BadDate(_))
+        ));
+        assert_eq!(inactive_since(Some("other=1")).unwrap(), None);
+    }
+
+    #[test]
+    fn constant_time_eq_compares() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

@@ -1,0 +1,675 @@
+//! Configuration: configurable-http-proxy's command line, an optional TOML file, and the
+//! environment, merged into one validated [`Config`] before any socket is bound.
+//!
+//! Precedence is flag, then environment variable, then file, then default. Every CHP flag keeps
+//! its exact name and default; a flag whose feature hubgate does not have yet is refused at start
+//! rather than silently ignored.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use http::{HeaderName, HeaderValue};
+use serde::Deserialize;
+
+use crate::target::Target;
+
+/// The exit code for a configuration error (EX_USAGE, as linkerd2-proxy uses).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// A configuration problem, naming the flag (or file key) and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{flag}: {problem}")]
+pub struct ConfigError {
+    pub flag: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(flag: impl Into<String>, problem: impl Into<String>) -> Self {
+        ConfigError {
+            flag: flag.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// The command line. Names, forms and defaults follow configurable-http-proxy 5.3.
+#[derive(Debug, Default, Parser)]
+#[command(
+    name = "hubgate",
+    version,
+    about = "An authenticating reverse proxy for JupyterHub; a drop-in for configurable-http-proxy"
+)]
+pub struct Cli {
+    /// TOML configuration file (see config/hubgate.toml); flags and environment override it.
+    #[arg(long, env = "HUBGATE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Public-facing IP or host name of the proxy [default: all interfaces]
+    #[arg(long, value_name = "IP")]
+    pub ip: Option<String>,
+    /// Public-facing port of the proxy [default: 8000]
+    #[arg(long, value_name = "N")]
+    pub port: Option<u16>,
+    /// Unix socket for the proxy to listen on, instead of --ip/--port
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// Inward-facing IP or host name for API requests [default: localhost]
+    #[arg(long, value_name = "IP")]
+    pub api_ip: Option<String>,
+    /// Inward-facing port for API requests [default: --port + 1]
+    #[arg(long, value_name = "N")]
+    pub api_port: Option<u16>,
+    /// Unix socket for the API to listen on, instead of --api-ip/--api-port
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+
+    /// Default proxy target (proto://host[:port]), added as the route for `/`
+    #[arg(long, value_name = "URL")]
+    pub default_target: Option<String>,
+    /// Server that renders error pages: hubgate GETs <URL>/<code>?url=<path>
+    #[arg(long, value_name = "URL")]
+    pub error_target: Option<String>,
+    /// Directory of error pages: <code>.html, else error.html
+    #[arg(long, value_name = "DIR")]
+    pub error_path: Option<PathBuf>,
+
+    /// Use the request's host as the first segment of the routing path
+    #[arg(long)]
+    pub host_routing: bool,
+    /// Don't add X-Forwarded-* headers to proxied requests
+    #[arg(long)]
+    pub no_x_forward: bool,
+    /// Don't prepend the target's path to proxied requests
+    #[arg(long)]
+    pub no_prepend_path: bool,
+    /// Don't include the routing prefix in proxied requests
+    #[arg(long)]
+    pub no_include_prefix: bool,
+    /// Header added to every proxied request, `name: value` (repeatable)
+    #[arg(long, value_name = "HEADER")]
+    pub custom_header: Vec<String>,
+    /// Don't verify the certificates of https targets
+    #[arg(long)]
+    pub insecure: bool,
+
+    /// Log level: debug, info, warn, error (also trace) [default: info]
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    /// Log format: plain or json [default: plain]
+    #[arg(long, env = "HUBGATE_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    /// Write our PID to this file (removed at exit)
+    #[arg(long, value_name = "FILE")]
+    pub pid_file: Option<PathBuf>,
+
+    /// Milliseconds a client connection may sit idle during a proxied request before it is dropped
+    #[arg(long, value_name = "MS")]
+    pub timeout: Option<u64>,
+    /// Milliseconds to wait for a target's response before answering 503
+    #[arg(long, value_name = "MS")]
+    pub proxy_timeout: Option<u64>,
+    /// Milliseconds an idle keep-alive client connection is kept open [default: 5000]
+    #[arg(long, value_name = "MS")]
+    pub keep_alive_timeout: Option<u64>,
+
+    /// Where routes are kept: memory (CHP's behaviour, the default)
+    #[arg(long, value_name = "BACKEND")]
+    pub storage_backend: Option<String>,
+
+    // Flags CHP has whose features hubgate does not have yet. They are parsed so that using one
+    // gets a clear refusal naming it instead of an "unknown flag" or, worse, silence.
+    #[arg(long, hide = true)]
+    pub ssl_key: Option<String>,
+    #[arg(long, hide = true)]
+    pub ssl_cert: Option<String>,
+    #[arg(long, hide = true)]
+    pub ssl_ca: Option<String>,
+    #[arg(long, hide = true)]
+    pub ssl_request_cert: bool,
+    #[arg(long, hide = true)]
+    pub ssl_reject_unauthorized: bool,
+    #[arg(long, hide = true)]
+    pub ssl_protocol: Option<String>,
+    #[arg(long, hide = true)]
+    pub ssl_ciphers: Option<String>,
+    #[arg(long, hide = true)]
+    pub ssl_allow_rc4: bool,
+    #[arg(long, hide = true)]
+    pub ssl_dhparam: Option<String>,
+    #[arg(long, hide = true)]
+    pub api_ssl_key: Option<String>,
+    #[arg(long, hide = true)]
+    pub api_ssl_cert: Option<String>,
+    #[arg(long, hide = true)]
+    pub api_ssl_ca: Option<String>,
+    #[arg(long, hide = true)]
+    pub api_ssl_request_cert: bool,
+    #[arg(long, hide = true)]
+    pub api_ssl_reject_unauthorized: bool,
+    #[arg(long, hide = true)]
+    pub client_ssl_key: Option<String>,
+    #[arg(long, hide = true)]
+    pub client_ssl_cert: Option<String>,
+    #[arg(long, hide = true)]
+    pub client_ssl_ca: Option<String>,
+    #[arg(long, hide = true)]
+    pub client_ssl_request_cert: bool,
+    #[arg(long, hide = true)]
+    pub client_ssl_reject_unauthorized: bool,
+    #[arg(long, hide = true)]
+    pub redirect_port: Option<String>,
+    #[arg(long, hide = true)]
+    pub redirect_to: Option<String>,
+    #[arg(long, hide = true)]
+    pub metrics_ip: Option<String>,
+    #[arg(long, hide = true)]
+    pub metrics_port: Option<String>,
+    #[arg(long, hide = true)]
+    pub metrics_socket: Option<String>,
+    #[arg(long, hide = true)]
+    pub auto_rewrite: bool,
+    #[arg(long, hide = true)]
+    pub change_origin: bool,
+    #[arg(long, hide = true)]
+    pub protocol_rewrite: Option<String>,
+}
+
+/// The configuration file. Keys are the long flag names in snake_case; see config/hubgate.toml.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub ip: Option<String>,
+    pub port: Option<u16>,
+    pub socket: Option<PathBuf>,
+    pub api_ip: Option<String>,
+    pub api_port: Option<u16>,
+    pub api_socket: Option<PathBuf>,
+    pub auth_token: Option<String>,
+    pub default_target: Option<String>,
+    pub error_target: Option<String>,
+    pub error_path: Option<PathBuf>,
+    pub host_routing: Option<bool>,
+    pub x_forward: Option<bool>,
+    pub prepend_path: Option<bool>,
+    pub include_prefix: Option<bool>,
+    pub custom_headers: Option<BTreeMap<String, String>>,
+    pub insecure: Option<bool>,
+    pub log_level: Option<String>,
+    pub log_format: Option<String>,
+    pub pid_file: Option<PathBuf>,
+    pub timeout: Option<u64>,
+    pub proxy_timeout: Option<u64>,
+    pub keep_alive_timeout: Option<u64>,
+    pub storage_backend: Option<String>,
+}
+
+/// Where a listener binds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A host (IP or name, resolved at bind time; empty means all interfaces) and a port.
+    Tcp {
+        host: String,
+        port: u16,
+    },
+    Unix(PathBuf),
+}
+
+/// Where error pages come from.
+#[derive(Debug, Clone)]
+pub enum ErrorPages {
+    /// hubgate's own small HTML pages.
+    Builtin,
+    /// GET `<target>/<code>?url=<path>`.
+    Target(Target),
+    /// `<dir>/<code>.html`, else `<dir>/error.html`.
+    Dir(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub proxy_listen: Listen,
+    pub api_listen: Listen,
+    /// `None` (or empty in the environment) leaves the API open, as CHP does.
+    pub auth_token: Option<String>,
+    pub default_target: Option<Target>,
+    pub error_pages: ErrorPages,
+    pub host_routing: bool,
+    pub x_forward: bool,
+    pub prepend_path: bool,
+    pub include_prefix: bool,
+    pub custom_headers: Vec<(HeaderName, HeaderValue)>,
+    pub insecure: bool,
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub pid_file: Option<PathBuf>,
+    pub client_idle_timeout: Option<Duration>,
+    pub proxy_timeout: Option<Duration>,
+    pub keep_alive_timeout: Duration,
+    /// Largest body accepted by `POST /api/routes/...`.
+    pub max_route_body: usize,
+    /// How long in-flight requests may run after SIGTERM before hubgate exits anyway.
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// Builds the configuration from parsed flags, the environment and the file they name.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the first bad flag or file key.
+    pub fn load(cli: Cli, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(cli, file, env)
+    }
+
+    fn merge(
+        cli: Cli,
+        file: FileConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        refuse_unbuilt(&cli)?;
+
+        let ip = cli.ip.clone().or(file.ip);
+        let port = cli.port.or(file.port);
+        let socket = cli.socket.clone().or(file.socket);
+        let proxy_listen = match socket {
+            Some(path) => {
+                if cli.ip.is_some() || cli.port.is_some() {
+                    return Err(ConfigError::new(
+                        "--socket",
+                        "cannot be used with --ip or --port",
+                    ));
+                }
+                Listen::Unix(path)
+            }
+            None => Listen::Tcp {
+                host: match ip.as_deref() {
+                    None | Some("*") => String::new(),
+                    Some(ip) => ip.to_owned(),
+                },
+                port: port.unwrap_or(8000),
+            },
+        };
+
+        let api_ip = cli.api_ip.clone().or(file.api_ip);
+        let api_port = cli.api_port.or(file.api_port);
+        let api_listen = match cli.api_socket.clone().or(file.api_socket) {
+            Some(path) => {
+                if cli.api_ip.is_some() || cli.api_port.is_some() {
+                    return Err(ConfigError::new(
+                        "--api-socket",
+                        "cannot be used with --api-ip or --api-port",
+                    ));
+                }
+                Listen::Unix(path)
+            }
+            None => Listen::Tcp {
+                host: api_ip.unwrap_or_else(|| "localhost".to_owned()),
+                // CHP: --port + 1, or 8001 without a TCP proxy port. Port 0 (pick a free port,
+                // for tests) gives 0 for the API as well.
+                port: api_port.unwrap_or(match &proxy_listen {
+                    Listen::Tcp { port: 0, .. } => 0,
+                    Listen::Tcp { port, .. } => port.checked_add(1).ok_or_else(|| {
+                        ConfigError::new("--api-port", "--port + 1 is not a valid port; set one")
+                    })?,
+                    Listen::Unix(_) => 8001,
+                }),
+            },
+        };
+
+        let auth_token = env("CONFIGPROXY_AUTH_TOKEN")
+            .filter(|t| !t.is_empty())
+            .or(file.auth_token)
+            .filter(|t| !t.is_empty());
+
+        let default_target = cli
+            .default_target
+            .or(file.default_target)
+            .map(|t| {
+                Target::parse(&t).map_err(|e| ConfigError::new("--default-target", e.to_string()))
+            })
+            .transpose()?;
+
+        let error_target = cli.error_target.or(file.error_target);
+        let error_path = cli.error_path.or(file.error_path);
+        let error_pages = match (error_target, error_path) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "--error-target",
+                    "cannot be used with --error-path; pick one",
+                ))
+            }
+            (Some(t), None) => ErrorPages::Target(
+                Target::parse(&t).map_err(|e| ConfigError::new("--error-target", e.to_string()))?,
+            ),
+            (None, Some(dir)) => {
+                if !dir.is_dir() {
+                    return Err(ConfigError::new(
+                        "--error-path",
+                        format!("{} is not a directory", dir.display()),
+                    ));
+                }
+                ErrorPages::Dir(dir)
+            }
+            (None, None) => ErrorPages::Builtin,
+        };
+
+        let mut custom_headers = Vec::new();
+        for (name, value) in file.custom_headers.unwrap_or_default() {
+            custom_headers.push(parse_header(&name, &value, "custom_headers")?);
+        }
+        for h in &cli.custom_header {
+            let (name, value) = h
+                .trim()
+                .split_once(':')
+                .filter(|(n, _)| !n.trim().is_empty())
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        "--custom-header",
+                        format!("expected `name: value`, got {h:?}"),
+                    )
+                })?;
+            custom_headers.push(parse_header(name.trim(), value.trim(), "--custom-header")?);
+        }
+
+        let log_level = cli
+            .log_level
+            .or(file.log_level)
+            .unwrap_or_else(|| "info".to_owned())
+            .to_ascii_lowercase();
+        let log_level = match log_level.as_str() {
+            "trace" | "debug" | "info" | "error" => log_level,
+            "warn" | "warning" => "warn".to_owned(),
+            "critical" | "fatal" => "error".to_owned(),
+            other => {
+                return Err(ConfigError::new(
+                    "--log-level",
+                    format!("unknown level {other:?} (expected debug, info, warn or error)"),
+                ))
+            }
+        };
+        let log_format = match cli.log_format.or(file.log_format).as_deref() {
+            None | Some("plain") => LogFormat::Plain,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "--log-format",
+                    format!("unknown format {other:?} (expected plain or json)"),
+                ))
+            }
+        };
+
+        match cli.storage_backend.or(file.storage_backend).as_deref() {
+            None | Some("memory") => {}
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "--storage-backend",
+                    format!("backend {other:?} is not supported yet (available: memory)"),
+                ))
+            }
+        }
+
+        let ms = |v: Option<u64>| v.filter(|v| *v > 0).map(Duration::from_millis);
+        Ok(Config {
+            proxy_listen,
+            api_listen,
+            auth_token,
+            default_target,
+            error_pages,
+            host_routing: cli.host_routing || file.host_routing.unwrap_or(false),
+            x_forward: !cli.no_x_forward && file.x_forward.unwrap_or(true),
+            prepend_path: !cli.no_prepend_path && file.prepend_path.unwrap_or(true),
+            include_prefix: !cli.no_include_prefix && file.include_prefix.unwrap_or(true),
+            custom_headers,
+            insecure: cli.insecure || file.insecure.unwrap_or(false),
+            log_level,
+            log_format,
+            pid_file: cli.pid_file.or(file.pid_file),
+            client_idle_timeout: ms(cli.timeout.or(file.timeout)),
+            proxy_timeout: ms(cli.proxy_timeout.or(file.proxy_timeout)),
+            keep_alive_timeout: ms(cli.keep_alive_timeout.or(file.keep_alive_timeout))
+                .unwrap_or(Duration::from_secs(5)),
+            max_route_body: 1024 * 1024,
+            shutdown_grace: Duration::from_secs(10),
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
+    })?;
+    toml::from_str(&text).map_err(|e| {
+        let msg = e.message().to_owned();
+        ConfigError::new("--config", format!("{}: {msg}", path.display()))
+    })
+}
+
+fn parse_header(
+    name: &str,
+    value: &str,
+    flag: &str,
+) -> Result<(HeaderName, HeaderValue), ConfigError> {
+    let name = HeaderName::try_from(name)
+        .map_err(|_| ConfigError::new(flag, format!("invalid header name {name:?}")))?;
+    let value = HeaderValue::try_from(value)
+        .map_err(|_| ConfigError::new(flag, format!("invalid value for header {name}")))?;
+    Ok((name, value))
+}
+
+/// Refuses CHP flags whose features are not built yet, naming the first one given.
+fn refuse_unbuilt(cli: &Cli) -> Result<(), ConfigError> {
+    let tls = "TLS is not supported yet; terminate TLS in front of hubgate for now";
+    let given: [(&str, bool, &str); 27] = [
+        ("--ssl-key", cli.ssl_key.is_some(), tls),
+        ("--ssl-cert", cli.ssl_cert.is_some(), tls),
+        ("--ssl-ca", cli.ssl_ca.is_some(), tls),
+        ("--ssl-request-cert", cli.ssl_request_cert, tls),
+        (
+            "--ssl-reject-unauthorized",
+            cli.ssl_reject_unauthorized,
+            tls,
+        ),
+        ("--ssl-protocol", cli.ssl_protocol.is_some(), tls),
+        ("--ssl-ciphers", cli.ssl_ciphers.is_some(), tls),
+        ("--ssl-allow-rc4", cli.ssl_allow_rc4, tls),
+        ("--ssl-dhparam", cli.ssl_dhparam.is_some(), tls),
+        ("--api-ssl-key", cli.api_ssl_key.is_some(), tls),
+        ("--api-ssl-cert", cli.api_ssl_cert.is_some(), tls),
+        ("--api-ssl-ca", cli.api_ssl_ca.is_some(), tls),
+        ("--api-ssl-request-cert", cli.api_ssl_request_cert, tls),
+        (
+            "--api-ssl-reject-unauthorized",
+            cli.api_ssl_reject_unauthorized,
+            tls,
+        ),
+        ("--client-ssl-key", cli.client_ssl_key.is_some(), tls),
+        ("--client-ssl-cert", cli.client_ssl_cert.is_some(), tls),
+        ("--client-ssl-ca", cli.client_ssl_ca.is_some(), tls),
+        (
+            "--client-ssl-request-cert",
+            cli.client_ssl_request_cert,
+            tls,
+        ),
+        (
+            "--client-ssl-reject-unauthorized",
+            cli.client_ssl_reject_unauthorized,
+            tls,
+        ),
+        (
+            "--redirect-port",
+            cli.redirect_port.is_some(),
+            "HTTPS redirection needs TLS, which is not supported yet",
+        ),
+        (
+            "--redirect-to",
+            cli.redirect_to.is_some(),
+            "HTTPS redirection needs TLS, which is not supported yet",
+        ),
+        (
+            "--metrics-ip",
+            cli.metrics_ip.is_some(),
+            "metrics are not supported yet",
+        ),
+        (
+            "--metrics-port",
+            cli.metrics_port.is_some(),
+            "metrics are not supported yet",
+        ),
+        (
+            "--metrics-socket",
+            cli.metrics_socket.is_some(),
+            "metrics are not supported yet",
+        ),
+        (
+            "--auto-rewrite",
+            cli.auto_rewrite,
+            "Location rewriting is not supported yet",
+        ),
+        (
+            "--change-origin",
+            cli.change_origin,
+            "changing the Host header is not supported yet",
+        ),
+        (
+            "--protocol-rewrite",
+            cli.protocol_rewrite.is_some(),
+            "Location rewriting is not supported yet",
+        ),
+    ];
+    match given.iter().find(|(_, set, _)| *set) {
+        Some((flag, _, why)) => Err(ConfigError::new(*flag, *why)),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["hubgate"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).unwrap();
+        Config::load(cli, &|_| None)
+    }
+
+    #[test]
+    fn defaults_match_chp() {
+        let c = load(&[]).unwrap();
+        assert_eq!(
+            c.proxy_listen,
+            Listen::Tcp {
+                host: String::new(),
+                port: 8000
+            }
+        );
+        assert_eq!(
+            c.api_listen,
+            Listen::Tcp {
+                host: "localhost".into(),
+                port: 8001
+            }
+        );
+        assert!(c.x_forward && c.prepend_path && c.include_prefix && !c.host_routing);
+        assert_eq!(c.keep_alive_timeout, Duration::from_secs(5));
+        assert!(c.auth_token.is_none());
+    }
+
+    #[test]
+    fn both_flag_forms_parse() {
+        let c = load(&["--port=9000", "--api-ip", "127.0.0.1"]).unwrap();
+        assert_eq!(
+            c.proxy_listen,
+            Listen::Tcp {
+                host: String::new(),
+                port: 9000
+            }
+        );
+        assert_eq!(
+            c.api_listen,
+            Listen::Tcp {
+                host: "127.0.0.1".into(),
+                port: 9001
+            }
+        );
+    }
+
+    #[test]
+    fn conflicts_and_unbuilt_flags_name_the_flag() {
+        let e = load(&["--error-target", "http://a/", "--error-path", "/tmp"]).unwrap_err();
+        assert_eq!(e.flag, "--error-target");
+        assert!(e.problem.contains("--error-path"));
+        assert_eq!(load(&["--ssl-key", "k.pem"]).unwrap_err().flag, "--ssl-key");
+        assert_eq!(
+            load(&["--metrics-port", "9"]).unwrap_err().flag,
+            "--metrics-port"
+        );
+        assert_eq!(
+            load(&["--custom-header", "nocolon"]).unwrap_err().flag,
+            "--custom-header"
+        );
+        assert_eq!(
+            load(&["--default-target", "nope"]).unwrap_err().flag,
+            "--default-target"
+        );
+        assert_eq!(
+            load(&["--socket", "/tmp/s", "--port", "1"])
+                .unwrap_err()
+                .flag,
+            "--socket"
+        );
+        assert_eq!(
+            load(&["--storage-backend", "redis"]).unwrap_err().flag,
+            "--storage-backend"
+        );
+    }
+
+    #[test]
+    fn flags_beat_env_beat_file() {
+        let file: FileConfig = toml::from_str(
+            "port = 7000\nauth_token = \"from-file\"\nx_forward = false\ncustom_headers = { X-A = \"1\" }\n",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from(["hubgate", "--port", "7100"]).unwrap();
+        let c = Config::merge(cli, file, &|k| {
+            (k == "CONFIGPROXY_AUTH_TOKEN").then(|| "env".into())
+        })
+        .unwrap();
+        assert_eq!(
+            c.proxy_listen,
+            Listen::Tcp {
+                host: String::new(),
+                port: 7100
+            }
+        );
+        assert_eq!(c.auth_token.as_deref(), Some("env"));
+        assert!(!c.x_forward);
+        assert_eq!(c.custom_headers[0].0, "x-a");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        assert!(toml::from_str::<FileConfig>("prot = 1").is_err());
+    }
+
+    #[test]
+    fn custom_headers_trim_like_chp() {
+        let c = load(&["--custom-header", " X-B : two words "]).unwrap();
+        assert_eq!(c.custom_headers[0].0, "x-b");
+        assert_eq!(c.custom_headers[0].1, "two words");
+    }
+}

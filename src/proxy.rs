@@ -1,0 +1,645 @@
+//! The data plane: every request on the public port is matched against the route table and
+//! forwarded, streaming, to its target; websocket upgrades become a two-way byte tunnel.
+//!
+//! All statuses a user can see from hubgate itself (404 no route, 400 undecodable path, 503 target
+//! failed) are decided in [`ProxyError::status`] and rendered in [`Proxy::error_response`].
+
+use std::convert::Infallible;
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::config::{Config, ErrorPages};
+use crate::path::{self, RequestPath};
+use crate::routes::{Route, RouteTable};
+use crate::upstream::{FailureCause, ProxyBody, UpstreamClient};
+
+/// What the proxy needs to know about the connection a request came in on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// The client's address; `None` on a Unix socket.
+    pub remote_ip: Option<IpAddr>,
+    pub tls: bool,
+}
+
+/// Forwarding options, fixed at start.
+#[derive(Debug, Clone)]
+pub struct ForwardOptions {
+    pub host_routing: bool,
+    pub x_forward: bool,
+    pub prepend_path: bool,
+    pub include_prefix: bool,
+    pub custom_headers: Vec<(HeaderName, HeaderValue)>,
+    pub proxy_timeout: Option<Duration>,
+    pub error_pages: ErrorPages,
+}
+
+impl ForwardOptions {
+    pub fn from_config(config: &Config) -> Self {
+        ForwardOptions {
+            host_routing: config.host_routing,
+            x_forward: config.x_forward,
+            prepend_path: config.prepend_path,
+            include_prefix: config.include_prefix,
+            custom_headers: config.custom_headers.clone(),
+            proxy_timeout: config.proxy_timeout,
+            error_pages: config.error_pages.clone(),
+        }
+    }
+}
+
+/// Why hubgate answered a request itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches")]
+    NoRoute,
+    #[error("bad request path: {0}")]
+    BadPath(#[from] path::PathError),
+    #[error("bad Host header")]
+    BadHost,
+    #[error("target failed ({})", .0.as_str())]
+    Upstream(FailureCause),
+    #[error("target did not answer within the proxy timeout")]
+    UpstreamTimeout,
+}
+
+impl ProxyError {
+    /// The one place a data-plane failure becomes a status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::BadPath(_) | ProxyError::BadHost => StatusCode::BAD_REQUEST,
+            ProxyError::Upstream(_) | ProxyError::UpstreamTimeout => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+}
+
+/// The forwarding service shared by every connection on the public port.
+pub struct Proxy {
+    table: Arc<RouteTable>,
+    client: UpstreamClient,
+    opts: ForwardOptions,
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
+/// non-standard ones that old clients still send.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// What `url=` escapes in an error-target request: everything but unreserved characters, as
+/// JavaScript's URLSearchParams does (it writes a space as `+`; `%20` means the same).
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'*');
+
+impl Proxy {
+    pub fn new(table: Arc<RouteTable>, client: UpstreamClient, opts: ForwardOptions) -> Self {
+        Proxy {
+            table,
+            client,
+            opts,
+        }
+    }
+
+    /// Serves one request. Never fails: every error becomes a response.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        if req.uri().path() == "/_chp_healthz" && req.uri().query().is_none() {
+            return Ok(json(StatusCode::OK, r#"{"status": "OK"}"#));
+        }
+        let websocket = is_websocket_upgrade(&req);
+        let original = req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| req.uri().path().to_owned(), |pq| pq.as_str().to_owned());
+        let method = req.method().clone();
+        match self.forward(req, conn, websocket).await {
+            Ok(resp) => Ok(resp),
+            Err(err) => {
+                let status = err.status();
+                match &err {
+                    ProxyError::NoRoute => {
+                        tracing::debug!(%method, status = status.as_u16(), "no route")
+                    }
+                    ProxyError::BadPath(_) | ProxyError::BadHost => {
+                        tracing::info!(%method, status = status.as_u16(), error = %err, "bad request")
+                    }
+                    _ => tracing::error!(
+                        %method,
+                        status = status.as_u16(),
+                        error = %err,
+                        "proxy error"
+                    ),
+                }
+                if websocket {
+                    // A websocket client gets the bare status, as CHP sends it.
+                    return Ok(empty(status));
+                }
+                Ok(self.error_response(status, &original).await)
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        conn: ConnInfo,
+        websocket: bool,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let path = RequestPath::parse(req.uri().path())?;
+        let host = request_host(&req);
+        let route = {
+            let table = self.table.load();
+            let found = if self.opts.host_routing {
+                let host = host.as_deref().ok_or(ProxyError::BadHost)?;
+                let host = host_without_port(host);
+                if host.contains('/') {
+                    return Err(ProxyError::BadHost);
+                }
+                let mut key = String::with_capacity(host.len() + path.lookup.len() + 1);
+                key.push('/');
+                key.push_str(&host.to_ascii_lowercase());
+                if path.lookup != "/" {
+                    key.push_str(&path.lookup);
+                }
+                table.lookup(&key).cloned()
+            } else {
+                table.lookup(&path.lookup).cloned()
+            };
+            found.ok_or(ProxyError::NoRoute)?
+        };
+
+        let rest = if self.opts.include_prefix {
+            &path.raw[..]
+        } else {
+            path::strip_segments(&path.raw, route.path_depth())
+        };
+        let base = if self.opts.prepend_path {
+            route.target().path()
+        } else {
+            "/"
+        };
+        let uri = route
+            .target()
+            .uri(&path::join(base, rest), req.uri().query())
+            .map_err(|_| ProxyError::BadPath(path::PathError::BadEscape))?;
+
+        let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let port = forwarded_port(host.as_deref(), conn.tls);
+        let proto = match (websocket, conn.tls) {
+            (true, true) => "wss",
+            (true, false) => "ws",
+            (false, true) => "https",
+            (false, false) => "http",
+        };
+        strip_hop_by_hop(&mut parts.headers, websocket);
+        if !parts.headers.contains_key(header::HOST) {
+            if let Some(h) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
+                parts.headers.insert(header::HOST, h);
+            }
+        }
+        if self.opts.x_forward {
+            let ip = conn.remote_ip.map(|ip| ip.to_canonical().to_string());
+            append_forwarded(
+                &mut parts.headers,
+                X_FORWARDED_FOR,
+                ip.as_deref().unwrap_or(""),
+            );
+            append_forwarded(&mut parts.headers, X_FORWARDED_PORT, &port);
+            append_forwarded(&mut parts.headers, X_FORWARDED_PROTO, proto);
+            if !parts.headers.contains_key(X_FORWARDED_HOST) {
+                if let Some(h) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
+                    parts.headers.insert(X_FORWARDED_HOST, h);
+                }
+            }
+        }
+        for (name, value) in &self.opts.custom_headers {
+            parts.headers.insert(name.clone(), value.clone());
+        }
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+        let body = ActivityBody::new(body, Some(route.clone())).boxed();
+        let upstream_req = Request::from_parts(parts, body);
+
+        tracing::debug!(route = %route.key(), target = ?route.target(), "forwarding");
+        let sent = self.client.request(upstream_req);
+        let result = match self.opts.proxy_timeout {
+            Some(limit) => tokio::time::timeout(limit, sent)
+                .await
+                .map_err(|_| ProxyError::UpstreamTimeout)?,
+            None => sent.await,
+        };
+        let mut resp = result.map_err(|e| ProxyError::Upstream(FailureCause::of(&e)))?;
+
+        let status = resp.status();
+        if status.as_u16() < 300 {
+            route.touch();
+        }
+        if let Some(client_upgrade) = client_upgrade {
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                tokio::spawn(tunnel(client_upgrade, upstream_upgrade, route.clone()));
+                let (parts, _) = resp.into_parts();
+                return Ok(Response::from_parts(parts, empty_body()));
+            }
+        }
+        let (mut parts, body) = resp.into_parts();
+        // The target's HTTP version is its business; the client gets the one it speaks.
+        parts.version = Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers, false);
+        let counted = (status.as_u16() < 300).then_some(route);
+        Ok(Response::from_parts(
+            parts,
+            ActivityBody::new(body, counted).boxed(),
+        ))
+    }
+
+    /// The page for an error hubgate answers itself, from wherever the configuration says.
+    pub async fn error_response(&self, status: StatusCode, original: &str) -> Response<ProxyBody> {
+        match &self.opts.error_pages {
+            ErrorPages::Builtin => {}
+            ErrorPages::Target(target) => {
+                let path = path::join(target.path(), status.as_str());
+                let query = format!("url={}", utf8_percent_encode(original, QUERY_VALUE));
+                match target.uri(&path, Some(&query)) {
+                    Ok(uri) => match self.fetch_error_page(uri).await {
+                        Ok((headers, body)) => {
+                            let mut resp = Response::new(body);
+                            *resp.status_mut() = status;
+                            for name in [header::CONTENT_TYPE, header::CONTENT_ENCODING] {
+                                if let Some(v) = headers.get(&name) {
+                                    resp.headers_mut().insert(name, v.clone());
+                                }
+                            }
+                            return resp;
+                        }
+                        Err(e) => tracing::error!(error = %e, "failed to get custom error page"),
+                    },
+                    Err(e) => tracing::error!(error = %e, "cannot build the error-target URL"),
+                }
+            }
+            ErrorPages::Dir(dir) => {
+                let specific = dir.join(format!("{}.html", status.as_u16()));
+                let page = match tokio::fs::read(&specific).await {
+                    Ok(page) => Ok(page),
+                    Err(_) => tokio::fs::read(dir.join("error.html")).await,
+                };
+                match page {
+                    Ok(page) => return html(status, Bytes::from(page)),
+                    Err(e) => tracing::error!(error = %e, dir = %dir.display(), "no error page"),
+                }
+            }
+        }
+        html(status, Bytes::from(builtin_page(status)))
+    }
+
+    async fn fetch_error_page(
+        &self,
+        uri: http::Uri,
+    ) -> Result<(HeaderMap, ProxyBody), hyper_util::client::legacy::Error> {
+        let mut req = Request::new(empty_body());
+        *req.uri_mut() = uri;
+        let resp = self.client.request(req).await?;
+        let (parts, body) = resp.into_parts();
+        Ok((parts.headers, body.boxed()))
+    }
+}
+
+/// Copies bytes both ways between an upgraded client and target until either side closes.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    route: Arc<Route>,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "websocket upgrade failed");
+            return;
+        }
+    };
+    let mut client = ActivityIo {
+        inner: TokioIo::new(client),
+        route: route.clone(),
+    };
+    let mut upstream = ActivityIo {
+        inner: TokioIo::new(upstream),
+        route,
+    };
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(error = %e, "websocket tunnel closed with an error");
+    }
+}
+
+pin_project! {
+    /// A body that records activity on its route for every frame that passes.
+    pub struct ActivityBody<B> {
+        #[pin]
+        inner: B,
+        route: Option<Arc<Route>>,
+    }
+}
+
+impl<B> ActivityBody<B> {
+    pub fn new(inner: B, route: Option<Arc<Route>>) -> Self {
+        ActivityBody { inner, route }
+    }
+}
+
+impl<B: Body> Body for ActivityBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let (Poll::Ready(Some(Ok(_))), Some(route)) = (&polled, this.route.as_ref()) {
+            route.touch();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An upgraded stream that records activity on its route for every read (so both directions of
+/// a websocket count, where CHP counts only one).
+struct ActivityIo<T> {
+    inner: T,
+    route: Arc<Route>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.route.touch();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && header_has_token(req.headers(), &header::CONNECTION, "upgrade")
+        && req
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+fn header_has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names. For a websocket
+/// handshake, `Connection: upgrade` and `Upgrade` are what make it one, so they stay.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::try_from(t.trim()).ok())
+        .collect();
+    let upgrade = keep_upgrade
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    if let Some(upgrade) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, upgrade);
+    }
+}
+
+/// The host the client asked for: the Host header, or the URI's authority (HTTP/2).
+fn request_host<B>(req: &Request<B>) -> Option<String> {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()))
+}
+
+fn host_without_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // An IPv6 literal: the port, if any, follows the closing bracket.
+        return match host.find(']') {
+            Some(end) => &host[..=end],
+            None => host,
+        };
+    }
+    host.split(':').next().unwrap_or(host)
+}
+
+fn forwarded_port(host: Option<&str>, tls: bool) -> String {
+    let port = host.and_then(|h| {
+        let after = match h.rfind(']') {
+            Some(end) => &h[end + 1..],
+            None => h,
+        };
+        after.rsplit_once(':').map(|(_, p)| p.to_owned())
+    });
+    port.filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        .unwrap_or_else(|| if tls { "443" } else { "80" }.to_owned())
+}
+
+/// Appends to an `X-Forwarded-*` header with `,` as CHP's proxy library does.
+fn append_forwarded(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    let joined = match headers.get(&name).and_then(|v| v.to_str().ok()) {
+        Some(existing) if !existing.is_empty() => format!("{existing},{value}"),
+        _ => value.to_owned(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&joined) {
+        headers.insert(name, v);
+    }
+}
+
+pub fn empty_body() -> ProxyBody {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+pub fn full_body(bytes: impl Into<Bytes>) -> ProxyBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub fn empty(status: StatusCode) -> Response<ProxyBody> {
+    let mut resp = Response::new(empty_body());
+    *resp.status_mut() = status;
+    resp
+}
+
+pub fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut resp = Response::new(full_body(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn html(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
+    let mut resp = Response::new(full_body(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    resp
+}
+
+fn builtin_page(status: StatusCode) -> String {
+    let code = status.as_u16();
+    let (title, text) = match code {
+        404 => ("Not Found", "Nothing is served at this address."),
+        503 => (
+            "Service Unavailable",
+            "The server behind this address is not answering. It may be starting or stopped.",
+        ),
+        400 => ("Bad Request", "The request's path could not be understood."),
+        _ => (
+            status.canonical_reason().unwrap_or("Error"),
+            "The proxy could not complete this request.",
+        ),
+    };
+    format!(
+        "<!doctype html>\n<html>\n<head><meta charset=\"utf-8\"><title>{code} {title}</title></head>\n\
+         <body>\n<h1>{code}: {title}</h1>\n<p>{text}</p>\n<hr>\n<p>hubgate</p>\n</body>\n</html>\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_including_named_ones() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, X-Drop"),
+        );
+        h.insert("x-drop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn websocket_handshakes_keep_their_upgrade() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::CONNECTION], "upgrade");
+        assert_eq!(h[header::UPGRADE], "websocket");
+    }
+
+    #[test]
+    fn forwarded_port_comes_from_host() {
+        assert_eq!(forwarded_port(Some("a.example:8443"), false), "8443");
+        assert_eq!(forwarded_port(Some("a.example"), false), "80");
+        assert_eq!(forwarded_port(Some("a.example"), true), "443");
+        assert_eq!(forwarded_port(Some("[::1]:9"), false), "9");
+        assert_eq!(forwarded_port(Some("[::1]"), false), "80");
+        assert_eq!(forwarded_port(None, false), "80");
+    }
+
+    #[test]
+    fn hosts_lose_their_port() {
+        assert_eq!(host_without_port("a.example:8000"), "a.example");
+        assert_eq!(host_without_port("[::1]:8000"), "[::1]");
+        assert_eq!(host_without_port("a.example"), "a.example");
+    }
+
+    #[test]
+    fn forwarded_values_append_with_commas() {
+        let mut h = HeaderMap::new();
+        append_forwarded(&mut h, X_FORWARDED_FOR, "127.0.0.1");
+        assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.1");
+        append_forwarded(&mut h, X_FORWARDED_FOR, "10.0.0.1");
+        assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.1,10.0.0.1");
+    }
+}

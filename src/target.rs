@@ -1,0 +1,228 @@
+//! Proxy targets: the URLs routes point at, parsed once when a route is added.
+//!
+//! CHP stores any string as a target and then answers 500 to every request for it. hubgate parses
+//! a target when it is posted and refuses what it could never reach, so a bad target is a 400 to
+//! the hub instead of an outage for a user.
+
+use std::fmt;
+
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+
+/// The URI scheme under which a Unix-socket target travels through the connection pool. Its
+/// authority is the socket path, hex-encoded, so that each socket gets its own pool entry.
+pub const UNIX_SCHEME: &str = "http+unix";
+
+/// Why a target string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    #[error("target {0:?} is not an absolute URL (expected http://, https:// or http+unix://)")]
+    NotAbsolute(String),
+    #[error("target {0:?} has an unsupported scheme (expected http, https or http+unix)")]
+    Scheme(String),
+    #[error("target {0:?} has an invalid host or port")]
+    Authority(String),
+    #[error("target {0:?} must not carry credentials")]
+    UserInfo(String),
+    #[error("target {0:?} names no Unix socket path")]
+    SocketPath(String),
+    #[error("target {0:?} has an invalid path")]
+    Path(String),
+}
+
+/// Where a target's connections go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Http,
+    Https,
+    /// A Unix socket, by path.
+    Unix(String),
+}
+
+/// A parsed target URL.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The URL as it was given, for listing and logs.
+    raw: String,
+    endpoint: Endpoint,
+    scheme: Scheme,
+    authority: Authority,
+    /// The target's path, never empty (`/` when the URL had none).
+    path: String,
+    /// The target's query, merged in front of a request's query as CHP does.
+    query: Option<String>,
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Target({})", self.raw)
+    }
+}
+
+impl Target {
+    /// Parses a target URL.
+    ///
+    /// # Errors
+    /// [`TargetError`] naming what is wrong with it.
+    pub fn parse(s: &str) -> Result<Self, TargetError> {
+        let (scheme, rest) = s
+            .split_once("://")
+            .ok_or_else(|| TargetError::NotAbsolute(s.to_owned()))?;
+        let rest = rest.split('#').next().unwrap_or_default();
+        let (authority, path_and_query) = match rest.find(['/', '?']) {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if authority.contains('@') {
+            return Err(TargetError::UserInfo(s.to_owned()));
+        }
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q.to_owned()).filter(|q| !q.is_empty())),
+            None => (path_and_query, None),
+        };
+        let path = if path.is_empty() { "/" } else { path };
+        PathAndQuery::try_from(path).map_err(|_| TargetError::Path(s.to_owned()))?;
+
+        let (endpoint, scheme, authority) = match scheme.to_ascii_lowercase().as_str() {
+            "http" | "https" => {
+                let authority = Authority::try_from(authority)
+                    .ok()
+                    .filter(|a| !a.host().is_empty())
+                    .ok_or_else(|| TargetError::Authority(s.to_owned()))?;
+                if scheme.eq_ignore_ascii_case("https") {
+                    (Endpoint::Https, Scheme::HTTPS, authority)
+                } else {
+                    (Endpoint::Http, Scheme::HTTP, authority)
+                }
+            }
+            "http+unix" | "unix+http" => {
+                let socket = crate::path::decode(authority)
+                    .ok()
+                    .filter(|p| !p.is_empty())
+                    .ok_or_else(|| TargetError::SocketPath(s.to_owned()))?
+                    .into_owned();
+                let authority = Authority::try_from(hex_encode(socket.as_bytes()))
+                    .map_err(|_| TargetError::SocketPath(s.to_owned()))?;
+                let scheme = Scheme::try_from(UNIX_SCHEME).expect("a valid scheme literal");
+                (Endpoint::Unix(socket), scheme, authority)
+            }
+            _ => return Err(TargetError::Scheme(s.to_owned())),
+        };
+        Ok(Target {
+            raw: s.to_owned(),
+            endpoint,
+            scheme,
+            authority,
+            path: path.to_owned(),
+            query,
+        })
+    }
+
+    /// The URL as it was given.
+    pub fn as_str(&self) -> &str {
+        &self.raw
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The target's own path (`/` when it has none).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The host and port as they appear in the URL (for `X-Forwarded-Host`-free Host fallbacks).
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    /// The absolute URI for a request to this target with the given path and query.
+    ///
+    /// # Errors
+    /// When `path` and `query` do not form a valid request target (they come from a request that
+    /// hyper already parsed, so this means a bug or a hostile byte hyper let through).
+    pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+        let merged = match (&self.query, query) {
+            (Some(t), Some(r)) if !r.is_empty() => format!("{path}?{t}&{r}"),
+            (Some(t), _) => format!("{path}?{t}"),
+            (None, Some(r)) if !r.is_empty() => format!("{path}?{r}"),
+            _ => path.to_owned(),
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(merged)
+            .build()
+    }
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(HEX[usize::from(b >> 4)] as char);
+        s.push(HEX[usize::from(b & 0xf)] as char);
+    }
+    s
+}
+
+/// Inverse of the hex encoding used for Unix-socket authorities.
+pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_http_targets() {
+        let t = Target::parse("http://127.0.0.1:8888/foo?a=1").unwrap();
+        assert_eq!(t.endpoint(), &Endpoint::Http);
+        assert_eq!(t.path(), "/foo");
+        assert_eq!(
+            t.uri("/foo/bar", Some("b=2")).unwrap().to_string(),
+            "http://127.0.0.1:8888/foo/bar?a=1&b=2"
+        );
+        let t = Target::parse("HTTPS://hub.example.com").unwrap();
+        assert_eq!(t.endpoint(), &Endpoint::Https);
+        assert_eq!(t.path(), "/");
+        assert_eq!(
+            t.uri("/x", None).unwrap().to_string(),
+            "https://hub.example.com/x"
+        );
+    }
+
+    #[test]
+    fn parses_unix_targets() {
+        let t = Target::parse("http+unix://%2Ftmp%2Fsock/base").unwrap();
+        assert_eq!(t.endpoint(), &Endpoint::Unix("/tmp/sock".into()));
+        assert_eq!(t.path(), "/base");
+        let uri = t.uri("/base/x", None).unwrap();
+        assert_eq!(uri.scheme_str(), Some(UNIX_SCHEME));
+        let socket = hex_decode(uri.authority().unwrap().as_str()).unwrap();
+        assert_eq!(socket, b"/tmp/sock");
+    }
+
+    #[test]
+    fn refuses_what_cannot_be_reached() {
+        for bad in [
+            "notaurl",
+            "127.0.0.1:8000",
+            "ftp://host/",
+            "http://",
+            "http://user:pw@host/",
+            "http+unix:///x",
+            "http://host:99999/",
+            "http://ho st/",
+        ] {
+            assert!(Target::parse(bad).is_err(), "{bad} should be refused");
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! Connections to targets: one pooled HTTP/1.1 client for `http://`, `https://` (rustls) and
+//! `http+unix://` targets, and the classification of its failures.
+//!
+//! hyper-util's pooling client keys its pool by scheme and authority; a Unix-socket target travels
+//! under the `http+unix` scheme with its socket path hex-encoded as the authority (see
+//! [`crate::target`]), so each socket gets its own pool and the connector knows where to dial.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Uri;
+use http_body_util::combinators::BoxBody;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::target::{hex_decode, UNIX_SCHEME};
+
+/// Bodies sent to targets and returned to clients.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// The pooled client every forwarded request goes through.
+pub type UpstreamClient = Client<Connector, ProxyBody>;
+
+/// How long a TCP (and TLS) connection to a target may take before the request fails with 503.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Builds the client. `insecure` turns off certificate verification for https targets (CHP's
+/// `--insecure`).
+pub fn client(insecure: bool) -> UpstreamClient {
+    let connector = Connector {
+        tls: TlsConnector::from(Arc::new(tls_config(insecure))),
+    };
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .build(connector)
+}
+
+fn tls_config(insecure: bool) -> rustls::ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions");
+    let mut config = if insecure {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_no_client_auth()
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        for err in &native.errors {
+            tracing::warn!(error = %err, "could not load a system CA certificate");
+        }
+        let (added, _ignored) = roots.add_parsable_certificates(native.certs);
+        tracing::debug!(added, "loaded system CA certificates for https targets");
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config
+}
+
+/// Dials targets. Cheap to clone: the TLS configuration is shared.
+#[derive(Clone)]
+pub struct Connector {
+    tls: TlsConnector,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<UpstreamStream>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let tls = self.tls.clone();
+        Box::pin(async move {
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect(tls, uri))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+async fn connect(tls: TlsConnector, uri: Uri) -> io::Result<UpstreamStream> {
+    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_owned());
+    let authority = uri
+        .authority()
+        .ok_or_else(|| invalid("target has no authority"))?;
+    match uri.scheme_str() {
+        Some(UNIX_SCHEME) => {
+            let path = hex_decode(authority.as_str())
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| invalid("bad unix socket authority"))?;
+            Ok(UpstreamStream::Unix(UnixStream::connect(path).await?))
+        }
+        Some("http") => {
+            let tcp =
+                TcpStream::connect((host(authority.host()), authority.port_u16().unwrap_or(80)))
+                    .await?;
+            tcp.set_nodelay(true)?;
+            Ok(UpstreamStream::Tcp(tcp))
+        }
+        Some("https") => {
+            let host = host(authority.host());
+            let tcp = TcpStream::connect((host, authority.port_u16().unwrap_or(443))).await?;
+            tcp.set_nodelay(true)?;
+            let name = ServerName::try_from(host.to_owned())
+                .map_err(|_| invalid("target host is not a valid TLS server name"))?;
+            let stream = tls.connect(name, tcp).await?;
+            Ok(UpstreamStream::Tls(Box::new(stream)))
+        }
+        _ => Err(invalid("unsupported target scheme")),
+    }
+}
+
+/// `[::1]` in a URI is `::1` to the resolver.
+fn host(h: &str) -> &str {
+    h.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(h)
+}
+
+/// A connection to a target.
+pub enum UpstreamStream {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    Unix(UnixStream),
+}
+
+impl Connection for UpstreamStream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            UpstreamStream::Tcp($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            UpstreamStream::Tls($s) => {
+                let $s = Pin::new($s.as_mut());
+                $e
+            }
+            UpstreamStream::Unix($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamStream::Tcp(s) => s.is_write_vectored(),
+            UpstreamStream::Tls(s) => s.is_write_vectored(),
+            UpstreamStream::Unix(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// Why a request to a target failed, for logs (and later metrics). Every cause is a 503 to the
+/// client, as in CHP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureCause {
+    Refused,
+    Timeout,
+    Reset,
+    Tls,
+    Other,
+}
+
+impl FailureCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureCause::Refused => "refused",
+            FailureCause::Timeout => "timeout",
+            FailureCause::Reset => "reset",
+            FailureCause::Tls => "tls",
+            FailureCause::Other => "other",
+        }
+    }
+
+    /// Finds the cause in a client error's source chain.
+    pub fn of(err: &(dyn std::error::Error + 'static)) -> Self {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+        while let Some(e) = source {
+            if let Some(io) = e.downcast_ref::<io::Error>() {
+                if io
+                    .get_ref()
+                    .is_some_and(|inner| inner.is::<rustls::Error>())
+                {
+                    return FailureCause::Tls;
+                }
+                return match io.kind() {
+                    io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound => {
+                        FailureCause::Refused
+                    }
+                    io::ErrorKind::TimedOut => FailureCause::Timeout,
+                    io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof => FailureCause::Reset,
+                    _ => FailureCause::Other,
+                };
+            }
+            if e.downcast_ref::<rustls::Error>().is_some() {
+                return FailureCause::Tls;
+            }
+            if let Some(h) = e.downcast_ref::<hyper::Error>() {
+                if h.is_incomplete_message() || h.is_canceled() {
+                    return FailureCause::Reset;
+                }
+                if h.is_timeout() {
+                    return FailureCause::Timeout;
+                }
+            }
+            source = e.source();
+        }
+        FailureCause::Other
+    }
+}
+
+/// Accepts any certificate: what `--insecure` asks for. Signatures are still checked so the
+/// handshake itself stays sound.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
