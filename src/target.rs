@@ -87,6 +87,7 @@ impl Target {
                 let authority = Authority::try_from(authority)
                     .ok()
                     .filter(|a| !a.host().is_empty())
+                    .filter(valid_port)
                     .ok_or_else(|| TargetError::Authority(s.to_owned()))?;
                 if scheme.eq_ignore_ascii_case("https") {
                     (Endpoint::Https, Scheme::HTTPS, authority)
@@ -153,6 +154,16 @@ impl Target {
             .authority(self.authority.clone())
             .path_and_query(merged)
             .build()
+    }
+}
+
+/// `http` accepts `host:99999` and returns no port for it; a target must not.
+fn valid_port(a: &Authority) -> bool {
+    let s = a.as_str();
+    let after_host = &s[s.rfind(']').map_or(0, |i| i + 1)..];
+    match after_host.rsplit_once(':') {
+        Some((_, port)) => port.parse::<u16>().is_ok(),
+        None => true,
     }
 }
 
