@@ -1,9 +1,11 @@
-//! The control plane's REST API, `/api/routes`, answered exactly as configurable-http-proxy
-//! answers it, so JupyterHub can drive hubgate unchanged.
+//! The control plane's REST API: `/api/routes`, answered exactly as configurable-http-proxy
+//! answers it so JupyterHub can drive hubgate unchanged, plus hubgate's own `/api/proxy` (sync,
+//! batches, paging; in [`sync`]) and `/api/handshake`.
 //!
-//! Every status and body the API can return is decided in [`ApiError`] (failures) or the handler
-//! functions here (successes). Route changes go to the route table only through
-//! [`RouteTable::apply`], all-or-nothing.
+//! Every failure status and body is decided in [`ApiError`]. Route changes go through
+//! [`Control`], which makes them durable before requests see them, all-or-nothing.
+
+mod sync;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -16,13 +18,18 @@ use hyper::body::Incoming;
 use serde::ser::{SerializeMap, Serializer};
 use serde_json::Value;
 
+use crate::control::{Control, ControlError, Op};
+use crate::hub::Hub;
 use crate::path;
 use crate::proxy::{empty, json};
-use crate::routes::{format_timestamp, Change, Outcome, Route, RouteData, RouteTable, Snapshot};
+use crate::routes::{format_timestamp, Change, Outcome, Route, RouteData, RouteTable};
 use crate::target::Target;
 use crate::upstream::ProxyBody;
 
 const ROUTES: &str = "/api/routes";
+
+/// The response header that carries the table version a listing was taken at.
+pub const VERSION_HEADER: &str = "x-hubgate-version";
 
 /// A refused API request. Statuses and messages follow CHP; bodies are JSON (CHP sends plain
 /// text with no content type, which is one of the differences the README lists).
@@ -49,6 +56,19 @@ pub enum ApiError {
     TooLarge(usize),
     #[error("Could not read the request body: {0}")]
     Body(String),
+    /// A `/api/proxy` body that is JSON but not the right shape, with the offending entry named.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("Invalid {0} parameter: expected a non-negative integer")]
+    BadParam(&'static str),
+    #[error("Changes since version {since} are no longer known (history starts at {floor}); fetch the whole table")]
+    Gone { since: u64, floor: u64 },
+    #[error("{0}")]
+    Unavailable(#[from] ControlError),
+    #[error("No hub is configured (--hub-api-url)")]
+    NoHub,
+    #[error("The hub refused or failed: {0}")]
+    Hub(String),
 }
 
 impl ApiError {
@@ -58,7 +78,13 @@ impl ApiError {
             ApiError::Method => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::BadJson(_)
+            ApiError::Gone { .. } => StatusCode::GONE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NoHub => StatusCode::CONFLICT,
+            ApiError::Hub(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Invalid(_)
+            | ApiError::BadParam(_)
+            | ApiError::BadJson(_)
             | ApiError::NoTarget
             | ApiError::BadTarget(_)
             | ApiError::BadPath(_)
@@ -77,26 +103,36 @@ impl ApiError {
     }
 }
 
+/// What the API needs from the rest of hubgate.
+pub struct ApiSettings {
+    pub token: Option<String>,
+    pub host_routing: bool,
+    /// Largest body of `POST /api/routes/...`.
+    pub max_body: usize,
+    /// Largest body of `POST`/`PATCH /api/proxy`.
+    pub max_sync_body: usize,
+}
+
 /// The API service.
 pub struct Api {
     table: Arc<RouteTable>,
-    token: Option<String>,
-    host_routing: bool,
-    max_body: usize,
+    control: Control,
+    hub: Option<Arc<Hub>>,
+    settings: ApiSettings,
 }
 
 impl Api {
     pub fn new(
         table: Arc<RouteTable>,
-        token: Option<String>,
-        host_routing: bool,
-        max_body: usize,
+        control: Control,
+        hub: Option<Arc<Hub>>,
+        settings: ApiSettings,
     ) -> Self {
         Api {
             table,
-            token,
-            host_routing,
-            max_body,
+            control,
+            hub,
+            settings,
         }
     }
 
@@ -123,6 +159,17 @@ impl Api {
     }
 
     async fn route(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
+        match req.uri().path() {
+            "/api/proxy" => return self.proxy_resource(req).await,
+            "/api/handshake" => {
+                if req.method() != Method::POST {
+                    return Err(ApiError::Method);
+                }
+                self.authorize(&req)?;
+                return self.handshake().await;
+            }
+            _ => {}
+        }
         let rest = match req.uri().path().strip_prefix(ROUTES) {
             Some(rest) if rest.is_empty() || rest.starts_with('/') => rest.to_owned(),
             _ => return Err(ApiError::NotFound),
@@ -140,22 +187,36 @@ impl Api {
                 // CHP reads and parses the body before it checks the token, so bad JSON is a 400
                 // even with a bad token. JupyterHub never depends on it; we keep the order.
                 let authorized = self.authorize(&req);
-                let data = self.read_json(req.into_body()).await?;
+                let data = self
+                    .read_json(req.into_body(), self.settings.max_body)
+                    .await?;
                 authorized?;
-                self.post(&rest, data)
+                self.post(&rest, data).await
             }
             Method::DELETE => {
                 self.authorize(&req)?;
-                self.delete(&rest)
+                self.delete(&rest).await
             }
             _ => Err(ApiError::Method),
         }
     }
 
+    /// `POST /api/handshake`: ask the hub to sync its routes into hubgate now.
+    async fn handshake(&self) -> Result<Response<ProxyBody>, ApiError> {
+        let hub = self.hub.as_ref().ok_or(ApiError::NoHub)?;
+        hub.handshake_once()
+            .await
+            .map_err(|e| ApiError::Hub(e.to_string()))?;
+        Ok(json(
+            StatusCode::OK,
+            r#"{"status":"ok","message":"the hub synced its routes"}"#,
+        ))
+    }
+
     /// `Authorization: token <t>`, the whole header, compared in constant time. CHP's pattern
     /// is unanchored (`xtoken <t>` passes); this one is not.
     fn authorize<B>(&self, req: &Request<B>) -> Result<(), ApiError> {
-        let Some(expected) = &self.token else {
+        let Some(expected) = &self.settings.token else {
             return Ok(());
         };
         let given = req
@@ -176,13 +237,13 @@ impl Api {
         }
     }
 
-    async fn read_json(&self, body: Incoming) -> Result<Value, ApiError> {
-        let bytes = Limited::new(body, self.max_body)
+    async fn read_json(&self, body: Incoming, limit: usize) -> Result<Value, ApiError> {
+        let bytes = Limited::new(body, limit)
             .collect()
             .await
             .map_err(|e| {
                 if e.is::<http_body_util::LengthLimitError>() {
-                    ApiError::TooLarge(self.max_body)
+                    ApiError::TooLarge(limit)
                 } else {
                     ApiError::Body(e.to_string())
                 }
@@ -192,10 +253,25 @@ impl Api {
     }
 
     fn list(&self, query: Option<&str>) -> Result<Response<ProxyBody>, ApiError> {
-        let since = inactive_since(query)?;
         let snapshot = self.table.snapshot();
-        let body = serialize_table(&snapshot, since);
-        Ok(json(StatusCode::OK, body))
+        let body = match changes_since(query)? {
+            Some(since) => {
+                let changes = snapshot.changes_since(since).ok_or(ApiError::Gone {
+                    since,
+                    floor: snapshot.history_floor(),
+                })?;
+                serialize_routes(changes.put.iter(), &changes.removed)
+            }
+            None => {
+                let idle = inactive_since(query)?;
+                let sorted = snapshot.sorted();
+                let routes = sorted
+                    .iter()
+                    .filter(|r| idle.is_none_or(|since| r.last_activity_ms() < since));
+                serialize_routes(routes, &[])
+            }
+        };
+        Ok(with_version(json(StatusCode::OK, body), snapshot.version()))
     }
 
     fn get_one(&self, raw: &str) -> Result<Response<ProxyBody>, ApiError> {
@@ -209,8 +285,19 @@ impl Api {
         }
     }
 
-    fn post(&self, raw: &str, data: Value) -> Result<Response<ProxyBody>, ApiError> {
-        let key = path::route_key(raw)?;
+    async fn post(&self, raw: &str, data: Value) -> Result<Response<ProxyBody>, ApiError> {
+        let route = self.build_route(raw, data)?;
+        tracing::info!(route = %route.key(), target = ?route.target(), "adding route");
+        self.control
+            .apply(Op::Batch(vec![Change::Upsert(Arc::new(route))]))
+            .await?;
+        Ok(empty(StatusCode::CREATED))
+    }
+
+    /// Checks a posted route (key, JSON object, string target that is a reachable URL) and
+    /// builds it. Shared by `/api/routes` and `/api/proxy`.
+    fn build_route(&self, raw_key: &str, data: Value) -> Result<Route, ApiError> {
+        let key = path::route_key(raw_key)?;
         let Value::Object(mut data) = data else {
             return Err(ApiError::NoTarget);
         };
@@ -219,20 +306,25 @@ impl Api {
             _ => return Err(ApiError::NoTarget),
         };
         data.remove("last_activity");
-        if self.host_routing && key != "/" {
+        if self.settings.host_routing && key != "/" {
             let host = key[1..].split('/').next().unwrap_or_default().to_owned();
             data.insert("host".to_owned(), Value::String(host));
         }
-        tracing::info!(route = %key, target = ?target, "adding route");
-        let route = Route::new(key.into(), target, data, self.host_routing);
-        self.table.apply(vec![Change::Upsert(Arc::new(route))]);
-        Ok(empty(StatusCode::CREATED))
+        Ok(Route::new(
+            key.into(),
+            target,
+            data,
+            self.settings.host_routing,
+        ))
     }
 
-    fn delete(&self, raw: &str) -> Result<Response<ProxyBody>, ApiError> {
+    async fn delete(&self, raw: &str) -> Result<Response<ProxyBody>, ApiError> {
         let key: Arc<str> = path::route_key(raw)?.into();
-        let outcome = self.table.apply(vec![Change::Remove(key.clone())]);
-        if outcome.first() == Some(&Outcome::Removed) {
+        let applied = self
+            .control
+            .apply(Op::Batch(vec![Change::Remove(key.clone())]))
+            .await?;
+        if applied.outcomes.first() == Some(&Outcome::Removed) {
             tracing::info!(route = %key, "removed route");
             Ok(empty(StatusCode::NO_CONTENT))
         } else {
@@ -241,23 +333,46 @@ impl Api {
     }
 }
 
-/// `?inactive_since=` (or CHP's `?inactiveSince=`), as milliseconds since the epoch.
+/// The decoded value of a query parameter (the last one, if repeated).
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query?
+        .split('&')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == name).then(|| {
+                let v = v.replace('+', " ");
+                path::decode(&v).map(|c| c.into_owned()).unwrap_or(v)
+            })
+        })
+        .last()
+}
+
+/// A non-negative integer query parameter.
+fn int_param(query: Option<&str>, name: &'static str) -> Result<Option<u64>, ApiError> {
+    query_param(query, name)
+        .map(|v| v.parse::<u64>().map_err(|_| ApiError::BadParam(name)))
+        .transpose()
+}
+
+/// `?since=<version>`: ask for changes after a table version instead of the whole table.
+fn changes_since(query: Option<&str>) -> Result<Option<u64>, ApiError> {
+    int_param(query, "since")
+}
+
+/// `?inactive_since=` (or CHP's `?inactiveSince=`, which wins), as milliseconds since the epoch.
 fn inactive_since(query: Option<&str>) -> Result<Option<i64>, ApiError> {
-    let Some(query) = query else {
-        return Ok(None);
-    };
-    let mut value = None;
-    for pair in query.split('&') {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if k == "inactiveSince" || (k == "inactive_since" && value.is_none()) {
-            let v = v.replace('+', " ");
-            value = Some(path::decode(&v).map(|c| c.into_owned()).unwrap_or(v));
-        }
-    }
+    let value =
+        query_param(query, "inactiveSince").or_else(|| query_param(query, "inactive_since"));
     match value.filter(|v| !v.is_empty()) {
         None => Ok(None),
         Some(v) => parse_date(&v).map(Some).ok_or(ApiError::BadDate(v)),
     }
+}
+
+fn with_version(mut resp: Response<ProxyBody>, version: u64) -> Response<ProxyBody> {
+    resp.headers_mut()
+        .insert(VERSION_HEADER, http::HeaderValue::from(version));
+    resp
 }
 
 /// The date forms JupyterHub and people send: RFC 3339 with any offset, a naive date-time
@@ -308,20 +423,21 @@ impl serde::Serialize for RouteView<'_> {
     }
 }
 
-/// The whole table (or the routes idle since a time) as one JSON object, sorted by key so that
-/// two listings of the same table are byte-identical.
-pub fn serialize_table(snapshot: &Snapshot, inactive_since: Option<i64>) -> Bytes {
-    let mut routes: Vec<&Arc<Route>> = snapshot
-        .iter()
-        .filter(|r| inactive_since.is_none_or(|since| r.last_activity_ms() < since))
-        .collect();
-    routes.sort_unstable_by(|a, b| a.key().cmp(b.key()));
-    let mut out = Vec::with_capacity(routes.len() * 160 + 2);
+/// Routes as one JSON object `{key: route}` in the order given (callers pass them sorted, so
+/// two listings of one table are byte-identical), plus `{key: null}` for each removed key.
+pub fn serialize_routes<'a>(
+    routes: impl Iterator<Item = &'a Arc<Route>>,
+    removed: &[Arc<str>],
+) -> Bytes {
+    let mut out = Vec::with_capacity(4096);
     let mut ser = serde_json::Serializer::new(&mut out);
     let result = (|| {
-        let mut map = ser.serialize_map(Some(routes.len()))?;
+        let mut map = ser.serialize_map(None)?;
         for route in routes {
             map.serialize_entry(route.key(), &RouteView(route))?;
+        }
+        for key in removed {
+            map.serialize_entry(&**key, &Value::Null)?;
         }
         map.end()
     })();

@@ -116,9 +116,26 @@ pub struct Cli {
     #[arg(long, value_name = "MS")]
     pub keep_alive_timeout: Option<u64>,
 
-    /// Where routes are kept: memory (CHP's behaviour, the default)
+    /// Where routes are kept: memory (CHP's behaviour, the default) or file (on local disk,
+    /// surviving restarts)
     #[arg(long, value_name = "BACKEND")]
     pub storage_backend: Option<String>,
+    /// Directory of the file store [default: ./hubgate-data]
+    #[arg(long, env = "HUBGATE_STORAGE_PATH", value_name = "DIR")]
+    pub storage_path: Option<PathBuf>,
+    /// Largest body of POST/PATCH /api/proxy, in bytes [default: 67108864]
+    #[arg(long, value_name = "BYTES")]
+    pub max_sync_body: Option<usize>,
+
+    /// The hub's API, e.g. http://127.0.0.1:8081/hub/api (token in JUPYTERHUB_API_TOKEN)
+    #[arg(long, env = "JUPYTERHUB_API_URL", value_name = "URL")]
+    pub hub_api_url: Option<String>,
+    /// Announce this proxy's API address and token to the hub (PATCH /hub/api/proxy) at start
+    #[arg(long)]
+    pub notify_hub: bool,
+    /// The API address to announce to the hub [default: http://<api-ip>:<api-port>]
+    #[arg(long, value_name = "URL")]
+    pub api_url: Option<String>,
 
     // Flags CHP has whose features hubgate does not have yet. They are parsed so that using one
     // gets a clear refusal naming it instead of an "unknown flag" or, worse, silence.
@@ -205,6 +222,19 @@ pub struct FileConfig {
     pub proxy_timeout: Option<u64>,
     pub keep_alive_timeout: Option<u64>,
     pub storage_backend: Option<String>,
+    pub storage_path: Option<PathBuf>,
+    pub max_sync_body: Option<usize>,
+    pub hub_api_url: Option<String>,
+    pub hub_api_token: Option<String>,
+    pub notify_hub: Option<bool>,
+    pub api_url: Option<String>,
+}
+
+/// Where routes are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Storage {
+    Memory,
+    File(PathBuf),
 }
 
 /// Where a listener binds.
@@ -258,6 +288,16 @@ pub struct Config {
     pub keep_alive_timeout: Duration,
     /// Largest body accepted by `POST /api/routes/...`.
     pub max_route_body: usize,
+    /// Largest body accepted by `POST`/`PATCH /api/proxy`.
+    pub max_sync_body: usize,
+    pub storage: Storage,
+    /// The hub's API, for the handshake (and, later, authentication).
+    pub hub_api_url: Option<Target>,
+    pub hub_api_token: Option<String>,
+    /// Announce hubgate's API to the hub at start.
+    pub notify_hub: bool,
+    /// hubgate's API URL as the hub should reach it; derived from the API listener when unset.
+    pub api_url: Option<String>,
     /// How long in-flight requests may run after SIGTERM before hubgate exits anyway.
     pub shutdown_grace: Duration,
 }
@@ -412,14 +452,39 @@ impl Config {
             }
         };
 
-        match cli.storage_backend.or(file.storage_backend).as_deref() {
-            None | Some("memory") => {}
+        let storage_path = cli
+            .storage_path
+            .or(file.storage_path)
+            .unwrap_or_else(|| PathBuf::from("hubgate-data"));
+        let storage = match cli.storage_backend.or(file.storage_backend).as_deref() {
+            None | Some("memory") => Storage::Memory,
+            Some("file") => Storage::File(storage_path),
             Some(other) => {
                 return Err(ConfigError::new(
                     "--storage-backend",
-                    format!("backend {other:?} is not supported yet (available: memory)"),
+                    format!("backend {other:?} is not supported (available: memory, file)"),
                 ))
             }
+        };
+
+        let hub_api_url = cli
+            .hub_api_url
+            .or(file.hub_api_url)
+            .filter(|u| !u.is_empty())
+            .map(|u| {
+                Target::parse(&u).map_err(|e| ConfigError::new("--hub-api-url", e.to_string()))
+            })
+            .transpose()?;
+        let hub_api_token = env("JUPYTERHUB_API_TOKEN")
+            .filter(|t| !t.is_empty())
+            .or(file.hub_api_token);
+        let notify_hub = cli.notify_hub || file.notify_hub.unwrap_or(false);
+        if notify_hub && hub_api_url.is_none() {
+            return Err(ConfigError::new("--notify-hub", "needs --hub-api-url"));
+        }
+        let api_url = cli.api_url.or(file.api_url);
+        if let Some(url) = &api_url {
+            Target::parse(url).map_err(|e| ConfigError::new("--api-url", e.to_string()))?;
         }
 
         let ms = |v: Option<u64>| v.filter(|v| *v > 0).map(Duration::from_millis);
@@ -443,6 +508,15 @@ impl Config {
             keep_alive_timeout: ms(cli.keep_alive_timeout.or(file.keep_alive_timeout))
                 .unwrap_or(Duration::from_secs(5)),
             max_route_body: 1024 * 1024,
+            max_sync_body: cli
+                .max_sync_body
+                .or(file.max_sync_body)
+                .unwrap_or(64 * 1024 * 1024),
+            storage,
+            hub_api_url,
+            hub_api_token,
+            notify_hub,
+            api_url,
             shutdown_grace: Duration::from_secs(10),
         })
     }
@@ -659,6 +733,13 @@ mod tests {
         assert_eq!(c.auth_token.as_deref(), Some("env"));
         assert!(!c.x_forward);
         assert_eq!(c.custom_headers[0].0, "x-a");
+    }
+
+    #[test]
+    fn storage_defaults_to_memory_and_file_takes_a_path() {
+        assert_eq!(load(&[]).unwrap().storage, Storage::Memory);
+        let c = load(&["--storage-backend", "file", "--storage-path", "/tmp/x"]).unwrap();
+        assert_eq!(c.storage, Storage::File("/tmp/x".into()));
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! - [`path`]: request paths and route keys: decoding, dot segments, the canonical key form.
 //! - [`target`]: target URLs (`http`, `https`, `http+unix`), parsed when a route is added.
 //! - [`routes`]: the route table: lock-free snapshots, longest-prefix lookup, `last_activity`.
-//! - [`api`]: the control plane, `/api/routes` as CHP answers it.
+//! - [`store`]: route storage behind one interface: memory (CHP's) and the embedded file store.
+//! - [`control`]: the control plane's single writer: store first, then the route table.
+//! - [`api`]: the REST API: `/api/routes` as CHP answers it, and `/api/proxy` (sync, batches).
+//! - [`hub`]: hubgate as a client of the hub's API: the handshake after a restart.
 //! - [`proxy`]: the data plane: forwarding, websockets, error pages.
 //! - [`upstream`]: the pooled client and connector to targets, and failure causes.
 //! - [`server`]: listeners, connections, idle timeouts and draining.
@@ -15,10 +18,13 @@
 
 pub mod api;
 pub mod config;
+pub mod control;
+pub mod hub;
 pub mod path;
 pub mod proxy;
 pub mod routes;
 pub mod server;
+pub mod store;
 pub mod target;
 pub mod upstream;
 
@@ -27,9 +33,11 @@ use std::sync::Arc;
 use serde_json::Value;
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, Storage};
+use crate::control::{Control, Op};
 use crate::routes::{Change, Route, RouteData, RouteTable};
 use crate::server::{ConnSettings, Listener};
+use crate::store::Store;
 
 /// How a run ended, for the exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,12 +53,33 @@ pub enum Exit {
 /// # Errors
 /// When a listener cannot be bound or the pid file cannot be written.
 pub async fn run(config: Config) -> anyhow::Result<Exit> {
+    // The table is loaded before any listener exists, so the public port never answers from a
+    // half-loaded table.
+    let store: Arc<dyn Store> = match &config.storage {
+        Storage::Memory => Arc::new(store::MemoryStore),
+        Storage::File(dir) => Arc::new(
+            store::file::FileStore::open(dir)
+                .map_err(|e| anyhow::anyhow!("--storage-path {}: {e}", dir.display()))?,
+        ),
+    };
     let table = Arc::new(RouteTable::new());
+    let (control, trusted) = Control::start(table.clone(), store, config.host_routing)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot load routes: {e}"))?;
     if let Some(target) = &config.default_target {
-        let mut data = RouteData::new();
-        data.insert("target".into(), Value::String(target.as_str().to_owned()));
-        let route = Route::new("/".into(), target.clone(), data, config.host_routing);
-        table.apply(vec![Change::Upsert(Arc::new(route))]);
+        let current = table
+            .load()
+            .get("/")
+            .map(|r| r.target().as_str().to_owned());
+        if current.as_deref() != Some(target.as_str()) {
+            let mut data = RouteData::new();
+            data.insert("target".into(), Value::String(target.as_str().to_owned()));
+            let route = Route::new("/".into(), target.clone(), data, config.host_routing);
+            control
+                .apply(Op::Batch(vec![Change::Upsert(Arc::new(route))]))
+                .await
+                .map_err(|e| anyhow::anyhow!("--default-target: {e}"))?;
+        }
     }
     if config.auth_token.is_none() {
         tracing::warn!("REST API is not authenticated: CONFIGPROXY_AUTH_TOKEN is not set");
@@ -68,6 +97,28 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
     };
 
     let client = upstream::client(config.insecure);
+    let hub = match &config.hub_api_url {
+        Some(api) => {
+            let announce = if config.notify_hub {
+                Some(announcement(&config, &api_listener)?)
+            } else {
+                None
+            };
+            Some(Arc::new(hub::Hub::new(
+                api.clone(),
+                config.hub_api_token.clone(),
+                client.clone(),
+                announce,
+            )))
+        }
+        None => None,
+    };
+    if let Some(hub) = &hub {
+        if !trusted || config.notify_hub {
+            tokio::spawn(hub.clone().handshake());
+        }
+    }
+
     let proxy = Arc::new(proxy::Proxy::new(
         table.clone(),
         client,
@@ -75,9 +126,14 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
     ));
     let api = Arc::new(api::Api::new(
         table.clone(),
-        config.auth_token.clone(),
-        config.host_routing,
-        config.max_route_body,
+        control,
+        hub,
+        api::ApiSettings {
+            token: config.auth_token.clone(),
+            host_routing: config.host_routing,
+            max_body: config.max_route_body,
+            max_sync_body: config.max_sync_body,
+        },
     ));
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -122,6 +178,29 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
         tracing::warn!("grace period over with requests still in flight; exiting");
         Ok(Exit::Cut)
     }
+}
+
+/// The body of `PATCH /hub/api/proxy`: JupyterHub reads `api_url` and `auth_token`; its API
+/// documents `ip`, `port` and `protocol` as well.
+fn announcement(config: &Config, api: &Listener) -> anyhow::Result<Value> {
+    let addr = match api {
+        Listener::Tcp(l) => Some(l.local_addr()?),
+        Listener::Unix(..) => None,
+    };
+    let api_url = match (&config.api_url, addr) {
+        (Some(url), _) => url.clone(),
+        (None, Some(addr)) => format!("http://{addr}"),
+        (None, None) => {
+            anyhow::bail!("--notify-hub: set --api-url when the API is on a Unix socket")
+        }
+    };
+    Ok(serde_json::json!({
+        "api_url": api_url,
+        "auth_token": config.auth_token,
+        "ip": addr.map(|a| a.ip().to_string()),
+        "port": addr.map(|a| a.port()),
+        "protocol": "http",
+    }))
 }
 
 async fn shutdown_signal() {

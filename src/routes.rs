@@ -10,8 +10,8 @@
 //! `last_activity` is an atomic inside each [`Route`], shared by every snapshot that holds the
 //! route, so traffic moves it without a lock and without a new snapshot.
 
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 use serde_json::{Map, Value};
@@ -32,6 +32,8 @@ pub struct Route {
     target: Target,
     data: RouteData,
     last_activity_ms: AtomicI64,
+    /// The table version that put this route in; set once, when its batch is applied.
+    version: AtomicU64,
 }
 
 impl Route {
@@ -52,6 +54,21 @@ impl Route {
             target,
             data,
             last_activity_ms: AtomicI64::new(now_ms()),
+            version: AtomicU64::new(0),
+        }
+    }
+
+    /// The table version whose batch added or last replaced this route.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Relaxed)
+    }
+
+    /// The route as a store keeps it.
+    pub fn to_stored(&self) -> crate::store::StoredRoute {
+        crate::store::StoredRoute {
+            key: self.key.to_string(),
+            data: self.data.clone(),
+            last_activity: self.last_activity_ms(),
         }
     }
 
@@ -134,13 +151,44 @@ pub enum Outcome {
     Absent,
 }
 
+/// How many removals a snapshot remembers for "changes since version" queries.
+const TOMBSTONES: usize = 100_000;
+
 /// An immutable view of the whole table.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Snapshot {
     routes: imbl::HashMap<Arc<str>, Arc<Route>>,
     /// How many keys have each depth; its length bounds how deep a lookup starts probing.
     depth_counts: Vec<usize>,
     version: u64,
+    /// Recent removals in version order, for "changes since version".
+    tombstones: imbl::Vector<(u64, Arc<str>)>,
+    /// Changes since a version below this cannot be told: removals before it were forgotten.
+    history_floor: u64,
+    /// The routes sorted by key, built on first use (listing, paging) and kept with the snapshot.
+    sorted: OnceLock<Arc<Vec<Arc<Route>>>>,
+}
+
+impl Clone for Snapshot {
+    /// A copy to modify: shares every node with this one but not the sorted cache.
+    fn clone(&self) -> Self {
+        Snapshot {
+            routes: self.routes.clone(),
+            depth_counts: self.depth_counts.clone(),
+            version: self.version,
+            tombstones: self.tombstones.clone(),
+            history_floor: self.history_floor,
+            sorted: OnceLock::new(),
+        }
+    }
+}
+
+/// What changed after a version: routes put since then, and keys removed since then (and not
+/// put back).
+#[derive(Debug)]
+pub struct ChangesSince {
+    pub put: Vec<Arc<Route>>,
+    pub removed: Vec<Arc<str>>,
 }
 
 impl Snapshot {
@@ -212,9 +260,68 @@ impl Snapshot {
         self.routes.values()
     }
 
+    /// The oldest version [`Snapshot::changes_since`] can answer for.
+    pub fn history_floor(&self) -> u64 {
+        self.history_floor
+    }
+
+    /// All routes sorted by key; computed once per snapshot.
+    pub fn sorted(&self) -> Arc<Vec<Arc<Route>>> {
+        self.sorted
+            .get_or_init(|| {
+                let mut all: Vec<Arc<Route>> = self.routes.values().cloned().collect();
+                all.sort_unstable_by(|a, b| a.key().cmp(b.key()));
+                Arc::new(all)
+            })
+            .clone()
+    }
+
+    /// What changed after `version`, or `None` when this snapshot no longer remembers that far.
+    pub fn changes_since(&self, version: u64) -> Option<ChangesSince> {
+        if version < self.history_floor {
+            return None;
+        }
+        let put: Vec<Arc<Route>> = self
+            .sorted()
+            .iter()
+            .filter(|r| r.version() > version)
+            .cloned()
+            .collect();
+        let mut removed: Vec<Arc<str>> = self
+            .tombstones
+            .iter()
+            .rev()
+            .take_while(|(v, _)| *v > version)
+            .filter(|(_, key)| !self.routes.contains_key(key))
+            .map(|(_, key)| key.clone())
+            .collect();
+        removed.sort_unstable();
+        removed.dedup();
+        Some(ChangesSince { put, removed })
+    }
+
+    /// Applies one batch as one new version and returns what each change did, in order.
+    pub fn apply_batch(&mut self, changes: Vec<Change>) -> Vec<Outcome> {
+        self.version += 1;
+        let outcomes = changes.into_iter().map(|c| self.apply(c)).collect();
+        while self.tombstones.len() > TOMBSTONES {
+            if let Some((v, _)) = self.tombstones.pop_front() {
+                self.history_floor = v;
+            }
+        }
+        outcomes
+    }
+
+    /// Starts the version count at a stored version (at load).
+    pub fn set_version(&mut self, version: u64) {
+        self.version = version;
+        self.history_floor = version;
+    }
+
     fn apply(&mut self, change: Change) -> Outcome {
         match change {
             Change::Upsert(route) => {
+                route.version.store(self.version, Ordering::Relaxed);
                 let depth = path::depth(route.key());
                 match self.routes.insert(route.key.clone(), route) {
                     Some(_) => Outcome::Replaced,
@@ -229,6 +336,7 @@ impl Snapshot {
             }
             Change::Remove(key) => match self.routes.remove(&key) {
                 Some(_) => {
+                    self.tombstones.push_back((self.version, key.clone()));
                     let depth = path::depth(&key);
                     self.depth_counts[depth] -= 1;
                     while self.depth_counts.last() == Some(&0) {
@@ -273,10 +381,24 @@ impl RouteTable {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut next = Snapshot::clone(&self.current.load());
-        let outcomes: Vec<Outcome> = changes.into_iter().map(|c| next.apply(c)).collect();
-        next.version += 1;
+        let outcomes = next.apply_batch(changes);
         self.current.store(Arc::new(next));
         outcomes
+    }
+
+    /// Replaces the table with a snapshot built from the current one (see [`RouteTable::draft`]).
+    /// Only the control plane's single writer calls this, so no change is lost between the two.
+    pub fn publish(&self, next: Snapshot) {
+        let _guard = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.current.store(Arc::new(next));
+    }
+
+    /// A modifiable copy of the current snapshot, for the control plane's writer.
+    pub fn draft(&self) -> Snapshot {
+        Snapshot::clone(&self.current.load())
     }
 }
 
@@ -356,6 +478,37 @@ mod tests {
         assert_eq!(before.len(), 1);
         assert!(before.get("/a").is_some());
         assert!(t.load().get("/a").is_none());
+    }
+
+    #[test]
+    fn changes_since_a_version() {
+        let t = table(&["/a", "/b"]);
+        t.apply(vec![
+            Change::Remove("/a".into()),
+            Change::Upsert(route("/c")),
+        ]);
+        t.apply(vec![Change::Remove("/c".into())]);
+        t.apply(vec![Change::Upsert(route("/c"))]);
+        let snap = t.snapshot();
+        assert_eq!(snap.version(), 4);
+        let keys = |c: ChangesSince| {
+            let put: Vec<String> = c.put.iter().map(|r| r.key().to_owned()).collect();
+            let removed: Vec<String> = c.removed.iter().map(|k| k.to_string()).collect();
+            (put, removed)
+        };
+        assert_eq!(
+            keys(snap.changes_since(0).unwrap()),
+            (vec!["/b".into(), "/c".into()], vec!["/a".into()])
+        );
+        assert_eq!(
+            keys(snap.changes_since(1).unwrap()),
+            (vec!["/c".into()], vec!["/a".into()])
+        );
+        assert_eq!(
+            keys(snap.changes_since(3).unwrap()),
+            (vec!["/c".into()], vec![])
+        );
+        assert_eq!(keys(snap.changes_since(4).unwrap()), (vec![], vec![]));
     }
 
     #[test]

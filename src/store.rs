@@ -1,0 +1,121 @@
+//! Route storage behind one interface: what survives a restart, and (for shared backends) how
+//! other replicas' changes arrive.
+//!
+//! The in-memory route table is always the source for serving requests; a store only makes its
+//! changes durable. The control plane ([`crate::control`]) writes a batch to the store and
+//! publishes it to the table only once the store has acknowledged it, so an acknowledged change
+//! is never lost and a failed one is never half-applied.
+//!
+//! Backends: [`MemoryStore`] (CHP's behaviour: nothing survives) and [`file::FileStore`] (the
+//! embedded default of the example configuration: an append-only, checksummed log on local disk).
+
+pub mod file;
+
+use std::collections::HashMap;
+
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use serde_json::Map;
+use serde_json::Value;
+
+/// A store failure. The API turns it into 503: the change was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("route store I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("route store is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// One route as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredRoute {
+    pub key: String,
+    /// The posted data, `target` included.
+    pub data: Map<String, Value>,
+    /// Milliseconds since the epoch.
+    pub last_activity: i64,
+}
+
+/// One change in a stored batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum StoredChange {
+    Put(StoredRoute),
+    Del { key: String },
+}
+
+/// A batch of changes that is applied whole or not at all, and the table version it produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Batch {
+    pub version: u64,
+    pub changes: Vec<StoredChange>,
+}
+
+/// What a store holds at start.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Loaded {
+    pub routes: Vec<StoredRoute>,
+    pub version: u64,
+    /// Whether the store can vouch for this table: false on a first start or after the store's
+    /// contents were lost, so the hub should be asked to sync.
+    pub trusted: bool,
+}
+
+/// The interface every backend implements.
+pub trait Store: Send + Sync + 'static {
+    /// A short name for logs and metrics.
+    fn name(&self) -> &'static str;
+
+    /// Reads the whole stored table.
+    fn load(&self) -> BoxFuture<'_, Result<Loaded, StoreError>>;
+
+    /// Makes batches durable, in order. `Ok` means every batch survives a crash from now on.
+    fn write(&self, batches: Vec<Batch>) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Saves `last_activity` for some routes. Advisory: it may be lost in a crash, and a store
+    /// may keep only the latest value per route.
+    fn write_activity(
+        &self,
+        activity: HashMap<String, i64>,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Whether [`Store::compact`] would be worth calling now.
+    fn wants_compaction(&self) -> bool {
+        false
+    }
+
+    /// Replaces the stored history with this whole table at this version.
+    fn compact(
+        &self,
+        _routes: Vec<StoredRoute>,
+        _version: u64,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Keeps nothing: a restart starts empty, as configurable-http-proxy does.
+#[derive(Debug, Default)]
+pub struct MemoryStore;
+
+impl Store for MemoryStore {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn load(&self) -> BoxFuture<'_, Result<Loaded, StoreError>> {
+        Box::pin(async { Ok(Loaded::default()) })
+    }
+
+    fn write(&self, _batches: Vec<Batch>) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn write_activity(
+        &self,
+        _activity: HashMap<String, i64>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
