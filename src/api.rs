@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use serde::ser::{SerializeMap, Serializer};
 use serde_json::Value;
 
+use crate::auth::Auth;
 use crate::control::{Control, ControlError, Op};
 use crate::hub::Hub;
 use crate::path;
@@ -67,6 +68,8 @@ pub enum ApiError {
     Unavailable(#[from] ControlError),
     #[error("No hub is configured (--hub-api-url)")]
     NoHub,
+    #[error("Authentication is not on (--hub-api-url, --auth-mode)")]
+    NoAuth,
     #[error("The hub refused or failed: {0}")]
     Hub(String),
 }
@@ -80,7 +83,7 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Gone { .. } => StatusCode::GONE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::NoHub => StatusCode::CONFLICT,
+            ApiError::NoHub | ApiError::NoAuth => StatusCode::CONFLICT,
             ApiError::Hub(_) => StatusCode::BAD_GATEWAY,
             ApiError::Invalid(_)
             | ApiError::BadParam(_)
@@ -118,6 +121,7 @@ pub struct Api {
     table: Arc<RouteTable>,
     control: Control,
     hub: Option<Arc<Hub>>,
+    auth: Option<Arc<Auth>>,
     settings: ApiSettings,
 }
 
@@ -126,12 +130,14 @@ impl Api {
         table: Arc<RouteTable>,
         control: Control,
         hub: Option<Arc<Hub>>,
+        auth: Option<Arc<Auth>>,
         settings: ApiSettings,
     ) -> Self {
         Api {
             table,
             control,
             hub,
+            auth,
             settings,
         }
     }
@@ -161,6 +167,13 @@ impl Api {
     async fn route(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
         match req.uri().path() {
             "/api/proxy" => return self.proxy_resource(req).await,
+            p if p == "/api/auth/cache" || p.starts_with("/api/auth/cache/") => {
+                if req.method() != Method::DELETE {
+                    return Err(ApiError::Method);
+                }
+                self.authorize(&req)?;
+                return self.revoke(p);
+            }
             "/api/handshake" => {
                 if req.method() != Method::POST {
                     return Err(ApiError::Method);
@@ -199,6 +212,26 @@ impl Api {
             }
             _ => Err(ApiError::Method),
         }
+    }
+
+    /// `DELETE /api/auth/cache` drops every cached credential and voids every session;
+    /// `DELETE /api/auth/cache/users/<name>` does that for one user. For revocations that must
+    /// take effect at once.
+    fn revoke(&self, path: &str) -> Result<Response<ProxyBody>, ApiError> {
+        let auth = self.auth.as_ref().ok_or(ApiError::NoAuth)?;
+        match path.strip_prefix("/api/auth/cache") {
+            Some("") => auth.clear(),
+            Some(rest) => {
+                let user = rest.strip_prefix("/users/").ok_or(ApiError::NotFound)?;
+                let user = path::decode(user)?;
+                if user.is_empty() || user.contains('/') {
+                    return Err(ApiError::NotFound);
+                }
+                auth.revoke_user(&user);
+            }
+            None => return Err(ApiError::NotFound),
+        }
+        Ok(empty(StatusCode::NO_CONTENT))
     }
 
     /// `POST /api/handshake`: ask the hub to sync its routes into hubgate now.
@@ -335,16 +368,13 @@ impl Api {
 
 /// The decoded value of a query parameter (the last one, if repeated).
 fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    query?
-        .split('&')
-        .filter_map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (k == name).then(|| {
-                let v = v.replace('+', " ");
-                path::decode(&v).map(|c| c.into_owned()).unwrap_or(v)
-            })
+    query?.split('&').rev().find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| {
+            let v = v.replace('+', " ");
+            path::decode(&v).map(|c| c.into_owned()).unwrap_or(v)
         })
-        .last()
+    })
 }
 
 /// A non-negative integer query parameter.

@@ -137,6 +137,54 @@ pub struct Cli {
     #[arg(long, value_name = "URL")]
     pub api_url: Option<String>,
 
+    /// Authentication at the edge: on (the default when --hub-api-url is set) or off
+    #[arg(long, value_name = "on|off")]
+    pub auth_mode: Option<String>,
+    /// Seconds a hub answer about a credential is trusted [default: 300]
+    #[arg(long, value_name = "SECS")]
+    pub auth_cache_ttl: Option<u64>,
+    /// Seconds a refused credential is remembered [default: 10]
+    #[arg(long, value_name = "SECS")]
+    pub auth_negative_ttl: Option<u64>,
+    /// Seconds past its TTL a cached identity still works while the hub is down [default: 300]
+    #[arg(long, value_name = "SECS")]
+    pub auth_grace: Option<u64>,
+    /// Most credentials cached at once [default: 100000]
+    #[arg(long, value_name = "N")]
+    pub auth_cache_size: Option<u64>,
+    /// Accept ?token= on ordinary requests too (websocket handshakes always may)
+    #[arg(long)]
+    pub allow_token_in_url: bool,
+    /// Check tokens with the hub's legacy GET /authorizations/token/<token> (hubs before 2.0)
+    #[arg(long)]
+    pub auth_legacy_token_endpoint: bool,
+    /// The hub's login cookie to accept, e.g. __Host-jupyterhub-hub-login
+    #[arg(long, value_name = "NAME")]
+    pub hub_login_cookie: Option<String>,
+    /// OAuth client id hubgate is registered under at the hub
+    #[arg(long, env = "JUPYTERHUB_CLIENT_ID", value_name = "ID")]
+    pub oauth_client_id: Option<String>,
+    /// OAuth callback URL registered at the hub; hubgate answers its path itself
+    #[arg(long, env = "JUPYTERHUB_OAUTH_CALLBACK_URL", value_name = "URL")]
+    pub oauth_callback_url: Option<String>,
+    /// Session cookie signing secrets, comma-separated; the first signs, all verify
+    #[arg(
+        long,
+        env = "HUBGATE_SESSION_SECRETS",
+        value_name = "SECRETS",
+        hide_env_values = true
+    )]
+    pub session_secrets: Option<String>,
+    /// Header set to the authenticated user's name on forwarded requests (e.g. X-Forwarded-User)
+    #[arg(long, value_name = "NAME")]
+    pub identity_header: Option<String>,
+    /// Path attribute of hubgate's cookies [default: /]
+    #[arg(long, value_name = "PATH")]
+    pub cookie_path: Option<String>,
+    /// Mark hubgate's cookies Secure (when TLS is terminated in front of hubgate)
+    #[arg(long)]
+    pub cookie_secure: bool,
+
     // Flags CHP has whose features hubgate does not have yet. They are parsed so that using one
     // gets a clear refusal naming it instead of an "unknown flag" or, worse, silence.
     #[arg(long, hide = true)]
@@ -228,6 +276,20 @@ pub struct FileConfig {
     pub hub_api_token: Option<String>,
     pub notify_hub: Option<bool>,
     pub api_url: Option<String>,
+    pub auth_mode: Option<String>,
+    pub auth_cache_ttl: Option<u64>,
+    pub auth_negative_ttl: Option<u64>,
+    pub auth_grace: Option<u64>,
+    pub auth_cache_size: Option<u64>,
+    pub allow_token_in_url: Option<bool>,
+    pub auth_legacy_token_endpoint: Option<bool>,
+    pub hub_login_cookie: Option<String>,
+    pub oauth_client_id: Option<String>,
+    pub oauth_callback_url: Option<String>,
+    pub session_secrets: Option<Vec<String>>,
+    pub identity_header: Option<String>,
+    pub cookie_path: Option<String>,
+    pub cookie_secure: Option<bool>,
 }
 
 /// Where routes are kept.
@@ -298,6 +360,8 @@ pub struct Config {
     pub notify_hub: bool,
     /// hubgate's API URL as the hub should reach it; derived from the API listener when unset.
     pub api_url: Option<String>,
+    /// Authentication at the edge; `None` behaves exactly as CHP.
+    pub auth: Option<crate::auth::AuthSettings>,
     /// How long in-flight requests may run after SIGTERM before hubgate exits anyway.
     pub shutdown_grace: Duration,
 }
@@ -487,6 +551,45 @@ impl Config {
             Target::parse(url).map_err(|e| ConfigError::new("--api-url", e.to_string()))?;
         }
 
+        let auth_on = match cli.auth_mode.or(file.auth_mode).as_deref() {
+            None | Some("on") => hub_api_url.is_some(),
+            Some("off") => false,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "--auth-mode",
+                    format!("expected on or off, got {other:?}"),
+                ))
+            }
+        };
+        let auth = if auth_on {
+            let hub = hub_api_url.as_ref().expect("auth_on implies a hub URL");
+            Some(auth_settings(
+                AuthInputs {
+                    ttl: cli.auth_cache_ttl.or(file.auth_cache_ttl),
+                    negative_ttl: cli.auth_negative_ttl.or(file.auth_negative_ttl),
+                    grace: cli.auth_grace.or(file.auth_grace),
+                    size: cli.auth_cache_size.or(file.auth_cache_size),
+                    allow_token_in_url: cli.allow_token_in_url
+                        || file.allow_token_in_url.unwrap_or(false),
+                    legacy: cli.auth_legacy_token_endpoint
+                        || file.auth_legacy_token_endpoint.unwrap_or(false),
+                    hub_login_cookie: cli.hub_login_cookie.or(file.hub_login_cookie),
+                    client_id: cli.oauth_client_id.or(file.oauth_client_id),
+                    callback_url: cli.oauth_callback_url.or(file.oauth_callback_url),
+                    secrets: cli
+                        .session_secrets
+                        .map(|s| s.split(',').map(str::to_owned).collect())
+                        .or(file.session_secrets),
+                    identity_header: cli.identity_header.or(file.identity_header),
+                    cookie_path: cli.cookie_path.or(file.cookie_path),
+                    cookie_secure: cli.cookie_secure || file.cookie_secure.unwrap_or(false),
+                },
+                hub,
+            )?)
+        } else {
+            None
+        };
+
         let ms = |v: Option<u64>| v.filter(|v| *v > 0).map(Duration::from_millis);
         Ok(Config {
             proxy_listen,
@@ -517,9 +620,111 @@ impl Config {
             hub_api_token,
             notify_hub,
             api_url,
+            auth,
             shutdown_grace: Duration::from_secs(10),
         })
     }
+}
+
+/// Authentication settings as given, before validation.
+struct AuthInputs {
+    ttl: Option<u64>,
+    negative_ttl: Option<u64>,
+    grace: Option<u64>,
+    size: Option<u64>,
+    allow_token_in_url: bool,
+    legacy: bool,
+    hub_login_cookie: Option<String>,
+    client_id: Option<String>,
+    callback_url: Option<String>,
+    secrets: Option<Vec<String>>,
+    identity_header: Option<String>,
+    cookie_path: Option<String>,
+    cookie_secure: bool,
+}
+
+fn auth_settings(i: AuthInputs, hub: &Target) -> Result<crate::auth::AuthSettings, ConfigError> {
+    let oauth = match (i.client_id, i.callback_url) {
+        (Some(client_id), Some(callback_url)) => {
+            let callback_path = match callback_url.split_once("://") {
+                Some((_, rest)) => rest.find('/').map_or("/", |i| &rest[i..]).to_owned(),
+                None => callback_url.clone(),
+            };
+            let callback_path = callback_path.split('?').next().unwrap_or("/").to_owned();
+            if !callback_path.starts_with('/') || callback_path == "/" {
+                return Err(ConfigError::new(
+                    "--oauth-callback-url",
+                    "must be a URL or absolute path with a path of its own, e.g. /hubgate/oauth_callback",
+                ));
+            }
+            Some(crate::auth::oauth::OAuthSettings {
+                client_id,
+                callback_url,
+                callback_path,
+                authorize_url: crate::path::join(hub.path(), "oauth2/authorize"),
+            })
+        }
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(ConfigError::new(
+                "--oauth-client-id",
+                "needs --oauth-callback-url too",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::new(
+                "--oauth-callback-url",
+                "needs --oauth-client-id too",
+            ))
+        }
+    };
+    let mut secrets: Vec<Vec<u8>> = i
+        .secrets
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| s.trim().as_bytes().to_vec())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if let Some(short) = secrets.iter().find(|s| s.len() < 32) {
+        return Err(ConfigError::new(
+            "--session-secrets",
+            format!(
+                "each secret needs at least 32 bytes (one has {})",
+                short.len()
+            ),
+        ));
+    }
+    let ephemeral_secret = secrets.is_empty();
+    if ephemeral_secret {
+        let mut random = vec![0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random)
+            .map_err(|_| ConfigError::new("--session-secrets", "no randomness for a secret"))?;
+        secrets.push(random);
+    }
+    let identity_header = i
+        .identity_header
+        .map(|h| {
+            HeaderName::try_from(h.as_str()).map_err(|_| {
+                ConfigError::new("--identity-header", format!("invalid header name {h:?}"))
+            })
+        })
+        .transpose()?;
+    let secs = |v: Option<u64>, default: u64| Duration::from_secs(v.unwrap_or(default));
+    Ok(crate::auth::AuthSettings {
+        cache_ttl: secs(i.ttl, 300),
+        negative_ttl: secs(i.negative_ttl, 10),
+        grace: secs(i.grace, 300),
+        cache_size: i.size.unwrap_or(100_000),
+        allow_token_in_url: i.allow_token_in_url,
+        legacy_token_endpoint: i.legacy,
+        hub_login_cookie: i.hub_login_cookie.filter(|c| !c.is_empty()),
+        oauth,
+        session_secrets: secrets,
+        ephemeral_secret,
+        identity_header,
+        cookie_path: i.cookie_path.unwrap_or_else(|| "/".to_owned()),
+        cookie_secure: i.cookie_secure,
+    })
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {

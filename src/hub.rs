@@ -34,6 +34,8 @@ pub enum HubError {
     Timeout(Duration),
     #[error("cannot build the hub request: {0}")]
     Request(String),
+    #[error("hub answered with a body hubgate cannot read: {0}")]
+    Malformed(String),
 }
 
 /// The hub's API, as configured.
@@ -62,6 +64,11 @@ impl Hub {
             announce,
             registered: AtomicBool::new(false),
         }
+    }
+
+    /// hubgate's own token for the hub (JUPYTERHUB_API_TOKEN).
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
     }
 
     /// Whether a handshake has succeeded since start.
@@ -109,24 +116,168 @@ impl Hub {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Bytes, HubError> {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let (status, body) = self
+            .request(
+                method,
+                path,
+                self.token.as_deref(),
+                Bytes::from(body),
+                "application/json",
+            )
+            .await?;
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(HubError::Status {
+                status,
+                body: snippet(&body),
+            })
+        }
+    }
+
+    /// Who holds this token: `GET /user` authenticated by the token itself. `Ok(None)` when the
+    /// hub does not accept the token.
+    ///
+    /// # Errors
+    /// [`HubError`] when the hub cannot be asked (down, 5xx, timeout).
+    pub async fn user_for_token(&self, token: &str) -> Result<Option<HubUser>, HubError> {
+        let (status, body) = self
+            .request(
+                Method::GET,
+                "user",
+                Some(token),
+                Bytes::new(),
+                "application/json",
+            )
+            .await?;
+        user_answer(status, &body)
+    }
+
+    /// The pre-2.0 way to ask about a token: `GET /authorizations/token/<t>` with hubgate's own
+    /// token, for old hubs.
+    ///
+    /// # Errors
+    /// As [`Hub::user_for_token`].
+    pub async fn user_for_token_legacy(&self, token: &str) -> Result<Option<HubUser>, HubError> {
+        let path = format!("authorizations/token/{}", encode_segment(token));
+        let (status, body) = self
+            .request(
+                Method::GET,
+                &path,
+                self.token.as_deref(),
+                Bytes::new(),
+                "application/json",
+            )
+            .await?;
+        user_answer(status, &body)
+    }
+
+    /// Who is logged in with the hub's own login cookie: `GET /authorizations/cookie/<name>/<v>`.
+    ///
+    /// # Errors
+    /// As [`Hub::user_for_token`].
+    pub async fn user_for_cookie(
+        &self,
+        name: &str,
+        value: &str,
+    ) -> Result<Option<HubUser>, HubError> {
+        let path = format!(
+            "authorizations/cookie/{}/{}",
+            encode_segment(name),
+            encode_segment(value)
+        );
+        let (status, body) = self
+            .request(
+                Method::GET,
+                &path,
+                self.token.as_deref(),
+                Bytes::new(),
+                "application/json",
+            )
+            .await?;
+        user_answer(status, &body)
+    }
+
+    /// The groups a user is in: `GET /users/<name>` with hubgate's token (`read:users:groups`).
+    /// `Ok(None)` when the hub has no such user or does not let hubgate see it.
+    ///
+    /// # Errors
+    /// As [`Hub::user_for_token`].
+    pub async fn groups_of(&self, user: &str) -> Result<Option<Vec<String>>, HubError> {
+        let path = format!("users/{}", encode_segment(user));
+        let (status, body) = self
+            .request(
+                Method::GET,
+                &path,
+                self.token.as_deref(),
+                Bytes::new(),
+                "application/json",
+            )
+            .await?;
+        Ok(user_answer(status, &body)?.map(|u| u.groups))
+    }
+
+    /// Trades an OAuth code for an access token at `/oauth2/token`.
+    /// `Ok(None)` when the hub refuses the code.
+    ///
+    /// # Errors
+    /// As [`Hub::user_for_token`].
+    pub async fn exchange_code(&self, form: String) -> Result<Option<String>, HubError> {
+        let (status, body) = self
+            .request(
+                Method::POST,
+                "oauth2/token",
+                None,
+                Bytes::from(form),
+                "application/x-www-form-urlencoded",
+            )
+            .await?;
+        if status.is_server_error() {
+            return Err(HubError::Status {
+                status,
+                body: snippet(&body),
+            });
+        }
+        if !status.is_success() {
+            tracing::warn!(status = status.as_u16(), body = %snippet(&body), "hub refused an OAuth code");
+            return Ok(None);
+        }
+        #[derive(serde::Deserialize)]
+        struct TokenAnswer {
+            access_token: String,
+        }
+        serde_json::from_slice::<TokenAnswer>(&body)
+            .map(|t| Some(t.access_token))
+            .map_err(|e| HubError::Malformed(e.to_string()))
+    }
+
+    /// The URL path under which the hub's API lives (`/hub/api`), for browser redirects.
+    pub fn api_path(&self) -> &str {
+        self.api.path()
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Bytes,
+        content_type: &'static str,
+    ) -> Result<(StatusCode, Bytes), HubError> {
         let uri = self
             .api
             .uri(&crate::path::join(self.api.path(), path), None)
             .map_err(|e| HubError::Request(e.to_string()))?;
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let mut req = Request::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed());
+        let mut req = Request::new(Full::new(body).map_err(|n| match n {}).boxed());
         *req.method_mut() = method;
         *req.uri_mut() = uri;
         let headers = req.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-        if let Some(token) = &self.token {
-            let value = HeaderValue::from_str(&format!("token {token}")).map_err(|_| {
-                HubError::Request("the hub token is not a valid header value".into())
-            })?;
+        if let Some(token) = token {
+            let value = HeaderValue::from_str(&format!("token {token}"))
+                .map_err(|_| HubError::Request("a token is not a valid header value".into()))?;
             headers.insert(header::AUTHORIZATION, value);
         }
         let exchange = async {
@@ -142,15 +293,55 @@ impl Hub {
                 .await
                 .map_err(|e| HubError::Unreachable(FailureCause::of(&e)))?
                 .to_bytes();
-            if status.is_success() {
-                Ok(body)
-            } else {
-                let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
-                Err(HubError::Status { status, body: text })
-            }
+            Ok((status, body))
         };
         tokio::time::timeout(CALL_TIMEOUT, exchange)
             .await
             .map_err(|_| HubError::Timeout(CALL_TIMEOUT))?
     }
+}
+
+/// A user as the hub describes it (`GET /user` and friends). Unknown fields are ignored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct HubUser {
+    pub name: String,
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub admin: bool,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// The token's expanded scopes; absent from hubs older than 2.0.
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
+    #[serde(default)]
+    pub session_id: Option<String>,
+}
+
+/// 200: the user; 401/403/404: not accepted; anything else: the hub failed.
+fn user_answer(status: StatusCode, body: &[u8]) -> Result<Option<HubUser>, HubError> {
+    match status.as_u16() {
+        200 => serde_json::from_slice(body)
+            .map(Some)
+            .map_err(|e| HubError::Malformed(e.to_string())),
+        401 | 403 | 404 => Ok(None),
+        _ => Err(HubError::Status {
+            status,
+            body: snippet(body),
+        }),
+    }
+}
+
+fn snippet(body: &[u8]) -> String {
+    String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned()
+}
+
+/// Percent-encodes one path segment (every byte but unreserved characters).
+fn encode_segment(s: &str) -> String {
+    const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
 }

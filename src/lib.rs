@@ -9,7 +9,8 @@
 //! - [`store`]: route storage behind one interface: memory (CHP's) and the embedded file store.
 //! - [`control`]: the control plane's single writer: store first, then the route table.
 //! - [`api`]: the REST API: `/api/routes` as CHP answers it, and `/api/proxy` (sync, batches).
-//! - [`hub`]: hubgate as a client of the hub's API: the handshake after a restart.
+//! - [`hub`]: hubgate as a client of the hub's API: handshake, credential checks, OAuth.
+//! - [`auth`]: authentication and authorization at the edge, with its cache and sessions.
 //! - [`proxy`]: the data plane: forwarding, websockets, error pages.
 //! - [`upstream`]: the pooled client and connector to targets, and failure causes.
 //! - [`server`]: listeners, connections, idle timeouts and draining.
@@ -17,6 +18,7 @@
 //! The data plane and the control plane meet only at [`routes::RouteTable`].
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod control;
 pub mod hub;
@@ -119,15 +121,35 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
         }
     }
 
+    let auth = match (&config.auth, &hub) {
+        (Some(settings), Some(hub)) => {
+            if settings.ephemeral_secret {
+                tracing::warn!("no --session-secrets: sessions end when hubgate restarts and are not shared with other replicas");
+            }
+            if hub.token().is_none() {
+                tracing::warn!(
+                    "JUPYTERHUB_API_TOKEN is not set: hub cookies, groups and OAuth will not work"
+                );
+            }
+            tracing::info!(
+                oauth = settings.oauth.is_some(),
+                "authentication at the edge is on"
+            );
+            Some(Arc::new(auth::Auth::new(hub.clone(), settings.clone())))
+        }
+        _ => None,
+    };
     let proxy = Arc::new(proxy::Proxy::new(
         table.clone(),
         client,
         proxy::ForwardOptions::from_config(&config),
+        auth.clone(),
     ));
     let api = Arc::new(api::Api::new(
         table.clone(),
         control,
         hub,
+        auth,
         api::ApiSettings {
             token: config.auth_token.clone(),
             host_routing: config.host_routing,

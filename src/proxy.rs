@@ -23,6 +23,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::auth::{self, Auth, Verdict};
 use crate::config::{Config, ErrorPages};
 use crate::path::{self, RequestPath};
 use crate::routes::{Route, RouteTable};
@@ -95,6 +96,8 @@ pub struct Proxy {
     table: Arc<RouteTable>,
     client: UpstreamClient,
     opts: ForwardOptions,
+    /// Authentication at the edge, when configured.
+    auth: Option<Arc<Auth>>,
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
@@ -123,11 +126,17 @@ const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'*');
 
 impl Proxy {
-    pub fn new(table: Arc<RouteTable>, client: UpstreamClient, opts: ForwardOptions) -> Self {
+    pub fn new(
+        table: Arc<RouteTable>,
+        client: UpstreamClient,
+        opts: ForwardOptions,
+        auth: Option<Arc<Auth>>,
+    ) -> Self {
         Proxy {
             table,
             client,
             opts,
+            auth,
         }
     }
 
@@ -139,6 +148,11 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, Infallible> {
         if req.uri().path() == "/_chp_healthz" && req.uri().query().is_none() {
             return Ok(json(StatusCode::OK, r#"{"status": "OK"}"#));
+        }
+        if let Some(auth) = &self.auth {
+            if auth.is_callback(req.uri().path()) {
+                return Ok(auth.callback(&req).await);
+            }
         }
         let websocket = is_websocket_upgrade(&req);
         let original = req
@@ -202,6 +216,15 @@ impl Proxy {
             found.ok_or(ProxyError::NoRoute)?
         };
 
+        // Decided on the route just matched, so the check and the router cannot disagree.
+        let (identity, strip_token) = match &self.auth {
+            Some(auth) => match auth.check(&req, &route, websocket).await {
+                Verdict::Allow(allowed) => (allowed.identity, allowed.strip_token),
+                Verdict::Respond(resp) => return Ok(resp),
+            },
+            None => (None, false),
+        };
+
         let rest = if self.opts.include_prefix {
             &path.raw[..]
         } else {
@@ -212,9 +235,14 @@ impl Proxy {
         } else {
             "/"
         };
+        let query = if strip_token {
+            auth::strip_token_param(req.uri().query())
+        } else {
+            req.uri().query().map(str::to_owned)
+        };
         let uri = route
             .target()
-            .uri(&path::join(base, rest), req.uri().query())
+            .uri(&path::join(base, rest), query.as_deref())
             .map_err(|_| ProxyError::BadPath(path::PathError::BadEscape))?;
 
         let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
@@ -227,6 +255,9 @@ impl Proxy {
             (false, false) => "http",
         };
         strip_hop_by_hop(&mut parts.headers, websocket);
+        if let Some(auth) = &self.auth {
+            auth.scrub(&mut parts.headers, identity.as_deref());
+        }
         if !parts.headers.contains_key(header::HOST) {
             if let Some(h) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
                 parts.headers.insert(header::HOST, h);

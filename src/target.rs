@@ -179,7 +179,7 @@ fn hex_encode(bytes: &[u8]) -> String {
 
 /// Inverse of the hex encoding used for Unix-socket authorities.
 pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
