@@ -1,0 +1,23 @@
+//! Black-box integration tests for hubgate.
+//!
+//! Every test starts the real `hubgate` binary on `127.0.0.1:0` and talks to it over TCP, with
+//! backends (echo servers, websocket peers, streaming servers) running in-process. One test binary
+//! with modules builds faster than one binary per file.
+//!
+//! - `support`: the harness (starting hubgate, backends, HTTP helpers, `eventually`).
+//! - `api`: the REST API on the API address.
+//! - `proxy`: routing, forwarding, headers and error pages on the public address.
+//! - `cli`: command-line parsing, version, and configuration errors.
+//! - `websocket`: websocket upgrades through the proxy.
+//! - `streaming`: large and incremental bodies pass through without buffering.
+
+mod support;
+
+mod api;
+mod cli;
+mod durability;
+mod handshake;
+mod proxy;
+mod streaming;
+mod sync;
+mod websocket;
