@@ -17,6 +17,7 @@ mod api;
 mod cli;
 mod durability;
 mod handshake;
+mod jupyterhub;
 mod proxy;
 mod streaming;
 mod sync;
