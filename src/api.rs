@@ -24,6 +24,7 @@ use crate::hub::Hub;
 use crate::path;
 use crate::proxy::{empty, json};
 use crate::routes::{format_timestamp, Change, Outcome, Route, RouteData, RouteTable};
+use crate::status::Status;
 use crate::target::Target;
 use crate::upstream::ProxyBody;
 
@@ -122,6 +123,7 @@ pub struct Api {
     control: Control,
     hub: Option<Arc<Hub>>,
     auth: Option<Arc<Auth>>,
+    status: Arc<Status>,
     settings: ApiSettings,
 }
 
@@ -131,6 +133,7 @@ impl Api {
         control: Control,
         hub: Option<Arc<Hub>>,
         auth: Option<Arc<Auth>>,
+        status: Arc<Status>,
         settings: ApiSettings,
     ) -> Self {
         Api {
@@ -138,6 +141,7 @@ impl Api {
             control,
             hub,
             auth,
+            status,
             settings,
         }
     }
@@ -148,6 +152,7 @@ impl Api {
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let method = req.method().clone();
+        let op = operation(&method, req.uri().path());
         let resp = match self.route(req).await {
             Ok(resp) => resp,
             Err(err) => {
@@ -160,12 +165,39 @@ impl Api {
                 err.into_response()
             }
         };
-        tracing::debug!(%method, status = resp.status().as_u16(), "api");
+        let status = resp.status();
+        tracing::debug!(%method, status = status.as_u16(), "api");
+        let m = crate::metrics::get();
+        let class =
+            ["1xx", "2xx", "3xx", "4xx", "5xx"][usize::from(status.as_u16() / 100).clamp(1, 5) - 1];
+        m.api_operations.with_label_values(&[op, class]).inc();
+        m.chp_requests_api
+            .with_label_values(&[status.as_str()])
+            .inc();
+        match (op, status.is_success()) {
+            ("routes_list", true) => m.chp_api_route_get.inc(),
+            ("route_add", true) => m.chp_api_route_add.inc(),
+            ("route_delete", _) => m.chp_api_route_delete.inc(),
+            _ => {}
+        }
         Ok(resp)
     }
 
     async fn route(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
         match req.uri().path() {
+            "/health/live" => return Ok(self.status.live()),
+            "/health/ready" => return Ok(self.status.ready()),
+            "/metrics" | "/api/status" => {
+                if req.method() != Method::GET {
+                    return Err(ApiError::Method);
+                }
+                self.authorize(&req)?;
+                return Ok(if req.uri().path() == "/metrics" {
+                    self.status.metrics()
+                } else {
+                    self.status.report()
+                });
+            }
             "/api/proxy" => return self.proxy_resource(req).await,
             p if p == "/api/auth/cache" || p.starts_with("/api/auth/cache/") => {
                 if req.method() != Method::DELETE {
@@ -363,6 +395,28 @@ impl Api {
         } else {
             Ok(empty(StatusCode::NOT_FOUND))
         }
+    }
+}
+
+/// A bounded label naming what an API request does.
+fn operation(method: &Method, path: &str) -> &'static str {
+    let single = path
+        .strip_prefix(ROUTES)
+        .is_some_and(|rest| !rest.is_empty() && rest != "/");
+    match (method.as_str(), path) {
+        (_, "/health/live" | "/health/ready") => "health",
+        (_, "/metrics") => "metrics",
+        (_, "/api/status") => "status",
+        ("GET", "/api/proxy") => "proxy_get",
+        ("POST", "/api/proxy") => "sync",
+        ("PATCH", "/api/proxy") => "batch",
+        (_, "/api/handshake") => "handshake",
+        (_, p) if p.starts_with("/api/auth/cache") => "revoke",
+        ("GET", p) if p.starts_with(ROUTES) && !single => "routes_list",
+        ("GET", p) if p.starts_with(ROUTES) => "route_get",
+        ("POST", p) if p.starts_with(ROUTES) => "route_add",
+        ("DELETE", p) if p.starts_with(ROUTES) => "route_delete",
+        _ => "other",
     }
 }
 

@@ -174,11 +174,12 @@ pub struct Auth {
 
 impl Auth {
     pub fn new(hub: Arc<Hub>, settings: AuthSettings) -> Self {
-        let credentials = Coalescing::new(
+        let credentials = Coalescing::with_stats(
             settings.cache_size,
             settings.cache_ttl,
             settings.negative_ttl,
             settings.grace,
+            cache::Stats::registered(&crate::metrics::get().auth_cache),
         );
         let groups = Coalescing::new(
             settings.cache_size,
@@ -199,6 +200,28 @@ impl Auth {
 
     /// Decides whether a request may go to `route`.
     pub async fn check<B>(&self, req: &Request<B>, route: &Route, websocket: bool) -> Verdict {
+        let verdict = self.decide(req, route, websocket).await;
+        let outcome = match &verdict {
+            Verdict::Allow(a) if a.identity.is_none() => None,
+            Verdict::Allow(_) => Some("allowed"),
+            Verdict::Respond(r) => Some(match r.status() {
+                StatusCode::FORBIDDEN => "denied",
+                StatusCode::SERVICE_UNAVAILABLE => "hub_error",
+                // A 302 carrying a cookie trades a URL token for a session: allowed.
+                StatusCode::FOUND if r.headers().contains_key(header::SET_COOKIE) => "allowed",
+                _ => "no_credentials",
+            }),
+        };
+        if let Some(outcome) = outcome {
+            crate::metrics::get()
+                .auth_decisions
+                .with_label_values(&[outcome])
+                .inc();
+        }
+        verdict
+    }
+
+    async fn decide<B>(&self, req: &Request<B>, route: &Route, websocket: bool) -> Verdict {
         let protection = protection(route);
         if protection == Protection::Open {
             return Verdict::Allow(Allowed {
@@ -514,16 +537,22 @@ impl Auth {
         tracing::info!("credential cache cleared");
     }
 
-    /// Cache counters and size, for the API and metrics.
+    /// Cache counters and size, for `/api/status`.
     pub fn cache_stats(&self) -> serde_json::Value {
         let s = &self.credentials.stats;
         serde_json::json!({
             "entries": self.credentials.len(),
-            "hits": s.hits.load(Ordering::Relaxed),
-            "misses": s.misses.load(Ordering::Relaxed),
-            "coalesced": s.coalesced.load(Ordering::Relaxed),
-            "stale": s.stale.load(Ordering::Relaxed),
+            "hits": s.hits.get(),
+            "misses": s.misses.get(),
+            "coalesced": s.coalesced.get(),
+            "stale": s.stale.get(),
+            "evictions": s.evictions.get(),
         })
+    }
+
+    /// Credentials cached now.
+    pub fn cache_len(&self) -> u64 {
+        self.credentials.len()
     }
 }
 

@@ -120,6 +120,16 @@ pub struct Cli {
     /// surviving restarts)
     #[arg(long, value_name = "BACKEND")]
     pub storage_backend: Option<String>,
+    /// IP for the metrics server [default: all interfaces]
+    #[arg(long, value_name = "IP")]
+    pub metrics_ip: Option<String>,
+    /// Port of the metrics server (/metrics, /health/live, /health/ready) [default: none]
+    #[arg(long, value_name = "N")]
+    pub metrics_port: Option<u16>,
+    /// Unix socket for the metrics server, instead of --metrics-ip/--metrics-port
+    #[arg(long, value_name = "PATH")]
+    pub metrics_socket: Option<PathBuf>,
+
     /// Directory of the file store [default: ./hubgate-data]
     #[arg(long, env = "HUBGATE_STORAGE_PATH", value_name = "DIR")]
     pub storage_path: Option<PathBuf>,
@@ -230,12 +240,6 @@ pub struct Cli {
     #[arg(long, hide = true)]
     pub redirect_to: Option<String>,
     #[arg(long, hide = true)]
-    pub metrics_ip: Option<String>,
-    #[arg(long, hide = true)]
-    pub metrics_port: Option<String>,
-    #[arg(long, hide = true)]
-    pub metrics_socket: Option<String>,
-    #[arg(long, hide = true)]
     pub auto_rewrite: bool,
     #[arg(long, hide = true)]
     pub change_origin: bool,
@@ -270,6 +274,9 @@ pub struct FileConfig {
     pub proxy_timeout: Option<u64>,
     pub keep_alive_timeout: Option<u64>,
     pub storage_backend: Option<String>,
+    pub metrics_ip: Option<String>,
+    pub metrics_port: Option<u16>,
+    pub metrics_socket: Option<PathBuf>,
     pub storage_path: Option<PathBuf>,
     pub max_sync_body: Option<usize>,
     pub hub_api_url: Option<String>,
@@ -332,6 +339,8 @@ pub enum LogFormat {
 pub struct Config {
     pub proxy_listen: Listen,
     pub api_listen: Listen,
+    /// The metrics server, when asked for (CHP: `--metrics-port`).
+    pub metrics_listen: Option<Listen>,
     /// `None` (or empty in the environment) leaves the API open, as CHP does.
     pub auth_token: Option<String>,
     pub default_target: Option<Target>,
@@ -432,6 +441,27 @@ impl Config {
                     Listen::Unix(_) => 8001,
                 }),
             },
+        };
+
+        let metrics_ip = cli.metrics_ip.clone().or(file.metrics_ip);
+        let metrics_port = cli.metrics_port.or(file.metrics_port);
+        let metrics_listen = match cli.metrics_socket.clone().or(file.metrics_socket) {
+            Some(path) => {
+                if cli.metrics_ip.is_some() || cli.metrics_port.is_some() {
+                    return Err(ConfigError::new(
+                        "--metrics-socket",
+                        "cannot be used with --metrics-ip or --metrics-port",
+                    ));
+                }
+                Some(Listen::Unix(path))
+            }
+            None => metrics_port.map(|port| Listen::Tcp {
+                host: match metrics_ip.as_deref() {
+                    None | Some("*") => String::new(),
+                    Some(ip) => ip.to_owned(),
+                },
+                port,
+            }),
         };
 
         let auth_token = env("CONFIGPROXY_AUTH_TOKEN")
@@ -594,6 +624,7 @@ impl Config {
         Ok(Config {
             proxy_listen,
             api_listen,
+            metrics_listen,
             auth_token,
             default_target,
             error_pages,
@@ -752,7 +783,7 @@ fn parse_header(
 /// Refuses CHP flags whose features are not built yet, naming the first one given.
 fn refuse_unbuilt(cli: &Cli) -> Result<(), ConfigError> {
     let tls = "TLS is not supported yet; terminate TLS in front of hubgate for now";
-    let given: [(&str, bool, &str); 27] = [
+    let given: [(&str, bool, &str); 24] = [
         ("--ssl-key", cli.ssl_key.is_some(), tls),
         ("--ssl-cert", cli.ssl_cert.is_some(), tls),
         ("--ssl-ca", cli.ssl_ca.is_some(), tls),
@@ -797,21 +828,6 @@ fn refuse_unbuilt(cli: &Cli) -> Result<(), ConfigError> {
             "--redirect-to",
             cli.redirect_to.is_some(),
             "HTTPS redirection needs TLS, which is not supported yet",
-        ),
-        (
-            "--metrics-ip",
-            cli.metrics_ip.is_some(),
-            "metrics are not supported yet",
-        ),
-        (
-            "--metrics-port",
-            cli.metrics_port.is_some(),
-            "metrics are not supported yet",
-        ),
-        (
-            "--metrics-socket",
-            cli.metrics_socket.is_some(),
-            "metrics are not supported yet",
         ),
         (
             "--auto-rewrite",
@@ -893,10 +909,6 @@ mod tests {
         assert_eq!(e.flag, "--error-target");
         assert!(e.problem.contains("--error-path"));
         assert_eq!(load(&["--ssl-key", "k.pem"]).unwrap_err().flag, "--ssl-key");
-        assert_eq!(
-            load(&["--metrics-port", "9"]).unwrap_err().flag,
-            "--metrics-port"
-        );
         assert_eq!(
             load(&["--custom-header", "nocolon"]).unwrap_err().flag,
             "--custom-header"

@@ -205,7 +205,16 @@ async fn writer(table: Arc<RouteTable>, store: Arc<dyn Store>, mut rx: mpsc::Rec
         let written = if batches.is_empty() {
             Ok(())
         } else {
-            store.write(batches).await
+            let started = std::time::Instant::now();
+            let written = store.write(batches).await;
+            let m = crate::metrics::get();
+            m.store_write_seconds
+                .observe(started.elapsed().as_secs_f64());
+            match &written {
+                Ok(()) => m.store_writes.with_label_values(&["ok"]).inc(),
+                Err(_) => crate::metrics::store_failed(),
+            }
+            written
         };
         match written {
             Ok(()) => {

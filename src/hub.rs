@@ -6,8 +6,8 @@
 //! the first when it starts with a table it cannot vouch for, and the second when configured to
 //! announce itself; failures are retried with backoff while the proxy keeps serving.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,6 +23,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Backoff between failed handshakes: doubles from the first to the last.
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How often the hub is probed for readiness.
+const PROBE_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
@@ -46,8 +48,11 @@ pub struct Hub {
     client: UpstreamClient,
     /// The body of `PATCH /proxy` when hubgate announces its own API address.
     announce: Option<Value>,
-    /// Whether a handshake has succeeded since start.
+    /// Whether a handshake has succeeded (or was not needed) since start.
     registered: AtomicBool,
+    /// When the hub last answered with anything but a 5xx (ms since the epoch; 0: never).
+    last_ok_ms: AtomicI64,
+    last_failure: Mutex<Option<String>>,
 }
 
 impl Hub {
@@ -63,6 +68,8 @@ impl Hub {
             client,
             announce,
             registered: AtomicBool::new(false),
+            last_ok_ms: AtomicI64::new(0),
+            last_failure: Mutex::new(None),
         }
     }
 
@@ -71,9 +78,14 @@ impl Hub {
         self.token.as_deref()
     }
 
-    /// Whether a handshake has succeeded since start.
+    /// Whether a handshake has succeeded (or was not needed) since start.
     pub fn registered(&self) -> bool {
         self.registered.load(Ordering::Relaxed)
+    }
+
+    /// Records that the table needs no handshake (the store vouched for it).
+    pub fn mark_registered(&self) {
+        self.registered.store(true, Ordering::Relaxed);
     }
 
     /// One handshake: `PATCH /proxy` with hubgate's address when announcing (the hub then
@@ -295,9 +307,82 @@ impl Hub {
                 .to_bytes();
             Ok((status, body))
         };
-        tokio::time::timeout(CALL_TIMEOUT, exchange)
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(CALL_TIMEOUT, exchange)
             .await
-            .map_err(|_| HubError::Timeout(CALL_TIMEOUT))?
+            .map_err(|_| HubError::Timeout(CALL_TIMEOUT))
+            .and_then(|r| r);
+        let endpoint = endpoint_label(path);
+        match &result {
+            Ok((status, _)) => {
+                crate::metrics::hub_call(endpoint, status.as_str(), started.elapsed());
+                if status.is_server_error() {
+                    self.failed(&format!("answered {status}"));
+                } else {
+                    self.last_ok_ms
+                        .store(crate::routes::now_ms(), Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                crate::metrics::hub_call(endpoint, "error", started.elapsed());
+                self.failed(&e.to_string());
+            }
+        }
+        result
+    }
+
+    fn failed(&self, why: &str) {
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_owned());
+    }
+
+    /// Asks the hub's API root whether it is there (it answers without a token).
+    pub async fn probe(&self) -> bool {
+        matches!(
+            self.request(Method::GET, "", None, Bytes::new(), "application/json").await,
+            Ok((status, _)) if !status.is_server_error()
+        )
+    }
+
+    /// Probes the hub every few seconds, so readiness and `/api/status` know whether it is there
+    /// even when no request needed it lately.
+    pub async fn watch(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(PROBE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if !self.probe().await {
+                tracing::debug!("hub probe failed");
+            }
+        }
+    }
+
+    /// Whether the hub answered (anything but a 5xx) within `window`.
+    pub fn answered_within(&self, window: Duration) -> bool {
+        let last = self.last_ok_ms.load(Ordering::Relaxed);
+        last > 0 && crate::routes::now_ms() - last <= window.as_millis() as i64
+    }
+
+    /// The last failure talking to the hub, if any.
+    pub fn last_failure(&self) -> Option<String> {
+        self.last_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// The metric label for a hub API path: its kind, never its arguments (tokens, names).
+fn endpoint_label(path: &str) -> &'static str {
+    let mut parts = path.split('/');
+    match (parts.next(), parts.next()) {
+        (Some("user"), _) => "user",
+        (Some("users"), _) => "users",
+        (Some("authorizations"), Some("token")) => "authorizations_token",
+        (Some("authorizations"), Some("cookie")) => "authorizations_cookie",
+        (Some("oauth2"), Some("token")) => "oauth2_token",
+        (Some("proxy"), _) => "proxy",
+        (Some(""), None) => "root",
+        _ => "other",
     }
 }
 

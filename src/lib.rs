@@ -14,6 +14,8 @@
 //! - [`proxy`]: the data plane: forwarding, websockets, error pages.
 //! - [`upstream`]: the pooled client and connector to targets, and failure causes.
 //! - [`server`]: listeners, connections, idle timeouts and draining.
+//! - [`metrics`]: Prometheus metrics (hubgate's and CHP's names), lock-free on the request path.
+//! - [`status`]: health and readiness, `/api/status`, and the metrics listener.
 //!
 //! The data plane and the control plane meet only at [`routes::RouteTable`].
 
@@ -22,10 +24,12 @@ pub mod auth;
 pub mod config;
 pub mod control;
 pub mod hub;
+pub mod metrics;
 pub mod path;
 pub mod proxy;
 pub mod routes;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod target;
 pub mod upstream;
@@ -90,8 +94,18 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
     // Bind everything before serving anything, so a bad address fails the start as a whole.
     let proxy_listener = Listener::bind(&config.proxy_listen).await?;
     let api_listener = Listener::bind(&config.api_listen).await?;
-    for (name, l) in [("proxy", &proxy_listener), ("api", &api_listener)] {
-        tracing::info!(listener = %name, addr = %l.describe(), "listening");
+    let metrics_listener = match &config.metrics_listen {
+        Some(listen) => Some(Listener::bind(listen).await?),
+        None => None,
+    };
+    for (name, l) in [
+        ("proxy", Some(&proxy_listener)),
+        ("api", Some(&api_listener)),
+        ("metrics", metrics_listener.as_ref()),
+    ] {
+        if let Some(l) = l {
+            tracing::info!(listener = %name, addr = %l.describe(), "listening");
+        }
     }
     let _pid_file = match &config.pid_file {
         Some(path) => Some(PidFile::write(path)?),
@@ -118,7 +132,10 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
     if let Some(hub) = &hub {
         if !trusted || config.notify_hub {
             tokio::spawn(hub.clone().handshake());
+        } else {
+            hub.mark_registered();
         }
+        tokio::spawn(hub.clone().watch());
     }
 
     let auth = match (&config.auth, &hub) {
@@ -145,11 +162,19 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
         proxy::ForwardOptions::from_config(&config),
         auth.clone(),
     ));
+    let status = Arc::new(status::Status::new(
+        table.clone(),
+        hub.clone(),
+        auth.clone(),
+        config.auth_token.is_none(),
+        config.auth.as_ref().is_some_and(|a| a.ephemeral_secret),
+    ));
     let api = Arc::new(api::Api::new(
         table.clone(),
         control,
         hub,
         auth,
+        status.clone(),
         api::ApiSettings {
             token: config.auth_token.clone(),
             host_routing: config.host_routing,
@@ -181,9 +206,20 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
         "api",
         api_settings,
         move |req, _info| api.clone().handle(req),
-        stop_rx,
+        stop_rx.clone(),
         grace,
     ));
+
+    let metrics_task = metrics_listener.map(|listener| {
+        tokio::spawn(server::serve(
+            listener,
+            "metrics",
+            api_settings,
+            move |req, _info| status.clone().handle_metrics_port(req),
+            stop_rx.clone(),
+            grace,
+        ))
+    });
 
     shutdown_signal().await;
     tracing::info!(
@@ -193,6 +229,9 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
     let _ = stop_tx.send(true);
     let proxy_drained = proxy_task.await.unwrap_or(false);
     let api_drained = api_task.await.unwrap_or(false);
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     if proxy_drained && api_drained {
         tracing::info!("all requests finished; exiting");
         Ok(Exit::Drained)

@@ -10,9 +10,9 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -21,10 +21,12 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use pin_project_lite::pin_project;
+use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::auth::{self, Auth, Verdict};
 use crate::config::{Config, ErrorPages};
+use crate::metrics::{self, RouteKind};
 use crate::path::{self, RequestPath};
 use crate::routes::{Route, RouteTable};
 use crate::upstream::{FailureCause, ProxyBody, UpstreamClient};
@@ -35,6 +37,12 @@ pub struct ConnInfo {
     /// The client's address; `None` on a Unix socket.
     pub remote_ip: Option<IpAddr>,
     pub tls: bool,
+}
+
+/// What the metrics need to know about a request once it is answered.
+struct Trace {
+    kind: RouteKind,
+    upstream: Option<Duration>,
 }
 
 /// Forwarding options, fixed at start.
@@ -154,14 +162,43 @@ impl Proxy {
                 return Ok(auth.callback(&req).await);
             }
         }
+        let started = Instant::now();
         let websocket = is_websocket_upgrade(&req);
         let original = req
             .uri()
             .path_and_query()
             .map_or_else(|| req.uri().path().to_owned(), |pq| pq.as_str().to_owned());
         let method = req.method().clone();
-        match self.forward(req, conn, websocket).await {
-            Ok(resp) => Ok(resp),
+        let mut trace = Trace {
+            kind: RouteKind::None,
+            upstream: None,
+        };
+        let resp = self
+            .answer(req, conn, websocket, &original, &mut trace)
+            .await;
+        metrics::get().request(
+            trace.kind,
+            &method,
+            resp.status().as_u16(),
+            started.elapsed(),
+            trace.upstream,
+            websocket,
+        );
+        Ok(resp)
+    }
+
+    /// Forwards a request, or answers it when hubgate cannot.
+    async fn answer(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        websocket: bool,
+        original: &str,
+        trace: &mut Trace,
+    ) -> Response<ProxyBody> {
+        let method = req.method().clone();
+        match self.forward(req, conn, websocket, trace).await {
+            Ok(resp) => resp,
             Err(err) => {
                 let status = err.status();
                 match &err {
@@ -178,11 +215,16 @@ impl Proxy {
                         "proxy error"
                     ),
                 }
+                if let ProxyError::Upstream(cause) = &err {
+                    metrics::get().upstream_error(*cause);
+                } else if let ProxyError::UpstreamTimeout = &err {
+                    metrics::get().upstream_error(FailureCause::Timeout);
+                }
                 if websocket {
                     // A websocket client gets the bare status, as CHP sends it.
-                    return Ok(empty(status));
+                    return empty(status);
                 }
-                Ok(self.error_response(status, &original).await)
+                self.error_response(status, original).await
             }
         }
     }
@@ -192,9 +234,11 @@ impl Proxy {
         mut req: Request<Incoming>,
         conn: ConnInfo,
         websocket: bool,
+        trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let path = RequestPath::parse(req.uri().path())?;
         let host = request_host(&req);
+        let lookup_started = Instant::now();
         let route = {
             let table = self.table.load();
             let found = if self.opts.host_routing {
@@ -215,6 +259,8 @@ impl Proxy {
             };
             found.ok_or(ProxyError::NoRoute)?
         };
+        metrics::get().lookup_time(lookup_started.elapsed());
+        trace.kind = route.kind();
 
         // Decided on the route just matched, so the check and the router cannot disagree.
         let (identity, strip_token) = match &self.auth {
@@ -283,17 +329,20 @@ impl Proxy {
         }
         parts.uri = uri;
         parts.version = Version::HTTP_11;
-        let body = ActivityBody::new(body, Some(route.clone())).boxed();
+        let counter = metrics::get().request_bytes(route.kind());
+        let body = ActivityBody::new(body, Some(route.clone()), Some(counter)).boxed();
         let upstream_req = Request::from_parts(parts, body);
 
         tracing::debug!(route = %route.key(), target = ?route.target(), "forwarding");
         let sent = self.client.request(upstream_req);
+        let upstream_started = Instant::now();
         let result = match self.opts.proxy_timeout {
             Some(limit) => tokio::time::timeout(limit, sent)
                 .await
                 .map_err(|_| ProxyError::UpstreamTimeout)?,
             None => sent.await,
         };
+        trace.upstream = Some(upstream_started.elapsed());
         let mut resp = result.map_err(|e| ProxyError::Upstream(FailureCause::of(&e)))?;
 
         let status = resp.status();
@@ -312,10 +361,11 @@ impl Proxy {
         // The target's HTTP version is its business; the client gets the one it speaks.
         parts.version = Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers, false);
+        let counter = metrics::get().response_bytes(route.kind());
         let counted = (status.as_u16() < 300).then_some(route);
         Ok(Response::from_parts(
             parts,
-            ActivityBody::new(body, counted).boxed(),
+            ActivityBody::new(body, counted, Some(counter)).boxed(),
         ))
     }
 
@@ -391,27 +441,42 @@ async fn tunnel(
         inner: TokioIo::new(upstream),
         route,
     };
+    let m = metrics::get();
+    m.websockets.inc();
+    m.active_websockets.inc();
+    let opened = Instant::now();
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         tracing::debug!(error = %e, "websocket tunnel closed with an error");
     }
+    m.active_websockets.dec();
+    m.websocket_duration.observe(opened.elapsed().as_secs_f64());
 }
 
 pin_project! {
-    /// A body that records activity on its route for every frame that passes.
+    /// A body that records activity on its route for every frame that passes, and counts its
+    /// bytes.
     pub struct ActivityBody<B> {
         #[pin]
         inner: B,
         route: Option<Arc<Route>>,
+        bytes: Option<&'static IntCounter>,
     }
 }
 
 impl<B> ActivityBody<B> {
-    pub fn new(inner: B, route: Option<Arc<Route>>) -> Self {
-        ActivityBody { inner, route }
+    pub fn new(inner: B, route: Option<Arc<Route>>, bytes: Option<&'static IntCounter>) -> Self {
+        ActivityBody {
+            inner,
+            route,
+            bytes,
+        }
     }
 }
 
-impl<B: Body> Body for ActivityBody<B> {
+impl<B: Body> Body for ActivityBody<B>
+where
+    B::Data: Buf,
+{
     type Data = B::Data;
     type Error = B::Error;
 
@@ -421,8 +486,13 @@ impl<B: Body> Body for ActivityBody<B> {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
-        if let (Poll::Ready(Some(Ok(_))), Some(route)) = (&polled, this.route.as_ref()) {
-            route.touch();
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(route) = this.route.as_ref() {
+                route.touch();
+            }
+            if let (Some(bytes), Some(data)) = (this.bytes, frame.data_ref()) {
+                bytes.inc_by(data.remaining() as u64);
+            }
         }
         polled
     }

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use arc_swap::ArcSwap;
 use serde_json::{Map, Value};
 
+use crate::metrics::RouteKind;
 use crate::path;
 use crate::target::Target;
 
@@ -31,6 +32,8 @@ pub struct Route {
     path_depth: usize,
     target: Target,
     data: RouteData,
+    /// What the route serves, for metric labels.
+    kind: RouteKind,
     last_activity_ms: AtomicI64,
     /// The table version that put this route in; set once, when its batch is applied.
     version: AtomicU64,
@@ -48,11 +51,21 @@ impl Route {
         } else {
             depth
         };
+        let kind = if data.get("user").is_some_and(|v| v.is_string()) {
+            RouteKind::User
+        } else if data.get("service").is_some_and(|v| v.is_string()) {
+            RouteKind::Service
+        } else if data.get("hub").and_then(|v| v.as_bool()) == Some(true) {
+            RouteKind::Hub
+        } else {
+            RouteKind::Other
+        };
         Route {
             key,
             path_depth,
             target,
             data,
+            kind,
             last_activity_ms: AtomicI64::new(now_ms()),
             version: AtomicU64::new(0),
         }
@@ -82,6 +95,10 @@ impl Route {
 
     pub fn data(&self) -> &RouteData {
         &self.data
+    }
+
+    pub fn kind(&self) -> RouteKind {
+        self.kind
     }
 
     pub fn path_depth(&self) -> usize {

@@ -146,6 +146,10 @@ where
         };
         let handler = handler.clone();
         let service = service_fn(move |req| handler(req, info));
+        let open = crate::metrics::get()
+            .active_connections
+            .with_label_values(&[name]);
+        open.inc();
         let io = TokioIo::new(IdleIo::new(io, settings.idle_timeout));
         let conn = builder.serve_connection_with_upgrades(io, service);
         let conn = graceful.watch(conn.into_owned());
@@ -153,6 +157,7 @@ where
             if let Err(e) = conn.await {
                 tracing::debug!(listener = name, error = %e, "connection closed with an error");
             }
+            open.dec();
         });
     }
     if let Listener::Unix(_, path) = &listener {

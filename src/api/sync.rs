@@ -114,7 +114,9 @@ impl Api {
         };
         let desired = self.build_routes(entries)?;
         let count = desired.len();
+        let started = std::time::Instant::now();
         let applied = self.control.apply(Op::Sync { desired, dry_run }).await?;
+        observe_change("sync", count, started);
         tracing::info!(
             routes = count,
             dry_run,
@@ -170,7 +172,10 @@ impl Api {
             changes.push(Change::Remove(key.into()));
         }
         changes.extend(routes.into_iter().map(Change::Upsert));
+        let count = changes.len();
+        let started = std::time::Instant::now();
         let applied = self.control.apply(Op::Batch(changes)).await?;
+        observe_change("batch", count, started);
         tracing::info!(
             added = applied.counts.added,
             updated = applied.counts.updated,
@@ -199,6 +204,16 @@ impl Api {
         }
         Ok(routes)
     }
+}
+
+fn observe_change(op: &str, routes: usize, started: std::time::Instant) {
+    let m = crate::metrics::get();
+    m.change_size
+        .with_label_values(&[op])
+        .observe(routes as f64);
+    m.change_apply
+        .with_label_values(&[op])
+        .observe(started.elapsed().as_secs_f64());
 }
 
 fn summary(applied: &Applied, dry_run: bool) -> Response<ProxyBody> {

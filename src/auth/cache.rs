@@ -13,11 +13,11 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
+use prometheus::IntCounter;
 
 /// A cached answer.
 #[derive(Debug)]
@@ -39,13 +39,42 @@ pub enum Source {
     Stale,
 }
 
-/// Counters for operators.
-#[derive(Debug, Default)]
+/// Counters for operators. Plain `prometheus` counters: registered ones (see
+/// [`Stats::registered`]) show up in `/metrics`, others just count.
+#[derive(Debug, Clone)]
 pub struct Stats {
-    pub hits: AtomicU64,
-    pub misses: AtomicU64,
-    pub coalesced: AtomicU64,
-    pub stale: AtomicU64,
+    pub hits: IntCounter,
+    pub misses: IntCounter,
+    pub coalesced: IntCounter,
+    pub stale: IntCounter,
+    pub evictions: IntCounter,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        let c = || IntCounter::new("unregistered", "unregistered").expect("a valid counter");
+        Stats {
+            hits: c(),
+            misses: c(),
+            coalesced: c(),
+            stale: c(),
+            evictions: c(),
+        }
+    }
+}
+
+impl Stats {
+    /// Counters that are the `result` children of a registered counter vector.
+    pub fn registered(vec: &prometheus::IntCounterVec) -> Self {
+        let c = |label: &str| vec.with_label_values(&[label]);
+        Stats {
+            hits: c("hit"),
+            misses: c("miss"),
+            coalesced: c("coalesced"),
+            stale: c("stale"),
+            evictions: c("eviction"),
+        }
+    }
 }
 
 /// A lookup task that failed without an answer (it panicked): the request fails closed.
@@ -95,16 +124,32 @@ where
     E: Clone + Send + Sync + From<LookupFailed> + 'static,
 {
     pub fn new(capacity: u64, ttl: Duration, negative_ttl: Duration, grace: Duration) -> Self {
+        Self::with_stats(capacity, ttl, negative_ttl, grace, Stats::default())
+    }
+
+    pub fn with_stats(
+        capacity: u64,
+        ttl: Duration,
+        negative_ttl: Duration,
+        grace: Duration,
+        stats: Stats,
+    ) -> Self {
+        let evictions = stats.evictions.clone();
         Coalescing {
             entries: moka::sync::Cache::builder()
                 .max_capacity(capacity)
                 .expire_after(ExpireAtEnd)
+                .eviction_listener(move |_, _, cause| {
+                    if cause == moka::notification::RemovalCause::Size {
+                        evictions.inc();
+                    }
+                })
                 .build(),
             inflight: Arc::new(Mutex::new(HashMap::new())),
             ttl,
             negative_ttl,
             grace,
-            stats: Stats::default(),
+            stats,
         }
     }
 
@@ -122,7 +167,7 @@ where
         let now = Instant::now();
         if let Some(entry) = &cached {
             if now < entry.fresh_until {
-                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                self.stats.hits.inc();
                 return Ok((entry.clone(), Source::Hit));
             }
         }
@@ -138,14 +183,14 @@ where
             }
         };
         match source {
-            Source::Coalesced => self.stats.coalesced.fetch_add(1, Ordering::Relaxed),
-            _ => self.stats.misses.fetch_add(1, Ordering::Relaxed),
+            Source::Coalesced => self.stats.coalesced.inc(),
+            _ => self.stats.misses.inc(),
         };
         match call.await {
             Ok(entry) => Ok((entry, source)),
             Err(e) => match cached {
                 Some(entry) if entry.value.is_some() && Instant::now() < entry.usable_until => {
-                    self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                    self.stats.stale.inc();
                     Ok((entry, Source::Stale))
                 }
                 _ => Err(e),
@@ -228,7 +273,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn cache() -> Coalescing<u32, String, String> {
         Coalescing::new(

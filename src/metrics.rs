@@ -1,0 +1,524 @@
+//! Prometheus metrics: what operators need to run hubgate (load, latency split into upstream time
+//! and hubgate's own overhead, errors by cause, websockets, the route table and its store, the
+//! auth cache and the hub), plus configurable-http-proxy's metric names with CHP's meaning so
+//! existing scrapes keep working.
+//!
+//! One process-wide set, like the `prometheus` crate's default registry, so the data plane
+//! reaches its counters without threading a handle through every constructor. Every per-request
+//! series is resolved once, here, into arrays indexed by route kind, method and status class: a
+//! request only does atomic adds, never a label lookup or a lock, and a scrape shares nothing with
+//! the request path but those atomics. Labels are bounded: no path, user name or token ever
+//! becomes a label value.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use http::Method;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::upstream::FailureCause;
+
+/// Which sort of route a request went to. A bounded label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    User = 0,
+    Service = 1,
+    Hub = 2,
+    Other = 3,
+    /// No route matched.
+    None = 4,
+}
+
+const KINDS: [&str; 5] = ["user", "service", "hub", "other", "none"];
+const METHODS: [&str; 8] = [
+    "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "other",
+];
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+const CAUSES: [&str; 5] = ["refused", "timeout", "reset", "tls", "other"];
+
+/// Latency buckets, seconds: 100 µs to 30 s.
+const LATENCY: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+/// hubgate's own overhead is small: finer buckets, 5 µs to 100 ms.
+const OVERHEAD: &[f64] = &[
+    0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.1,
+];
+/// Websocket lifetimes, seconds: 1 s to a day.
+const LIFETIME: &[f64] = &[1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0, 86400.0];
+/// Sizes of syncs and batches, in routes.
+const SIZES: &[f64] = &[1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0, 1000000.0];
+
+/// The process's metrics.
+pub struct Metrics {
+    registry: Registry,
+
+    requests: Vec<IntCounter>,
+    duration: Vec<Histogram>,
+    upstream: Vec<Histogram>,
+    overhead: Histogram,
+    request_bytes: Vec<IntCounter>,
+    response_bytes: Vec<IntCounter>,
+    pub active_connections: IntGaugeVec,
+    pub active_websockets: IntGauge,
+    pub websockets: IntCounter,
+    pub websocket_duration: Histogram,
+    upstream_errors: Vec<IntCounter>,
+    /// When a target last failed (ms since the epoch; 0: never). For `/api/status`.
+    pub last_upstream_failure_ms: AtomicI64,
+    pub no_route: IntCounter,
+
+    pub routes: IntGauge,
+    pub table_version: IntGauge,
+    pub api_operations: IntCounterVec,
+    pub change_size: HistogramVec,
+    pub change_apply: HistogramVec,
+    pub store_writes: IntCounterVec,
+    pub store_write_seconds: Histogram,
+    /// When the store last refused a write (ms since the epoch; 0: never). For `/api/status`.
+    pub last_store_failure_ms: AtomicI64,
+
+    pub auth_decisions: IntCounterVec,
+    pub auth_cache: IntCounterVec,
+    pub auth_cache_entries: IntGauge,
+    pub hub_requests: IntCounterVec,
+    pub hub_request_seconds: HistogramVec,
+
+    chp_requests_web: IntCounter,
+    chp_requests_ws: IntCounter,
+    chp_requests_proxy: IntCounterVec,
+    pub chp_requests_api: IntCounterVec,
+    pub chp_api_route_get: IntCounter,
+    pub chp_api_route_add: IntCounter,
+    pub chp_api_route_delete: IntCounter,
+    chp_find_target: Histogram,
+    pub chp_last_activity_updating: Histogram,
+
+    pub start_time_seconds: IntGauge,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process's metrics.
+pub fn get() -> &'static Metrics {
+    &METRICS
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("a valid metric");
+    r.register(Box::new(c.clone())).expect("a unique metric");
+    c
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("a valid metric");
+    r.register(Box::new(c.clone())).expect("a unique metric");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("a valid metric");
+    r.register(Box::new(g.clone())).expect("a unique metric");
+    g
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        .expect("a valid metric");
+    r.register(Box::new(h.clone())).expect("a unique metric");
+    h
+}
+
+fn histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("a valid metric");
+    r.register(Box::new(h.clone())).expect("a unique metric");
+    h
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let r = Registry::new();
+        let requests_vec = counter_vec(
+            &r,
+            "hubgate_requests_total",
+            "Requests on the public port, by route kind, method and status class.",
+            &["kind", "method", "status_class"],
+        );
+        let mut requests = Vec::with_capacity(KINDS.len() * METHODS.len() * CLASSES.len());
+        for kind in KINDS {
+            for method in METHODS {
+                for class in CLASSES {
+                    requests.push(requests_vec.with_label_values(&[kind, method, class]));
+                }
+            }
+        }
+        let by_kind = |v: &HistogramVec| -> Vec<Histogram> {
+            KINDS.iter().map(|k| v.with_label_values(&[k])).collect()
+        };
+        let duration_vec = histogram_vec(
+            &r,
+            "hubgate_request_duration_seconds",
+            "From a request's head arriving to its response's head leaving, by route kind.",
+            &["kind"],
+            LATENCY,
+        );
+        let upstream_vec = histogram_vec(
+            &r,
+            "hubgate_upstream_duration_seconds",
+            "Time spent waiting for the target's response head, by route kind.",
+            &["kind"],
+            LATENCY,
+        );
+        let bytes = |name: &str, help: &str| -> Vec<IntCounter> {
+            let v = counter_vec(&r, name, help, &["kind"]);
+            KINDS.iter().map(|k| v.with_label_values(&[k])).collect()
+        };
+        let request_bytes = bytes(
+            "hubgate_request_bytes_total",
+            "Request body bytes forwarded to targets, by route kind.",
+        );
+        let response_bytes = bytes(
+            "hubgate_response_bytes_total",
+            "Response body bytes forwarded to clients, by route kind.",
+        );
+        let errors_vec = counter_vec(
+            &r,
+            "hubgate_upstream_errors_total",
+            "Requests that failed at the target (answered 503), by cause.",
+            &["cause"],
+        );
+        let upstream_errors = CAUSES
+            .iter()
+            .map(|c| errors_vec.with_label_values(&[c]))
+            .collect();
+
+        let process = prometheus::process_collector::ProcessCollector::new(
+            std::process::id() as i32,
+            "hubgate",
+        );
+        r.register(Box::new(process)).expect("a unique metric");
+        let build = IntGaugeVec::new(
+            Opts::new("hubgate_build_info", "Always 1; the version is a label."),
+            &["version"],
+        )
+        .expect("a valid metric");
+        r.register(Box::new(build.clone()))
+            .expect("a unique metric");
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let start_time_seconds = gauge(
+            &r,
+            "hubgate_start_time_seconds",
+            "When this hubgate started, seconds since the Unix epoch.",
+        );
+        start_time_seconds.set(chrono::Utc::now().timestamp());
+
+        Metrics {
+            requests,
+            duration: by_kind(&duration_vec),
+            upstream: by_kind(&upstream_vec),
+            overhead: histogram(
+                &r,
+                "hubgate_overhead_seconds",
+                "hubgate's own share of a proxied request's duration (total minus upstream).",
+                OVERHEAD,
+            ),
+            request_bytes,
+            response_bytes,
+            active_connections: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "hubgate_active_connections",
+                        "Open client connections, by listener.",
+                    ),
+                    &["listener"],
+                )
+                .expect("a valid metric");
+                r.register(Box::new(g.clone())).expect("a unique metric");
+                g
+            },
+            active_websockets: gauge(&r, "hubgate_active_websockets", "Open websocket tunnels."),
+            websockets: counter(
+                &r,
+                "hubgate_websocket_connections_total",
+                "Websocket tunnels opened.",
+            ),
+            websocket_duration: histogram(
+                &r,
+                "hubgate_websocket_duration_seconds",
+                "How long websocket tunnels stayed open.",
+                LIFETIME,
+            ),
+            upstream_errors,
+            last_upstream_failure_ms: AtomicI64::new(0),
+            no_route: counter(
+                &r,
+                "hubgate_no_route_total",
+                "Requests no route matched (answered 404).",
+            ),
+
+            routes: gauge(&r, "hubgate_routes", "Routes in the table."),
+            table_version: gauge(
+                &r,
+                "hubgate_route_table_version",
+                "The route table's version.",
+            ),
+            api_operations: counter_vec(
+                &r,
+                "hubgate_api_operations_total",
+                "Route API operations, by operation and result.",
+                &["op", "result"],
+            ),
+            change_size: histogram_vec(
+                &r,
+                "hubgate_route_change_size",
+                "Routes in each sync or batch, by operation.",
+                &["op"],
+                SIZES,
+            ),
+            change_apply: histogram_vec(
+                &r,
+                "hubgate_route_change_apply_seconds",
+                "Time to apply a sync or batch (store write included), by operation.",
+                &["op"],
+                LATENCY,
+            ),
+            store_writes: counter_vec(
+                &r,
+                "hubgate_store_writes_total",
+                "Writes to the route store, by result.",
+                &["result"],
+            ),
+            store_write_seconds: histogram(
+                &r,
+                "hubgate_store_write_seconds",
+                "Time for one (grouped) write to the route store to be durable.",
+                LATENCY,
+            ),
+            last_store_failure_ms: AtomicI64::new(0),
+
+            auth_decisions: counter_vec(
+                &r,
+                "hubgate_auth_decisions_total",
+                "Authentication decisions on protected routes, by outcome.",
+                &["outcome"],
+            ),
+            auth_cache: counter_vec(
+                &r,
+                "hubgate_auth_cache_total",
+                "Credential cache lookups, by result (hit, miss, coalesced, stale), and evictions.",
+                &["result"],
+            ),
+            auth_cache_entries: gauge(
+                &r,
+                "hubgate_auth_cache_entries",
+                "Credentials in the cache.",
+            ),
+            hub_requests: counter_vec(
+                &r,
+                "hubgate_hub_requests_total",
+                "Calls to the hub's API, by endpoint and status (or error).",
+                &["endpoint", "status"],
+            ),
+            hub_request_seconds: histogram_vec(
+                &r,
+                "hubgate_hub_request_seconds",
+                "Duration of calls to the hub's API, by endpoint.",
+                &["endpoint"],
+                LATENCY,
+            ),
+
+            chp_requests_web: counter(&r, "requests_web", "Count of web requests (as CHP)."),
+            chp_requests_ws: counter(&r, "requests_ws", "Count of websocket requests (as CHP)."),
+            chp_requests_proxy: counter_vec(
+                &r,
+                "requests_proxy",
+                "Count of proxy requests, by status (as CHP).",
+                &["status"],
+            ),
+            chp_requests_api: counter_vec(
+                &r,
+                "requests_api",
+                "Count of API requests, by status (as CHP).",
+                &["status"],
+            ),
+            chp_api_route_get: counter(
+                &r,
+                "api_route_get",
+                "Count of API route get requests (as CHP).",
+            ),
+            chp_api_route_add: counter(
+                &r,
+                "api_route_add",
+                "Count of API route add requests (as CHP).",
+            ),
+            chp_api_route_delete: counter(
+                &r,
+                "api_route_delete",
+                "Count of API route delete requests (as CHP).",
+            ),
+            chp_find_target: histogram(
+                &r,
+                "find_target_for_req",
+                "Time to find a request's route, seconds (a summary in CHP).",
+                OVERHEAD,
+            ),
+            chp_last_activity_updating: histogram(
+                &r,
+                "last_activity_updating",
+                "Time to record a route's activity, seconds (a summary in CHP).",
+                OVERHEAD,
+            ),
+            start_time_seconds,
+            registry: r,
+        }
+    }
+
+    /// Records one request answered on the public port.
+    pub fn request(
+        &self,
+        kind: RouteKind,
+        method: &Method,
+        status: u16,
+        total: Duration,
+        upstream: Option<Duration>,
+        websocket: bool,
+    ) {
+        let m = method_index(method);
+        let class = (usize::from(status / 100)).clamp(1, 5) - 1;
+        let k = kind as usize;
+        self.requests[(k * METHODS.len() + m) * CLASSES.len() + class].inc();
+        self.duration[k].observe(total.as_secs_f64());
+        if let Some(up) = upstream {
+            self.upstream[k].observe(up.as_secs_f64());
+            self.overhead
+                .observe(total.saturating_sub(up).as_secs_f64());
+        }
+        if websocket {
+            self.chp_requests_ws.inc();
+        } else {
+            self.chp_requests_web.inc();
+        }
+        if kind != RouteKind::None || status != 404 {
+            self.chp_requests_proxy
+                .with_label_values(&[&status.to_string()])
+                .inc();
+        } else {
+            self.no_route.inc();
+            self.chp_requests_proxy.with_label_values(&["404"]).inc();
+        }
+    }
+
+    pub fn lookup_time(&self, d: Duration) {
+        self.chp_find_target.observe(d.as_secs_f64());
+    }
+
+    pub fn upstream_error(&self, cause: FailureCause) {
+        let i = match cause {
+            FailureCause::Refused => 0,
+            FailureCause::Timeout => 1,
+            FailureCause::Reset => 2,
+            FailureCause::Tls => 3,
+            FailureCause::Other => 4,
+        };
+        self.upstream_errors[i].inc();
+        self.last_upstream_failure_ms
+            .store(crate::routes::now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn request_bytes(&self, kind: RouteKind) -> &IntCounter {
+        &self.request_bytes[kind as usize]
+    }
+
+    pub fn response_bytes(&self, kind: RouteKind) -> &IntCounter {
+        &self.response_bytes[kind as usize]
+    }
+
+    /// The Prometheus text format of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "could not encode metrics");
+        }
+        out
+    }
+}
+
+fn method_index(m: &Method) -> usize {
+    match *m {
+        Method::GET => 0,
+        Method::POST => 1,
+        Method::PUT => 2,
+        Method::DELETE => 3,
+        Method::PATCH => 4,
+        Method::HEAD => 5,
+        Method::OPTIONS => 6,
+        _ => 7,
+    }
+}
+
+/// Records a hub call's duration and status (or error kind).
+pub fn hub_call(endpoint: &'static str, status: &str, elapsed: Duration) {
+    let m = get();
+    m.hub_requests.with_label_values(&[endpoint, status]).inc();
+    m.hub_request_seconds
+        .with_label_values(&[endpoint])
+        .observe(elapsed.as_secs_f64());
+}
+
+/// Records a failed store write for `/api/status`.
+pub fn store_failed() {
+    let m = get();
+    m.store_writes.with_label_values(&["error"]).inc();
+    m.last_store_failure_ms
+        .store(crate::routes::now_ms(), Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_request_series_is_resolved_and_rendered() {
+        let m = get();
+        m.request(
+            RouteKind::User,
+            &Method::GET,
+            200,
+            Duration::from_millis(3),
+            Some(Duration::from_millis(2)),
+            false,
+        );
+        m.request(
+            RouteKind::None,
+            &Method::POST,
+            404,
+            Duration::from_micros(40),
+            None,
+            false,
+        );
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text
+            .contains(r#"hubgate_requests_total{kind="user",method="GET",status_class="2xx"} "#));
+        assert!(text
+            .contains(r#"hubgate_requests_total{kind="none",method="POST",status_class="4xx"} "#));
+        assert!(text.contains("hubgate_overhead_seconds_count"));
+        assert!(text.contains("hubgate_no_route_total"));
+        assert!(text.contains(r#"requests_proxy{status="200"}"#));
+        assert!(text.contains("hubgate_build_info{version="));
+    }
+}
