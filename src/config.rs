@@ -14,6 +14,7 @@ use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
 use crate::target::Target;
+use crate::tls::{ClientFiles, ServerFiles, Versions};
 
 /// The exit code for a configuration error (EX_USAGE, as linkerd2-proxy uses).
 pub const EXIT_CONFIG: i32 = 64;
@@ -195,50 +196,85 @@ pub struct Cli {
     #[arg(long)]
     pub cookie_secure: bool,
 
-    // Flags CHP has whose features hubgate does not have yet. They are parsed so that using one
-    // gets a clear refusal naming it instead of an "unknown flag" or, worse, silence.
-    #[arg(long, hide = true)]
-    pub ssl_key: Option<String>,
-    #[arg(long, hide = true)]
-    pub ssl_cert: Option<String>,
-    #[arg(long, hide = true)]
-    pub ssl_ca: Option<String>,
-    #[arg(long, hide = true)]
+    /// TLS key for the public listener (PEM); with --ssl-cert, the proxy speaks HTTPS and HTTP/2
+    #[arg(long, value_name = "FILE")]
+    pub ssl_key: Option<PathBuf>,
+    /// TLS certificate (chain) for the public listener (PEM)
+    #[arg(long, value_name = "FILE")]
+    pub ssl_cert: Option<PathBuf>,
+    /// CA for verifying client certificates on the public listener
+    #[arg(long, value_name = "FILE")]
+    pub ssl_ca: Option<PathBuf>,
+    /// Ask public clients for a certificate (verified against --ssl-ca)
+    #[arg(long)]
     pub ssl_request_cert: bool,
-    #[arg(long, hide = true)]
+    /// Refuse public clients without a valid certificate (with --ssl-request-cert)
+    #[arg(long)]
     pub ssl_reject_unauthorized: bool,
-    #[arg(long, hide = true)]
+    /// TLS version: TLSv1_2 or TLSv1_3 only (default: both; older ones are not offered)
+    #[arg(long, value_name = "PROTOCOL")]
     pub ssl_protocol: Option<String>,
-    #[arg(long, hide = true)]
+    /// Accepted for CHP compatibility; rustls uses its own safe cipher suites
+    #[arg(long, value_name = "CIPHERS")]
     pub ssl_ciphers: Option<String>,
-    #[arg(long, hide = true)]
+    /// Accepted for CHP compatibility; RC4 is never offered
+    #[arg(long)]
     pub ssl_allow_rc4: bool,
-    #[arg(long, hide = true)]
-    pub ssl_dhparam: Option<String>,
-    #[arg(long, hide = true)]
-    pub api_ssl_key: Option<String>,
-    #[arg(long, hide = true)]
-    pub api_ssl_cert: Option<String>,
-    #[arg(long, hide = true)]
-    pub api_ssl_ca: Option<String>,
-    #[arg(long, hide = true)]
+    /// Accepted for CHP compatibility; rustls uses (EC)DHE groups of its own
+    #[arg(long, value_name = "FILE")]
+    pub ssl_dhparam: Option<PathBuf>,
+    /// TLS key for the API listener (PEM)
+    #[arg(long, value_name = "FILE")]
+    pub api_ssl_key: Option<PathBuf>,
+    /// TLS certificate for the API listener (PEM)
+    #[arg(long, value_name = "FILE")]
+    pub api_ssl_cert: Option<PathBuf>,
+    /// CA for verifying API clients' certificates
+    #[arg(long, value_name = "FILE")]
+    pub api_ssl_ca: Option<PathBuf>,
+    /// Ask API clients for a certificate (verified against --api-ssl-ca)
+    #[arg(long)]
     pub api_ssl_request_cert: bool,
-    #[arg(long, hide = true)]
+    /// Refuse API clients without a valid certificate (with --api-ssl-request-cert)
+    #[arg(long)]
     pub api_ssl_reject_unauthorized: bool,
-    #[arg(long, hide = true)]
-    pub client_ssl_key: Option<String>,
-    #[arg(long, hide = true)]
-    pub client_ssl_cert: Option<String>,
-    #[arg(long, hide = true)]
-    pub client_ssl_ca: Option<String>,
-    #[arg(long, hide = true)]
+    /// Client key presented to https:// targets (PEM)
+    #[arg(long, value_name = "FILE")]
+    pub client_ssl_key: Option<PathBuf>,
+    /// Client certificate presented to https:// targets (PEM)
+    #[arg(long, value_name = "FILE")]
+    pub client_ssl_cert: Option<PathBuf>,
+    /// CA that https:// targets are verified against (instead of the system's)
+    #[arg(long, value_name = "FILE")]
+    pub client_ssl_ca: Option<PathBuf>,
+    /// Accepted for CHP compatibility (JupyterHub passes it); meaningless for a client
+    #[arg(long)]
     pub client_ssl_request_cert: bool,
-    #[arg(long, hide = true)]
+    /// Accepted for CHP compatibility (JupyterHub passes it); targets are always verified
+    #[arg(long)]
     pub client_ssl_reject_unauthorized: bool,
-    #[arg(long, hide = true)]
-    pub redirect_port: Option<String>,
-    #[arg(long, hide = true)]
-    pub redirect_to: Option<String>,
+    /// Plain-HTTP port answering 301 to the HTTPS address
+    #[arg(long, value_name = "PORT")]
+    pub redirect_port: Option<u16>,
+    /// The port the redirects point at [default: --port]
+    #[arg(long, value_name = "PORT")]
+    pub redirect_to: Option<u16>,
+
+    /// Largest request head in bytes; larger gets 431 [default: 32768]
+    #[arg(long, value_name = "BYTES")]
+    pub max_header_size: Option<usize>,
+    /// Most client connections on the public port at once; more get 503 [default: 10000]
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Seconds in-flight requests may run after SIGTERM/SIGINT [default: 10]
+    #[arg(long, value_name = "SECS")]
+    pub shutdown_timeout: Option<u64>,
+    /// Log one line per proxied request (method, route, status, duration, bytes)
+    #[arg(long, env = "HUBGATE_ACCESS_LOG")]
+    pub access_log: bool,
+
+    // Flags CHP has whose features hubgate does not have. They are parsed so that using one
+    // gets a clear refusal naming it instead of an "unknown flag" or, worse, silence.
     #[arg(long, hide = true)]
     pub auto_rewrite: bool,
     #[arg(long, hide = true)]
@@ -297,6 +333,26 @@ pub struct FileConfig {
     pub identity_header: Option<String>,
     pub cookie_path: Option<String>,
     pub cookie_secure: Option<bool>,
+    pub ssl_key: Option<PathBuf>,
+    pub ssl_cert: Option<PathBuf>,
+    pub ssl_ca: Option<PathBuf>,
+    pub ssl_request_cert: Option<bool>,
+    pub ssl_reject_unauthorized: Option<bool>,
+    pub ssl_protocol: Option<String>,
+    pub api_ssl_key: Option<PathBuf>,
+    pub api_ssl_cert: Option<PathBuf>,
+    pub api_ssl_ca: Option<PathBuf>,
+    pub api_ssl_request_cert: Option<bool>,
+    pub api_ssl_reject_unauthorized: Option<bool>,
+    pub client_ssl_key: Option<PathBuf>,
+    pub client_ssl_cert: Option<PathBuf>,
+    pub client_ssl_ca: Option<PathBuf>,
+    pub redirect_port: Option<u16>,
+    pub redirect_to: Option<u16>,
+    pub max_header_size: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub shutdown_timeout: Option<u64>,
+    pub access_log: Option<bool>,
 }
 
 /// Where routes are kept.
@@ -371,6 +427,19 @@ pub struct Config {
     pub api_url: Option<String>,
     /// Authentication at the edge; `None` behaves exactly as CHP.
     pub auth: Option<crate::auth::AuthSettings>,
+    /// TLS on the public listener (HTTPS, HTTP/2 by ALPN).
+    pub proxy_tls: Option<ServerFiles>,
+    /// TLS on the API listener.
+    pub api_tls: Option<ServerFiles>,
+    /// TLS towards `https://` targets.
+    pub client_tls: ClientFiles,
+    /// A plain-HTTP listener on this port redirecting (301) to this HTTPS port.
+    pub redirect: Option<(u16, u16)>,
+    pub max_header_size: usize,
+    pub max_connections: usize,
+    pub access_log: bool,
+    /// Things to warn about once logging is up (flags accepted but mapped or ignored).
+    pub warnings: Vec<String>,
     /// How long in-flight requests may run after SIGTERM before hubgate exits anyway.
     pub shutdown_grace: Duration,
 }
@@ -620,6 +689,95 @@ impl Config {
             None
         };
 
+        let mut warnings = Vec::new();
+        let versions = match cli.ssl_protocol.or(file.ssl_protocol).as_deref() {
+            None | Some("TLS" | "SSLv23" | "TLS_method" | "SSLv23_method") => Versions::Default,
+            Some("TLSv1_2" | "TLSv1_2_method") => Versions::Only12,
+            Some("TLSv1_3" | "TLSv1_3_method") => Versions::Only13,
+            Some(other) => {
+                warnings.push(format!(
+                    "--ssl-protocol {other}: not offered by rustls; speaking TLS 1.2 and 1.3"
+                ));
+                Versions::Default
+            }
+        };
+        if cli.ssl_ciphers.is_some() {
+            warnings.push(
+                "--ssl-ciphers is ignored: rustls offers only its own modern AEAD cipher suites"
+                    .into(),
+            );
+        }
+        if cli.ssl_allow_rc4 {
+            warnings.push("--ssl-allow-rc4 is ignored: RC4 is never offered".into());
+        }
+        if cli.ssl_dhparam.is_some() {
+            warnings.push("--ssl-dhparam is ignored: rustls uses its own (EC)DHE groups".into());
+        }
+        let proxy_tls = server_files(
+            "--ssl",
+            cli.ssl_key.or(file.ssl_key),
+            cli.ssl_cert.or(file.ssl_cert),
+            cli.ssl_ca.or(file.ssl_ca),
+            cli.ssl_request_cert || file.ssl_request_cert.unwrap_or(false),
+            cli.ssl_reject_unauthorized || file.ssl_reject_unauthorized.unwrap_or(false),
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            versions,
+        )?;
+        let api_tls = server_files(
+            "--api-ssl",
+            cli.api_ssl_key.or(file.api_ssl_key),
+            cli.api_ssl_cert.or(file.api_ssl_cert),
+            cli.api_ssl_ca.or(file.api_ssl_ca),
+            cli.api_ssl_request_cert || file.api_ssl_request_cert.unwrap_or(false),
+            cli.api_ssl_reject_unauthorized || file.api_ssl_reject_unauthorized.unwrap_or(false),
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            versions,
+        )?;
+        let client_tls = ClientFiles {
+            key: cli.client_ssl_key.or(file.client_ssl_key),
+            cert: cli.client_ssl_cert.or(file.client_ssl_cert),
+            ca: cli.client_ssl_ca.or(file.client_ssl_ca),
+        };
+        if client_tls.key.is_some() != client_tls.cert.is_some() {
+            return Err(ConfigError::new(
+                "--client-ssl-key",
+                "needs --client-ssl-cert as well (and the other way round)",
+            ));
+        }
+        for (flag, path) in [
+            ("--client-ssl-key", &client_tls.key),
+            ("--client-ssl-cert", &client_tls.cert),
+            ("--client-ssl-ca", &client_tls.ca),
+        ] {
+            if let Some(p) = path {
+                if !p.is_file() {
+                    return Err(ConfigError::new(
+                        flag,
+                        format!("{} is not a readable file", p.display()),
+                    ));
+                }
+            }
+        }
+        let redirect = match cli.redirect_port.or(file.redirect_port) {
+            None => None,
+            Some(_) if proxy_tls.is_none() => {
+                return Err(ConfigError::new(
+                    "--redirect-port",
+                    "HTTPS redirection needs --ssl-key and --ssl-cert",
+                ))
+            }
+            Some(port) => {
+                let to = cli
+                    .redirect_to
+                    .or(file.redirect_to)
+                    .unwrap_or(match &proxy_listen {
+                        Listen::Tcp { port, .. } => *port,
+                        Listen::Unix(_) => 443,
+                    });
+                Some((port, to))
+            }
+        };
+
         let ms = |v: Option<u64>| v.filter(|v| *v > 0).map(Duration::from_millis);
         Ok(Config {
             proxy_listen,
@@ -642,6 +800,21 @@ impl Config {
             keep_alive_timeout: ms(cli.keep_alive_timeout.or(file.keep_alive_timeout))
                 .unwrap_or(Duration::from_secs(5)),
             max_route_body: 1024 * 1024,
+            proxy_tls,
+            api_tls,
+            client_tls,
+            redirect,
+            max_header_size: cli
+                .max_header_size
+                .or(file.max_header_size)
+                .unwrap_or(32 * 1024),
+            max_connections: cli
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(10_000)
+                .max(1),
+            access_log: cli.access_log || file.access_log.unwrap_or(false),
+            warnings,
             max_sync_body: cli
                 .max_sync_body
                 .or(file.max_sync_body)
@@ -652,9 +825,79 @@ impl Config {
             notify_hub,
             api_url,
             auth,
-            shutdown_grace: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(
+                cli.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(10),
+            ),
         })
     }
+}
+
+/// One listener's TLS files, from the flags with this prefix (`--ssl`, `--api-ssl`). Only
+/// existence is checked here; whether they make a configuration is checked at start.
+#[allow(clippy::too_many_arguments)]
+fn server_files(
+    prefix: &str,
+    key: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    request_cert: bool,
+    reject_unauthorized: bool,
+    alpn: Vec<Vec<u8>>,
+    versions: Versions,
+) -> Result<Option<ServerFiles>, ConfigError> {
+    let (key, cert) = match (key, cert) {
+        (None, None) => {
+            if ca.is_some() || request_cert {
+                return Err(ConfigError::new(
+                    format!("{prefix}-ca"),
+                    format!("needs {prefix}-key and {prefix}-cert"),
+                ));
+            }
+            return Ok(None);
+        }
+        (Some(_), None) => {
+            return Err(ConfigError::new(
+                format!("{prefix}-key"),
+                format!("needs {prefix}-cert as well"),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::new(
+                format!("{prefix}-cert"),
+                format!("needs {prefix}-key as well"),
+            ))
+        }
+        (Some(k), Some(c)) => (k, c),
+    };
+    for (flag, p) in [
+        ("key", Some(&key)),
+        ("cert", Some(&cert)),
+        ("ca", ca.as_ref()),
+    ] {
+        if let Some(p) = p {
+            if !p.is_file() {
+                return Err(ConfigError::new(
+                    format!("{prefix}-{flag}"),
+                    format!("{} is not a readable file", p.display()),
+                ));
+            }
+        }
+    }
+    if request_cert && ca.is_none() {
+        return Err(ConfigError::new(
+            format!("{prefix}-request-cert"),
+            format!("needs {prefix}-ca to verify client certificates against"),
+        ));
+    }
+    Ok(Some(ServerFiles {
+        key,
+        cert,
+        ca,
+        request_cert,
+        reject_unauthorized,
+        alpn,
+        versions,
+    }))
 }
 
 /// Authentication settings as given, before validation.
@@ -782,53 +1025,7 @@ fn parse_header(
 
 /// Refuses CHP flags whose features are not built yet, naming the first one given.
 fn refuse_unbuilt(cli: &Cli) -> Result<(), ConfigError> {
-    let tls = "TLS is not supported yet; terminate TLS in front of hubgate for now";
-    let given: [(&str, bool, &str); 24] = [
-        ("--ssl-key", cli.ssl_key.is_some(), tls),
-        ("--ssl-cert", cli.ssl_cert.is_some(), tls),
-        ("--ssl-ca", cli.ssl_ca.is_some(), tls),
-        ("--ssl-request-cert", cli.ssl_request_cert, tls),
-        (
-            "--ssl-reject-unauthorized",
-            cli.ssl_reject_unauthorized,
-            tls,
-        ),
-        ("--ssl-protocol", cli.ssl_protocol.is_some(), tls),
-        ("--ssl-ciphers", cli.ssl_ciphers.is_some(), tls),
-        ("--ssl-allow-rc4", cli.ssl_allow_rc4, tls),
-        ("--ssl-dhparam", cli.ssl_dhparam.is_some(), tls),
-        ("--api-ssl-key", cli.api_ssl_key.is_some(), tls),
-        ("--api-ssl-cert", cli.api_ssl_cert.is_some(), tls),
-        ("--api-ssl-ca", cli.api_ssl_ca.is_some(), tls),
-        ("--api-ssl-request-cert", cli.api_ssl_request_cert, tls),
-        (
-            "--api-ssl-reject-unauthorized",
-            cli.api_ssl_reject_unauthorized,
-            tls,
-        ),
-        ("--client-ssl-key", cli.client_ssl_key.is_some(), tls),
-        ("--client-ssl-cert", cli.client_ssl_cert.is_some(), tls),
-        ("--client-ssl-ca", cli.client_ssl_ca.is_some(), tls),
-        (
-            "--client-ssl-request-cert",
-            cli.client_ssl_request_cert,
-            tls,
-        ),
-        (
-            "--client-ssl-reject-unauthorized",
-            cli.client_ssl_reject_unauthorized,
-            tls,
-        ),
-        (
-            "--redirect-port",
-            cli.redirect_port.is_some(),
-            "HTTPS redirection needs TLS, which is not supported yet",
-        ),
-        (
-            "--redirect-to",
-            cli.redirect_to.is_some(),
-            "HTTPS redirection needs TLS, which is not supported yet",
-        ),
+    let given = [
         (
             "--auto-rewrite",
             cli.auto_rewrite,
@@ -909,6 +1106,14 @@ mod tests {
         assert_eq!(e.flag, "--error-target");
         assert!(e.problem.contains("--error-path"));
         assert_eq!(load(&["--ssl-key", "k.pem"]).unwrap_err().flag, "--ssl-key");
+        assert_eq!(
+            load(&["--change-origin"]).unwrap_err().flag,
+            "--change-origin"
+        );
+        assert_eq!(
+            load(&["--redirect-port", "80"]).unwrap_err().flag,
+            "--redirect-port"
+        );
         assert_eq!(
             load(&["--custom-header", "nocolon"]).unwrap_err().flag,
             "--custom-header"

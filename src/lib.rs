@@ -13,6 +13,7 @@
 //! - [`auth`]: authentication and authorization at the edge, with its cache and sessions.
 //! - [`proxy`]: the data plane: forwarding, websockets, error pages.
 //! - [`upstream`]: the pooled client and connector to targets, and failure causes.
+//! - [`tls`]: rustls for the listeners (reloadable certificates) and towards targets.
 //! - [`server`]: listeners, connections, idle timeouts and draining.
 //! - [`metrics`]: Prometheus metrics (hubgate's and CHP's names), lock-free on the request path.
 //! - [`status`]: health and readiness, `/api/status`, and the metrics listener.
@@ -32,6 +33,7 @@ pub mod server;
 pub mod status;
 pub mod store;
 pub mod target;
+pub mod tls;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -91,6 +93,22 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
         tracing::warn!("REST API is not authenticated: CONFIGPROXY_AUTH_TOKEN is not set");
     }
 
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    // TLS files are read before binding, so a bad certificate fails the start as a whole.
+    let tls_of = |name: &'static str, files: &Option<tls::ServerFiles>| {
+        files
+            .clone()
+            .map(|f| tls::Reloadable::load(name, f))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("{name} TLS: {e}"))
+    };
+    let proxy_tls = tls_of("proxy", &config.proxy_tls)?;
+    let api_tls = tls_of("api", &config.api_tls)?;
+    let client_tls = tls::client_config(&config.client_tls, config.insecure)
+        .map_err(|e| anyhow::anyhow!("--client-ssl-*: {e}"))?;
+
     // Bind everything before serving anything, so a bad address fails the start as a whole.
     let proxy_listener = Listener::bind(&config.proxy_listen).await?;
     let api_listener = Listener::bind(&config.api_listen).await?;
@@ -98,10 +116,24 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
         Some(listen) => Some(Listener::bind(listen).await?),
         None => None,
     };
+    let redirect_listener = match config.redirect {
+        Some((port, _)) => Some(
+            Listener::bind(&config::Listen::Tcp {
+                host: match &config.proxy_listen {
+                    config::Listen::Tcp { host, .. } => host.clone(),
+                    config::Listen::Unix(_) => String::new(),
+                },
+                port,
+            })
+            .await?,
+        ),
+        None => None,
+    };
     for (name, l) in [
         ("proxy", Some(&proxy_listener)),
         ("api", Some(&api_listener)),
         ("metrics", metrics_listener.as_ref()),
+        ("redirect", redirect_listener.as_ref()),
     ] {
         if let Some(l) = l {
             tracing::info!(listener = %name, addr = %l.describe(), "listening");
@@ -112,7 +144,7 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
         None => None,
     };
 
-    let client = upstream::client(config.insecure);
+    let client = upstream::client(client_tls);
     let hub = match &config.hub_api_url {
         Some(api) => {
             let announce = if config.notify_hub {
@@ -187,11 +219,24 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
     let settings = ConnSettings {
         idle_timeout: config.client_idle_timeout,
         keep_alive_timeout: config.keep_alive_timeout,
+        max_header_size: config.max_header_size,
+        max_connections: config.max_connections,
+        tls: proxy_tls.clone(),
     };
     let api_settings = ConnSettings {
         idle_timeout: None,
         keep_alive_timeout: config.keep_alive_timeout,
+        max_header_size: config.max_header_size,
+        max_connections: config.max_connections,
+        tls: api_tls.clone(),
     };
+    let plain_settings = ConnSettings {
+        tls: None,
+        ..api_settings.clone()
+    };
+    tokio::spawn(tls::watch(
+        [proxy_tls, api_tls].into_iter().flatten().collect(),
+    ));
     let grace = config.shutdown_grace;
     let proxy_task = tokio::spawn(server::serve(
         proxy_listener,
@@ -204,17 +249,29 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
     let api_task = tokio::spawn(server::serve(
         api_listener,
         "api",
-        api_settings,
+        api_settings.clone(),
         move |req, _info| api.clone().handle(req),
         stop_rx.clone(),
         grace,
     ));
 
+    let redirect_task = redirect_listener
+        .zip(config.redirect)
+        .map(|(listener, (_, to))| {
+            tokio::spawn(server::serve(
+                listener,
+                "redirect",
+                plain_settings.clone(),
+                move |req, _info| async move { Ok(server::redirect_to_https(&req, to)) },
+                stop_rx.clone(),
+                grace,
+            ))
+        });
     let metrics_task = metrics_listener.map(|listener| {
         tokio::spawn(server::serve(
             listener,
             "metrics",
-            api_settings,
+            plain_settings,
             move |req, _info| status.clone().handle_metrics_port(req),
             stop_rx.clone(),
             grace,
@@ -229,7 +286,7 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
     let _ = stop_tx.send(true);
     let proxy_drained = proxy_task.await.unwrap_or(false);
     let api_drained = api_task.await.unwrap_or(false);
-    if let Some(task) = metrics_task {
+    for task in [metrics_task, redirect_task].into_iter().flatten() {
         let _ = task.await;
     }
     if proxy_drained && api_drained {

@@ -6,6 +6,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -42,10 +43,11 @@ impl Listener {
                     io::Error::new(e.kind(), format!("cannot bind {what}:{port}: {e}"))
                 };
                 if host.is_empty() {
-                    return match TcpListener::bind(("::", *port)).await {
+                    let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, *port));
+                    let any4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, *port));
+                    return match bind_tcp(any6) {
                         Ok(l) => Ok(Listener::Tcp(l)),
-                        Err(_) => TcpListener::bind(("0.0.0.0", *port))
-                            .await
+                        Err(_) => bind_tcp(any4)
                             .map(Listener::Tcp)
                             .map_err(|e| with_addr(e, "0.0.0.0")),
                     };
@@ -56,7 +58,7 @@ impl Listener {
                     .collect();
                 let mut last = io::Error::new(io::ErrorKind::NotFound, "no addresses");
                 for addr in addrs {
-                    match TcpListener::bind(addr).await {
+                    match bind_tcp(addr) {
                         Ok(l) => return Ok(Listener::Tcp(l)),
                         Err(e) => last = e,
                     }
@@ -84,6 +86,20 @@ impl Listener {
     }
 }
 
+/// Binds with `SO_REUSEPORT`, so a second hubgate can serve the same port while the first one
+/// drains and stops (a restart that refuses no connection).
+fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv6() {
+        tokio::net::TcpSocket::new_v6()?
+    } else {
+        tokio::net::TcpSocket::new_v4()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 /// A socket file left by a process that is gone is removed; one that answers is not.
 async fn remove_stale_socket(path: &Path) -> io::Result<()> {
     if tokio::fs::symlink_metadata(path).await.is_err() {
@@ -98,14 +114,27 @@ async fn remove_stale_socket(path: &Path) -> io::Result<()> {
     tokio::fs::remove_file(path).await
 }
 
-/// Per-connection settings.
-#[derive(Debug, Clone, Copy)]
+/// Per-listener connection settings.
+#[derive(Clone)]
 pub struct ConnSettings {
     /// Closes a client connection with no traffic for this long (CHP's `--timeout`).
     pub idle_timeout: Option<Duration>,
-    /// How long an idle keep-alive connection waits for its next request's headers.
+    /// How long a connection may take to send a request's headers, including the wait for the
+    /// next request on an idle keep-alive connection.
     pub keep_alive_timeout: Duration,
+    /// Largest request head (HTTP/1.1 buffer, HTTP/2 header list); larger gets 431.
+    pub max_header_size: usize,
+    /// At most this many connections at once; one more gets a 503 and is closed.
+    pub max_connections: usize,
+    /// TLS for this listener.
+    pub tls: Option<Arc<crate::tls::Reloadable>>,
 }
+
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What an HTTP/1.1 client gets when the connection limit is reached.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 64\r\nconnection: close\r\n\r\n{\"status\":503,\"message\":\"Too many connections; try again later\"}";
 
 /// Accepts connections until `shutdown` changes, serving each with `handler`, then waits for the
 /// open ones to finish their in-flight requests. Returns `true` when they all finished.
@@ -127,15 +156,22 @@ where
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.keep_alive_timeout)
+        .max_buf_size(settings.max_header_size.max(8192))
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(settings.max_header_size as u32)
+        .keep_alive_interval(Duration::from_secs(30));
+    let builder = Arc::new(builder);
+    let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
 
     loop {
         let accepted = tokio::select! {
             accepted = accept(&listener) => accepted,
             _ = shutdown.changed() => break,
         };
-        let (io, info) = match accepted {
+        let (io, mut info) = match accepted {
             Ok(pair) => pair,
             Err(e) => {
                 // Out of descriptors, or a connection reset before accept: keep serving.
@@ -144,17 +180,55 @@ where
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                listener = name,
+                limit = settings.max_connections,
+                "connection limit reached; refusing a connection"
+            );
+            if settings.tls.is_none() {
+                tokio::spawn(refuse(io));
+            }
+            continue;
+        };
         let handler = handler.clone();
-        let service = service_fn(move |req| handler(req, info));
-        let open = crate::metrics::get()
-            .active_connections
-            .with_label_values(&[name]);
-        open.inc();
-        let io = TokioIo::new(IdleIo::new(io, settings.idle_timeout));
-        let conn = builder.serve_connection_with_upgrades(io, service);
-        let conn = graceful.watch(conn.into_owned());
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let tls = settings.tls.clone();
+        let idle = settings.idle_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let _slot = slot;
+            let open = crate::metrics::get()
+                .active_connections
+                .with_label_values(&[name]);
+            open.inc();
+            let io: BoxedIo = match tls {
+                Some(tls) => {
+                    let handshake =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(io)).await;
+                    match handshake {
+                        Ok(Ok(stream)) => {
+                            info.tls = true;
+                            Box::pin(stream)
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(listener = name, error = %e, "TLS handshake failed");
+                            open.dec();
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(listener = name, "TLS handshake timed out");
+                            open.dec();
+                            return;
+                        }
+                    }
+                }
+                None => io,
+            };
+            let service = service_fn(move |req| handler(req, info));
+            let io = TokioIo::new(IdleIo::new(io, idle));
+            let conn = builder.serve_connection_with_upgrades(io, service);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(listener = name, error = %e, "connection closed with an error");
             }
             open.dec();
@@ -168,6 +242,47 @@ where
         _ = graceful.shutdown() => true,
         _ = tokio::time::sleep(grace) => false,
     }
+}
+
+/// The `--redirect-port` listener: 301 to the same host and path on the HTTPS port, as CHP
+/// (400 when the request names no host).
+pub fn redirect_to_https<B>(req: &Request<B>, https_port: u16) -> Response<ProxyBody> {
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|h| match h.rfind(']') {
+            Some(end) => &h[..=end],
+            None => h.split(':').next().unwrap_or(h),
+        })
+        .filter(|h| !h.is_empty());
+    let Some(host) = host else {
+        return crate::proxy::json(
+            http::StatusCode::BAD_REQUEST,
+            r#"{"status":400,"message":"This port redirects to HTTPS, but the request names no Host"}"#,
+        );
+    };
+    let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let location = if https_port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{https_port}{path}")
+    };
+    let mut resp = crate::proxy::empty(http::StatusCode::MOVED_PERMANENTLY);
+    if let Ok(v) = http::HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(http::header::LOCATION, v);
+    }
+    resp
+}
+
+/// Answers a connection over the limit with a 503 and closes it.
+async fn refuse(mut io: BoxedIo) {
+    use tokio::io::AsyncWriteExt;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = io.write_all(BUSY).await;
+        let _ = io.shutdown().await;
+    })
+    .await;
 }
 
 type BoxedIo = Pin<Box<dyn IoStream>>;

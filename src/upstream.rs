@@ -35,41 +35,16 @@ pub type UpstreamClient = Client<Connector, ProxyBody>;
 /// How long a TCP (and TLS) connection to a target may take before the request fails with 503.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Builds the client. `insecure` turns off certificate verification for https targets (CHP's
-/// `--insecure`).
-pub fn client(insecure: bool) -> UpstreamClient {
+/// Builds the client, with the TLS configuration for `https://` targets.
+pub fn client(tls: rustls::ClientConfig) -> UpstreamClient {
     let connector = Connector {
-        tls: TlsConnector::from(Arc::new(tls_config(insecure))),
+        tls: TlsConnector::from(Arc::new(tls)),
     };
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)
         .build(connector)
-}
-
-fn tls_config(insecure: bool) -> rustls::ClientConfig {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions");
-    let mut config = if insecure {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-            .with_no_client_auth()
-    } else {
-        let mut roots = rustls::RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        for err in &native.errors {
-            tracing::warn!(error = %err, "could not load a system CA certificate");
-        }
-        let (added, _ignored) = roots.add_parsable_certificates(native.certs);
-        tracing::debug!(added, "loaded system CA certificates for https targets");
-        builder.with_root_certificates(roots).with_no_client_auth()
-    };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    config
 }
 
 /// Dials targets. Cheap to clone: the TLS configuration is shared.
@@ -272,55 +247,5 @@ impl FailureCause {
             source = e.source();
         }
         FailureCause::Other
-    }
-}
-
-/// Accepts any certificate: what `--insecure` asks for. Signatures are still checked so the
-/// handshake itself stays sound.
-#[derive(Debug)]
-struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for NoVerify {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
