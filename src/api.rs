@@ -206,6 +206,10 @@ impl Api {
                 self.authorize(&req)?;
                 return self.revoke(p);
             }
+            "/api/log-level" => {
+                self.authorize(&req)?;
+                return self.log_level(req).await;
+            }
             "/api/handshake" => {
                 if req.method() != Method::POST {
                     return Err(ApiError::Method);
@@ -264,6 +268,26 @@ impl Api {
             None => return Err(ApiError::NotFound),
         }
         Ok(empty(StatusCode::NO_CONTENT))
+    }
+
+    /// `GET /api/log-level` says the current level filter; `PUT` with `{"level": "debug"}` (or a
+    /// full `tracing` filter) changes it until the next restart.
+    async fn log_level(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
+        let level = match *req.method() {
+            Method::GET => crate::logging::level().unwrap_or_default(),
+            Method::PUT => {
+                let body = self.read_json(req.into_body(), 4096).await?;
+                let wanted = body.get("level").and_then(Value::as_str).ok_or_else(|| {
+                    ApiError::Invalid("Body must be {\"level\": \"<level>\"}".into())
+                })?;
+                crate::logging::set_level(wanted).map_err(ApiError::Invalid)?
+            }
+            _ => return Err(ApiError::Method),
+        };
+        Ok(json(
+            StatusCode::OK,
+            serde_json::json!({ "level": level }).to_string(),
+        ))
     }
 
     /// `POST /api/handshake`: ask the hub to sync its routes into hubgate now.
@@ -411,6 +435,7 @@ fn operation(method: &Method, path: &str) -> &'static str {
         ("POST", "/api/proxy") => "sync",
         ("PATCH", "/api/proxy") => "batch",
         (_, "/api/handshake") => "handshake",
+        (_, "/api/log-level") => "log_level",
         (_, p) if p.starts_with("/api/auth/cache") => "revoke",
         ("GET", p) if p.starts_with(ROUTES) && !single => "routes_list",
         ("GET", p) if p.starts_with(ROUTES) => "route_get",

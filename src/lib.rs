@@ -10,6 +10,7 @@
 //! - [`control`]: the control plane's single writer: store first, then the route table.
 //! - [`api`]: the REST API: `/api/routes` as CHP answers it, and `/api/proxy` (sync, batches).
 //! - [`hub`]: hubgate as a client of the hub's API: handshake, credential checks, OAuth.
+//! - [`logging`]: the `tracing` subscriber and the level the API can change at run time.
 //! - [`auth`]: authentication and authorization at the edge, with its cache and sessions.
 //! - [`proxy`]: the data plane: forwarding, websockets, error pages.
 //! - [`upstream`]: the pooled client and connector to targets, and failure causes.
@@ -25,6 +26,7 @@ pub mod auth;
 pub mod config;
 pub mod control;
 pub mod hub;
+pub mod logging;
 pub mod metrics;
 pub mod path;
 pub mod proxy;
@@ -188,11 +190,13 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
         }
         _ => None,
     };
+    let (close_tunnels, closing) = watch::channel(false);
     let proxy = Arc::new(proxy::Proxy::new(
         table.clone(),
         client,
         proxy::ForwardOptions::from_config(&config),
         auth.clone(),
+        closing,
     ));
     let status = Arc::new(status::Status::new(
         table.clone(),
@@ -288,6 +292,13 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
     let api_drained = api_task.await.unwrap_or(false);
     for task in [metrics_task, redirect_task].into_iter().flatten() {
         let _ = task.await;
+    }
+    // HTTP requests are done (or cut); now close the websockets, both sides.
+    let _ = close_tunnels.send(true);
+    let open = || metrics::get().active_websockets.get();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    while open() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     if proxy_drained && api_drained {
         tracing::info!("all requests finished; exiting");

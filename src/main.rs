@@ -1,11 +1,9 @@
 //! The `hubgate` binary: parse the command line, set up logging, run the library.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use hubgate::config::{Cli, Config, LogFormat, EXIT_CONFIG};
-use tracing_subscriber::EnvFilter;
+use hubgate::config::{Cli, Config, EXIT_CONFIG};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -16,7 +14,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
-    init_logging(&config);
+    hubgate::logging::init(&config.log_level, config.log_format);
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -36,19 +34,5 @@ fn main() -> ExitCode {
             eprintln!("hubgate: {e:#}");
             ExitCode::from(2)
         }
-    }
-}
-
-/// `RUST_LOG` wins when set; otherwise `--log-level` applies to everything.
-fn init_logging(config: &Config) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(config.log_level.as_str()));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match config.log_format {
-        LogFormat::Plain => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }

@@ -39,10 +39,82 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
-/// What the metrics need to know about a request once it is answered.
+/// What the metrics and the access log need to know about a request once it is answered.
 struct Trace {
     kind: RouteKind,
     upstream: Option<Duration>,
+    /// The matched route, kept only for the access log.
+    route: Option<Arc<Route>>,
+}
+
+/// One access-log line's worth, written when the response body is done (or dropped).
+struct AccessRecord {
+    method: http::Method,
+    route: Option<Arc<Route>>,
+    status: u16,
+    started: Instant,
+    client: Option<IpAddr>,
+}
+
+/// A response body that writes the access-log line when it ends, with the bytes it carried.
+/// Paths, queries, tokens and cookies are never logged: the route's key stands for the path.
+struct LoggedBody {
+    inner: ProxyBody,
+    record: AccessRecord,
+    bytes: u64,
+}
+
+impl LoggedBody {
+    fn new(inner: ProxyBody, record: AccessRecord) -> Self {
+        LoggedBody {
+            inner,
+            record,
+            bytes: 0,
+        }
+    }
+}
+
+impl Body for LoggedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                let n = data.len() as u64;
+                self.bytes += n;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        let r = &self.record;
+        tracing::info!(
+            target: "hubgate::access",
+            method = %r.method,
+            route = r.route.as_ref().map_or("-", |route| route.key()),
+            status = r.status,
+            duration_ms = r.started.elapsed().as_secs_f64() * 1000.0,
+            bytes = self.bytes,
+            client = %r.client.map_or_else(|| "-".to_owned(), |ip| ip.to_canonical().to_string()),
+            "request"
+        );
+    }
 }
 
 /// Forwarding options, fixed at start.
@@ -55,6 +127,8 @@ pub struct ForwardOptions {
     pub custom_headers: Vec<(HeaderName, HeaderValue)>,
     pub proxy_timeout: Option<Duration>,
     pub error_pages: ErrorPages,
+    /// Log one line per request when its response is done.
+    pub access_log: bool,
 }
 
 impl ForwardOptions {
@@ -67,6 +141,7 @@ impl ForwardOptions {
             custom_headers: config.custom_headers.clone(),
             proxy_timeout: config.proxy_timeout,
             error_pages: config.error_pages.clone(),
+            access_log: config.access_log,
         }
     }
 }
@@ -106,6 +181,8 @@ pub struct Proxy {
     opts: ForwardOptions,
     /// Authentication at the edge, when configured.
     auth: Option<Arc<Auth>>,
+    /// Becomes true when hubgate stops: open websocket tunnels then close both sides.
+    closing: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
@@ -139,12 +216,14 @@ impl Proxy {
         client: UpstreamClient,
         opts: ForwardOptions,
         auth: Option<Arc<Auth>>,
+        closing: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         Proxy {
             table,
             client,
             opts,
             auth,
+            closing,
         }
     }
 
@@ -172,6 +251,7 @@ impl Proxy {
         let mut trace = Trace {
             kind: RouteKind::None,
             upstream: None,
+            route: None,
         };
         let resp = self
             .answer(req, conn, websocket, &original, &mut trace)
@@ -184,6 +264,20 @@ impl Proxy {
             trace.upstream,
             websocket,
         );
+        if self.opts.access_log {
+            let record = AccessRecord {
+                method,
+                route: trace.route.take(),
+                status: resp.status().as_u16(),
+                started,
+                client: conn.remote_ip,
+            };
+            let (parts, body) = resp.into_parts();
+            return Ok(Response::from_parts(
+                parts,
+                LoggedBody::new(body, record).boxed(),
+            ));
+        }
         Ok(resp)
     }
 
@@ -261,6 +355,9 @@ impl Proxy {
         };
         metrics::get().lookup_time(lookup_started.elapsed());
         trace.kind = route.kind();
+        if self.opts.access_log {
+            trace.route = Some(route.clone());
+        }
 
         // Decided on the route just matched, so the check and the router cannot disagree.
         let (identity, strip_token) = match &self.auth {
@@ -352,7 +449,12 @@ impl Proxy {
         if let Some(client_upgrade) = client_upgrade {
             if status == StatusCode::SWITCHING_PROTOCOLS {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                tokio::spawn(tunnel(client_upgrade, upstream_upgrade, route.clone()));
+                tokio::spawn(tunnel(
+                    client_upgrade,
+                    upstream_upgrade,
+                    route.clone(),
+                    self.closing.clone(),
+                ));
                 let (parts, _) = resp.into_parts();
                 return Ok(Response::from_parts(parts, empty_body()));
             }
@@ -420,11 +522,13 @@ impl Proxy {
     }
 }
 
-/// Copies bytes both ways between an upgraded client and target until either side closes.
+/// Copies bytes both ways between an upgraded client and target until either side closes, or
+/// until hubgate stops, when both sides get an orderly TCP close.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     route: Arc<Route>,
+    mut closing: tokio::sync::watch::Receiver<bool>,
 ) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
@@ -445,8 +549,21 @@ async fn tunnel(
     m.websockets.inc();
     m.active_websockets.inc();
     let opened = Instant::now();
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(error = %e, "websocket tunnel closed with an error");
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+            if let Err(e) = copied {
+                tracing::debug!(error = %e, "websocket tunnel closed with an error");
+            }
+        }
+        _ = stopped(&mut closing) => {
+            use tokio::io::AsyncWriteExt;
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                let _ = client.shutdown().await;
+                let _ = upstream.shutdown().await;
+            })
+            .await;
+            tracing::debug!(route = %route_key_of(&client), "websocket closed for shutdown");
+        }
     }
     m.active_websockets.dec();
     m.websocket_duration.observe(opened.elapsed().as_secs_f64());
@@ -504,6 +621,22 @@ where
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// Resolves once the flag is true (never, if its sender is gone without setting it).
+async fn stopped(flag: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if *flag.borrow_and_update() {
+            return;
+        }
+        if flag.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+fn route_key_of<T>(io: &ActivityIo<T>) -> &str {
+    io.route.key()
 }
 
 /// An upgraded stream that records activity on its route for every read (so both directions of
