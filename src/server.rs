@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::watch;
 
 use crate::config::Listen;
@@ -166,13 +166,27 @@ where
     let builder = Arc::new(builder);
     let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
 
+    let mut stopping = false;
     loop {
-        let accepted = tokio::select! {
-            accepted = accept(&listener) => accepted,
-            _ = shutdown.changed() => break,
+        let accepted = if stopping {
+            // Connections the kernel already queued for this socket would be reset when it
+            // closes; take them first (another process on the port gets the new ones).
+            match accept_queued(&listener) {
+                Some(accepted) => accepted,
+                None => break,
+            }
+        } else {
+            tokio::select! {
+                accepted = accept(&listener) => accepted,
+                _ = shutdown.changed() => {
+                    stopping = true;
+                    continue;
+                }
+            }
         };
         let (io, mut info) = match accepted {
             Ok(pair) => pair,
+            Err(_) if stopping => break,
             Err(e) => {
                 // Out of descriptors, or a connection reset before accept: keep serving.
                 tracing::warn!(listener = name, error = %e, "accept failed");
@@ -289,6 +303,30 @@ type BoxedIo = Pin<Box<dyn IoStream>>;
 
 trait IoStream: AsyncRead + AsyncWrite + Send {}
 impl<T: AsyncRead + AsyncWrite + Send> IoStream for T {}
+
+/// A connection already waiting in the listener's queue, without waiting for one.
+fn accept_queued(listener: &Listener) -> Option<io::Result<(BoxedIo, ConnInfo)>> {
+    let Listener::Tcp(l) = listener else {
+        return None;
+    };
+    let (socket, addr) = match socket2::SockRef::from(l).accept() {
+        Ok(pair) => pair,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+        Err(e) => return Some(Err(e)),
+    };
+    let stream = std::net::TcpStream::from(socket);
+    let converted = stream
+        .set_nonblocking(true)
+        .and_then(|()| TcpStream::from_std(stream));
+    Some(converted.map(|stream| {
+        let _ = stream.set_nodelay(true);
+        let info = ConnInfo {
+            remote_ip: addr.as_socket().map(|a| a.ip()),
+            tls: false,
+        };
+        (Box::pin(stream) as BoxedIo, info)
+    }))
+}
 
 async fn accept(listener: &Listener) -> io::Result<(BoxedIo, ConnInfo)> {
     match listener {
