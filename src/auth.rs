@@ -600,8 +600,13 @@ pub fn strip_token_param(query: Option<&str>) -> Option<String> {
     let kept: Vec<&str> = query?
         .split('&')
         .filter(|pair| {
+            // Compare the decoded name, as `query_token` reads it: `%74oken=` is a token too.
             let name = pair.split('=').next().unwrap_or_default();
-            name != "token" && !name.is_empty()
+            let decoded = form_urlencoded::parse(name.as_bytes())
+                .next()
+                .map(|(k, _)| k.into_owned())
+                .unwrap_or_default();
+            decoded != "token" && !name.is_empty()
         })
         .collect();
     (!kept.is_empty()).then(|| kept.join("&"))

@@ -14,8 +14,10 @@
 mod support;
 
 mod api;
+mod auth;
 mod cli;
 mod durability;
+mod fakehub;
 mod handshake;
 mod jupyterhub;
 mod proxy;
