@@ -156,12 +156,15 @@ async fn writer(table: Arc<RouteTable>, store: Arc<dyn Store>, mut rx: mpsc::Rec
                 Op::Sync { desired, dry_run } => {
                     let (changes, counts) = diff(&next, desired);
                     if dry_run {
+                        // Answered with the group, once the writes before it are durable: if
+                        // they fail, so does this answer, which was computed on top of them.
                         let version = next.version();
-                        let _ = reply.send(Ok(Applied {
+                        let applied = Applied {
                             outcomes: Vec::new(),
                             counts,
                             version,
-                        }));
+                        };
+                        pending.push((reply, applied));
                         continue;
                     }
                     (changes, Vec::new(), counts)

@@ -73,7 +73,7 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
         ),
     };
     let table = Arc::new(RouteTable::new());
-    let (control, trusted) = Control::start(table.clone(), store, config.host_routing)
+    let (control, trusted) = Control::start(table.clone(), store.clone(), config.host_routing)
         .await
         .map_err(|e| anyhow::anyhow!("cannot load routes: {e}"))?;
     if let Some(target) = &config.default_target {
@@ -165,7 +165,14 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
     };
     if let Some(hub) = &hub {
         if !trusted || config.notify_hub {
-            tokio::spawn(hub.clone().handshake());
+            let (hub, store) = (hub.clone(), store.clone());
+            tokio::spawn(async move {
+                hub.handshake().await;
+                // From now on this store's table is the hub's: a restart can vouch for it.
+                if let Err(e) = store.mark_synced().await {
+                    tracing::warn!(error = %e, "could not record the hub sync in the store");
+                }
+            });
         } else {
             hub.mark_registered();
         }

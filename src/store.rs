@@ -57,8 +57,9 @@ pub struct Batch {
 pub struct Loaded {
     pub routes: Vec<StoredRoute>,
     pub version: u64,
-    /// Whether the store can vouch for this table: false on a first start or after the store's
-    /// contents were lost, so the hub should be asked to sync.
+    /// Whether the store can vouch for this table: only when the hub synced it once and it has
+    /// been intact since. False on a first start, before any successful handshake, or after the
+    /// log was lost or damaged: then the hub should be asked to sync.
     pub trusted: bool,
 }
 
@@ -79,6 +80,12 @@ pub trait Store: Send + Sync + 'static {
         &self,
         activity: HashMap<String, i64>,
     ) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Records that the hub has synced this store's table (a handshake succeeded), so that a later
+    /// start can vouch for it.
+    fn mark_synced(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
+    }
 
     /// Whether [`Store::compact`] would be worth calling now.
     fn wants_compaction(&self) -> bool {

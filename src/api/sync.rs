@@ -95,7 +95,8 @@ impl Api {
         if !wrapped {
             return Ok(with_version(json(StatusCode::OK, items), version));
         }
-        let next = (end < sorted.len()).then(|| {
+        // No `next` for an empty page: following it would never move on.
+        let next = (limit > 0 && end < sorted.len()).then(|| {
             json!({
                 "offset": end,
                 "limit": limit,

@@ -22,6 +22,8 @@ use super::{Batch, Loaded, Store, StoreError, StoredChange, StoredRoute};
 
 const LOG: &str = "routes.log";
 const LOCK: &str = "lock";
+/// Present once the hub has synced this directory's table (see [`Store::mark_synced`]).
+const SYNCED: &str = "synced";
 
 /// Compact once the log is this many times larger than the last compacted size (and at least
 /// [`COMPACT_MIN_BYTES`]).
@@ -50,6 +52,8 @@ pub struct FileStore(Arc<Shared>);
 
 struct Shared {
     dir: PathBuf,
+    /// Whether the log file was there before this process opened (and so created) it.
+    log_existed: bool,
     inner: Mutex<Inner>,
     /// Held for the life of the store: the directory's advisory lock.
     _lock: File,
@@ -73,6 +77,7 @@ impl FileStore {
                 format!("{} is in use by another hubgate", dir.display()),
             ))
         })?;
+        let log_existed = dir.join(LOG).exists();
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -81,6 +86,7 @@ impl FileStore {
             .open(dir.join(LOG))?;
         Ok(FileStore(Arc::new(Shared {
             dir: dir.to_owned(),
+            log_existed,
             inner: Mutex::new(Inner {
                 file,
                 good_len: 0,
@@ -126,7 +132,7 @@ impl FileStore {
         let mut text = Vec::new();
         inner.file.seek(SeekFrom::Start(0))?;
         inner.file.read_to_end(&mut text)?;
-        let existed = !text.is_empty() || self.had_previous_run();
+        let synced = self.0.dir.join(SYNCED).exists();
 
         let mut routes: HashMap<String, StoredRoute> = HashMap::new();
         let mut version = 0;
@@ -182,17 +188,23 @@ impl FileStore {
         inner.good_len = good as u64;
         inner.base_len = good as u64;
         drop(inner);
-        // Mark the directory as used, so that a log that later vanishes is noticed as lost.
-        fs::write(self.0.dir.join("initialised"), b"")?;
+        let trusted = synced && self.0.log_existed && !damaged;
+        if synced && !trusted {
+            // The log the hub synced is gone or damaged: until the hub syncs again, nothing here
+            // can be vouched for, even across further restarts.
+            fs::remove_file(self.0.dir.join(SYNCED))?;
+        }
         Ok(Loaded {
             routes: routes.into_values().collect(),
             version,
-            trusted: existed && !damaged,
+            trusted,
         })
     }
 
-    fn had_previous_run(&self) -> bool {
-        self.0.dir.join("initialised").exists()
+    fn mark_synced_blocking(&self) -> Result<(), StoreError> {
+        File::create(self.0.dir.join(SYNCED))?.sync_all()?;
+        File::open(&self.0.dir)?.sync_all()?;
+        Ok(())
     }
 
     fn append(&self, records: &[Record], sync: bool) -> Result<(), StoreError> {
@@ -253,6 +265,11 @@ impl Store for FileStore {
             let this = self.clone();
             blocking(move || this.append(&[Record::Activity(activity)], false)).await
         })
+    }
+
+    fn mark_synced(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        let this = self.clone();
+        Box::pin(blocking(move || this.mark_synced_blocking()))
     }
 
     /// Whether the log has grown enough to be worth rewriting.
@@ -383,7 +400,16 @@ mod tests {
             let loaded = s.load().await.unwrap();
             assert_eq!(loaded.version, 3);
             assert_eq!(loaded.routes.len(), 2);
-            assert!(loaded.trusted);
+            assert!(!loaded.trusted, "the hub never synced this store");
+            s.mark_synced().await.unwrap();
+            drop(s);
+            let s = FileStore::open(dir.path()).unwrap();
+            assert!(s.load().await.unwrap().trusted);
+            drop(s);
+            // A lost log is noticed even though the directory was synced once.
+            fs::remove_file(dir.path().join(LOG)).unwrap();
+            let s = FileStore::open(dir.path()).unwrap();
+            assert!(!s.load().await.unwrap().trusted);
         });
     }
 

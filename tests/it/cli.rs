@@ -103,14 +103,22 @@ async fn error_target_and_error_path_conflict() {
 }
 
 #[tokio::test]
-async fn features_not_built_yet_are_refused() {
+async fn features_not_built_are_refused_and_bad_tls_files_named() {
+    // CHP's Location/Host rewriting flags are not built: refused, never ignored.
+    for flag in ["--change-origin", "--auto-rewrite"] {
+        let out = run(&[flag]).await;
+        assert_config_error(&out, &[flag], flag);
+    }
+    let out = run(&["--protocol-rewrite", "https"]).await;
+    assert_config_error(&out, &["--protocol-rewrite"], "--protocol-rewrite");
+    // TLS is built; a key without its certificate, or a missing file, names the flag.
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("missing-k.pem");
     let key = key.to_str().unwrap();
     let out = run(&["--ssl-key", key]).await;
     assert_config_error(&out, &["--ssl-key"], "--ssl-key");
-    let out = run(&["--metrics-port", "9000"]).await;
-    assert_config_error(&out, &["--metrics-port"], "--metrics-port");
+    let out = run(&["--ssl-key", key, "--ssl-cert", key]).await;
+    assert_config_error(&out, &["--ssl-key"], "--ssl-key missing file");
 }
 
 #[tokio::test]

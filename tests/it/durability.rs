@@ -20,6 +20,7 @@ use http::{Method, Request, StatusCode};
 use serde_json::{json, Map, Value};
 
 use crate::support::{eventually, full, Backend, HttpClient, Hubgate, Resp, WAIT};
+use crate::sync::{big_api, user_table};
 
 const TARGET: &str = "http://127.0.0.1:9";
 const VERSION: &str = "x-hubgate-version";
@@ -137,6 +138,61 @@ async fn routes_survive_a_clean_restart_and_a_kill_9() {
     let resp = hg.get("/user/alice/lab").await;
     assert_eq!(resp.status, StatusCode::OK, "{resp:?}");
     assert_eq!(resp.json()["path"], "/user/alice/lab");
+}
+
+#[tokio::test]
+async fn a_large_table_survives_log_compaction_and_a_kill_9() {
+    const COUNT: usize = 100_000;
+    let dir = tempfile::tempdir().unwrap();
+    let mut hg = start_on(dir.path()).await;
+    // Over 8 MB in one record: large enough for the store to rewrite its log after it.
+    let load = user_table(COUNT, "http://127.0.0.1:9", |_| true, &[]);
+    let resp = big_api(&hg, Method::POST, "/api/proxy", load).await;
+    assert_eq!(resp.status, StatusCode::OK, "{resp:?}");
+    assert_eq!(resp.json()["added"], COUNT);
+    let resp = hg
+        .api(
+            Method::PATCH,
+            "/api/proxy",
+            json!({"add": {"/extra": {"target": TARGET, "user": "x"}}, "remove": ["/user/u7"]})
+                .to_string(),
+        )
+        .await;
+    assert_eq!(resp.status, StatusCode::OK, "{resp:?}");
+    let switch = user_table(
+        COUNT,
+        "http://127.0.0.1:10",
+        |i| i != 7,
+        &[("/extra", TARGET)],
+    );
+    let resp = big_api(&hg, Method::POST, "/api/proxy", switch).await;
+    assert_eq!(resp.status, StatusCode::OK, "{resp:?}");
+    assert_eq!(resp.json()["updated"], COUNT, "{}", resp.text());
+    let resp = big_api(&hg, Method::GET, "/api/routes", String::new()).await;
+    assert_eq!(resp.status, StatusCode::OK);
+    let before = resp.json();
+    assert_eq!(before.as_object().unwrap().len(), COUNT);
+    let v = version(&hg).await;
+    assert_eq!(v, 3);
+
+    stop(&mut hg, "KILL").await;
+    let hg = start_on(dir.path()).await;
+    assert_eq!(version(&hg).await, v, "the version after restart");
+    let resp = big_api(&hg, Method::GET, "/api/routes", String::new()).await;
+    assert_eq!(resp.status, StatusCode::OK);
+    let after = resp.json();
+    assert_eq!(
+        after.as_object().unwrap().len(),
+        COUNT,
+        "routes after restart"
+    );
+    assert_eq!(after["/extra"], before["/extra"]);
+    assert_eq!(after["/user/u7"], Value::Null, "a removed route came back");
+    assert_eq!(after["/user/u99999"]["target"], "http://127.0.0.1:10");
+    assert!(
+        after == before,
+        "the table after restart differs from the one before"
+    );
 }
 
 #[tokio::test]

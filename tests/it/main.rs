@@ -20,6 +20,8 @@ mod durability;
 mod fakehub;
 mod handshake;
 mod jupyterhub;
+mod metrics;
+mod metrics_support;
 mod proxy;
 mod streaming;
 mod sync;

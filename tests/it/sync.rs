@@ -26,7 +26,7 @@ const TARGET: &str = "http://127.0.0.1:9";
 const OTHER: &str = "http://127.0.0.1:10";
 
 /// Bound for one request that moves a table of 100 000 routes (debug build, shared machine).
-const BIG_WAIT: Duration = Duration::from_secs(300);
+pub(crate) const BIG_WAIT: Duration = Duration::from_secs(300);
 const BIG: usize = 100_000;
 
 fn version_of(resp: &Resp) -> u64 {
@@ -99,7 +99,7 @@ async fn get_wrapped(hg: &Hubgate, path: &str) -> Resp {
 }
 
 /// An API request with the token and a generous time bound, for 100 000-route bodies.
-async fn big_api(hg: &Hubgate, method: Method, path: &str, body: String) -> Resp {
+pub(crate) async fn big_api(hg: &Hubgate, method: Method, path: &str, body: String) -> Resp {
     let req = Request::builder()
         .method(method)
         .uri(hg.api_url(path))
@@ -126,7 +126,7 @@ async fn big_api(hg: &Hubgate, method: Method, path: &str, body: String) -> Resp
 
 /// `{"/user/u<i>": {"target": target}}` for every `i` that `keep` accepts, plus `extra`, as
 /// JSON text (built by hand: it is megabytes).
-fn user_table(
+pub(crate) fn user_table(
     count: usize,
     target: &str,
     keep: impl Fn(usize) -> bool,
