@@ -29,7 +29,7 @@ use crate::proxy::{full_body, json};
 use crate::routes::Route;
 use crate::upstream::ProxyBody;
 use cache::{Coalescing, LookupFailed, Source};
-use session::Signer;
+use session::{SessionCheck, Signer};
 
 /// The name of hubgate's session cookie.
 pub const SESSION_COOKIE: &str = "hubgate-session";
@@ -150,6 +150,18 @@ pub struct Allowed {
     pub identity: Option<Arc<Identity>>,
     /// The credential came from `?token=`, which must not travel on.
     pub strip_token: bool,
+    /// A renewed session cookie to set on the response.
+    pub set_cookie: Option<HeaderValue>,
+}
+
+/// A credential's owner, and what the answer needs to know about the credential.
+struct Identified {
+    who: Arc<Identity>,
+    from_url: bool,
+    /// The hub token behind the identity, kept in a session made from it.
+    token: Option<String>,
+    /// An expired session renewed with its token: the answer carries a fresh cookie.
+    renewed: bool,
 }
 
 /// Where a request's credential came from.
@@ -227,11 +239,12 @@ impl Auth {
             return Verdict::Allow(Allowed {
                 identity: None,
                 strip_token: false,
+                set_cookie: None,
             });
         }
         let browser = wants_html(req.headers()) && !websocket;
-        let who = match self.identify(req, websocket).await {
-            Ok(Some((who, from_url))) => (who, from_url),
+        let found = match self.identify(req, websocket).await {
+            Ok(Some(found)) => found,
             Ok(None) => return Verdict::Respond(self.unauthenticated(req, browser)),
             Err(e) => {
                 tracing::warn!(route = %route.key(), error = %e, "hub unavailable; request refused");
@@ -242,7 +255,7 @@ impl Auth {
                 ));
             }
         };
-        let (who, from_url) = who;
+        let who = found.who.clone();
         match self.authorize(&who, protection).await {
             Ok(true) => {}
             Ok(false) => {
@@ -262,48 +275,45 @@ impl Auth {
                 ));
             }
         }
-        if from_url && browser && req.method() == Method::GET {
+        if found.from_url && browser && req.method() == Method::GET {
             // Trade the token in the address bar for a cookie, so it leaves the URL (and the
             // browser history, and the Referer of every link on the page).
-            if let Some(resp) = self.token_to_cookie(req, &who) {
+            if let Some(resp) = self.token_to_cookie(req, &who, found.token.as_deref()) {
                 return Verdict::Respond(resp);
             }
         }
+        let set_cookie = if found.renewed {
+            tracing::debug!(user = %who.name, "session renewed with its hub token");
+            self.session_cookie(&who, found.token.as_deref())
+        } else {
+            None
+        };
         Verdict::Allow(Allowed {
             identity: Some(who),
-            strip_token: from_url,
+            strip_token: found.from_url,
+            set_cookie,
         })
     }
 
-    /// Who sent the request, and whether the credential came from the URL. `Ok(None)`: no
-    /// credential, or none the hub accepts.
+    /// Who sent the request. `Ok(None)`: no credential, or none the hub accepts.
     async fn identify<B>(
         &self,
         req: &Request<B>,
         websocket: bool,
-    ) -> Result<Option<(Arc<Identity>, bool)>, AuthError> {
+    ) -> Result<Option<Identified>, AuthError> {
         let session_id = cookie(req.headers(), "jupyterhub-session-id").unwrap_or_default();
         for credential in self.credentials_of(req, websocket) {
             let found = match &credential {
-                Credential::Token { token, .. } => {
-                    let key = digest(&["token", token, &session_id]);
-                    let (hub, token) = (self.hub.clone(), token.clone());
-                    let legacy = self.settings.legacy_token_endpoint;
-                    let (entry, source) = self
-                        .credentials
-                        .get(key, move || async move {
-                            let user = if legacy {
-                                hub.user_for_token_legacy(&token).await?
-                            } else {
-                                hub.user_for_token(&token).await?
-                            };
-                            Ok(user.map(|u| Arc::new(Identity::from_hub(u))))
-                        })
-                        .await?;
-                    log_source(source);
-                    entry.value.clone()
-                }
-                Credential::Session(jwt) => self.check_session(jwt),
+                Credential::Token { token, from_url } => self
+                    .identify_token(token, &session_id)
+                    .await?
+                    .map(|who| Identified {
+                        who,
+                        from_url: *from_url,
+                        token: Some(token.clone()),
+                        renewed: false,
+                    }),
+                Credential::Session(jwt) => self.identify_session(jwt, &session_id).await?,
                 Credential::HubCookie(value) => {
                     let key = digest(&["cookie", value]);
                     let (hub, value) = (self.hub.clone(), value.clone());
@@ -316,14 +326,16 @@ impl Auth {
                         })
                         .await?;
                     log_source(source);
-                    entry.value.clone()
+                    entry.value.clone().map(|who| Identified {
+                        who,
+                        from_url: false,
+                        token: None,
+                        renewed: false,
+                    })
                 }
             };
             match (found, &credential) {
-                (Some(who), Credential::Token { from_url, .. }) => {
-                    return Ok(Some((who, *from_url)))
-                }
-                (Some(who), _) => return Ok(Some((who, false))),
+                (Some(found), _) => return Ok(Some(found)),
                 // A token the hub refused decides (as in JupyterHub's HubAuth); a stale or
                 // foreign session cookie gives way to the hub's cookie, if there is one.
                 (None, Credential::Token { .. }) => return Ok(None),
@@ -331,6 +343,63 @@ impl Auth {
             }
         }
         Ok(None)
+    }
+
+    /// Asks the hub (through the cache) who holds a token.
+    async fn identify_token(
+        &self,
+        token: &str,
+        session_id: &str,
+    ) -> Result<Option<Arc<Identity>>, AuthError> {
+        let key = digest(&["token", token, session_id]);
+        let (hub, token) = (self.hub.clone(), token.to_owned());
+        let legacy = self.settings.legacy_token_endpoint;
+        let (entry, source) = self
+            .credentials
+            .get(key, move || async move {
+                let user = if legacy {
+                    hub.user_for_token_legacy(&token).await?
+                } else {
+                    hub.user_for_token(&token).await?
+                };
+                Ok(user.map(|u| Arc::new(Identity::from_hub(u))))
+            })
+            .await?;
+        log_source(source);
+        Ok(entry.value.clone())
+    }
+
+    /// A session cookie: valid as it is, or expired but renewable because the hub still accepts
+    /// the token it was made from (for the same user). Revoked sessions are neither.
+    async fn identify_session(
+        &self,
+        jwt: &str,
+        session_id: &str,
+    ) -> Result<Option<Identified>, AuthError> {
+        match self.signer.check_session(jwt) {
+            SessionCheck::Valid { who, issued_ms } if !self.revoked(&who.name, issued_ms) => {
+                Ok(Some(Identified {
+                    who,
+                    from_url: false,
+                    token: None,
+                    renewed: false,
+                }))
+            }
+            SessionCheck::Expired {
+                name,
+                issued_ms,
+                token: Some(token),
+            } if !self.revoked(&name, issued_ms) => {
+                let who = self.identify_token(&token, session_id).await?;
+                Ok(who.filter(|who| who.name == name).map(|who| Identified {
+                    who,
+                    from_url: false,
+                    token: Some(token),
+                    renewed: true,
+                }))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// The credentials of a request, in the order they are tried.
@@ -363,17 +432,17 @@ impl Auth {
         found
     }
 
-    fn check_session(&self, jwt: &str) -> Option<Arc<Identity>> {
-        let (who, issued_ms) = self.signer.check_session(jwt)?;
+    /// Whether a session of `name` issued at `issued_ms` was voided by a revocation since.
+    fn revoked(&self, name: &str, issued_ms: i64) -> bool {
         let all = self.revoked_all_ms.load(Ordering::Relaxed);
         let user = self
             .revoked_users
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&who.name)
+            .get(name)
             .copied()
             .unwrap_or(0);
-        (issued_ms > all.max(user)).then_some(who)
+        issued_ms <= all.max(user)
     }
 
     /// Whether `who` may use what `protection` guards.
@@ -476,8 +545,13 @@ impl Auth {
     }
 
     /// Redirects to the same URL without `?token=`, setting the session cookie.
-    fn token_to_cookie<B>(&self, req: &Request<B>, who: &Identity) -> Option<Response<ProxyBody>> {
-        let cookie = self.session_cookie(who)?;
+    fn token_to_cookie<B>(
+        &self,
+        req: &Request<B>,
+        who: &Identity,
+        token: Option<&str>,
+    ) -> Option<Response<ProxyBody>> {
+        let cookie = self.session_cookie(who, token)?;
         let mut location = req.uri().path().to_owned();
         if let Some(q) = strip_token_param(req.uri().query()) {
             location.push('?');
@@ -486,17 +560,24 @@ impl Auth {
         Some(redirect(&location, Some(cookie)))
     }
 
-    /// `Set-Cookie` for a new session of `who`.
-    fn session_cookie(&self, who: &Identity) -> Option<HeaderValue> {
+    /// `Set-Cookie` for a new session of `who`. The session itself expires with the cache TTL;
+    /// one made from a hub token is kept by the browser for the browser session, so that when it
+    /// expires the token inside can renew it (see [`Auth::identify_session`]).
+    fn session_cookie(&self, who: &Identity, hub_token: Option<&str>) -> Option<HeaderValue> {
         let lifetime = self.settings.cache_ttl.as_secs().max(1) as i64;
-        let jwt = self.signer.session(who, lifetime)?;
+        let jwt = self.signer.session(who, lifetime, hub_token)?;
         let secure = if self.settings.cookie_secure {
             "; Secure"
         } else {
             ""
         };
+        let max_age = if hub_token.is_some() {
+            String::new()
+        } else {
+            format!("; Max-Age={lifetime}")
+        };
         HeaderValue::from_str(&format!(
-            "{SESSION_COOKIE}={jwt}; Path={}; Max-Age={lifetime}; HttpOnly; SameSite=Lax{secure}",
+            "{SESSION_COOKIE}={jwt}; Path={}{max_age}; HttpOnly; SameSite=Lax{secure}",
             self.settings.cookie_path
         ))
         .ok()

@@ -112,6 +112,11 @@ impl Hub {
                     tracing::info!(attempt, "hub handshake done: the hub synced its routes");
                     return;
                 }
+                Err(e) if attempt <= 3 => {
+                    // When the hub starts hubgate, the first attempts race the hub's own start:
+                    // not worth a warning yet.
+                    tracing::info!(attempt, error = %e, retry_in_ms = wait.as_millis() as u64, "hub handshake not done yet");
+                }
                 Err(e) => {
                     tracing::warn!(attempt, error = %e, retry_in_ms = wait.as_millis() as u64, "hub handshake failed");
                 }

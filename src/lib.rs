@@ -169,8 +169,13 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
             tokio::spawn(async move {
                 hub.handshake().await;
                 // From now on this store's table is the hub's: a restart can vouch for it.
-                if let Err(e) = store.mark_synced().await {
-                    tracing::warn!(error = %e, "could not record the hub sync in the store");
+                match store.mark_synced().await {
+                    Ok(()) => {
+                        tracing::info!(store = store.name(), "store marked as synced by the hub")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not record the hub sync in the store")
+                    }
                 }
             });
         } else {

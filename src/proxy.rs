@@ -360,12 +360,12 @@ impl Proxy {
         }
 
         // Decided on the route just matched, so the check and the router cannot disagree.
-        let (identity, strip_token) = match &self.auth {
+        let (identity, strip_token, set_cookie) = match &self.auth {
             Some(auth) => match auth.check(&req, &route, websocket).await {
-                Verdict::Allow(allowed) => (allowed.identity, allowed.strip_token),
+                Verdict::Allow(a) => (a.identity, a.strip_token, a.set_cookie),
                 Verdict::Respond(resp) => return Ok(resp),
             },
-            None => (None, false),
+            None => (None, false, None),
         };
 
         let rest = if self.opts.include_prefix {
@@ -445,6 +445,9 @@ impl Proxy {
         let status = resp.status();
         if status.as_u16() < 300 {
             route.touch();
+        }
+        if let Some(cookie) = set_cookie {
+            resp.headers_mut().append(header::SET_COOKIE, cookie);
         }
         if let Some(client_upgrade) = client_upgrade {
             if status == StatusCode::SWITCHING_PROTOCOLS {

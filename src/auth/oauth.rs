@@ -152,12 +152,16 @@ impl Auth {
             .append_pair("code_verifier", &verifier)
             .finish();
         let user = match self.hub.exchange_code(form).await {
-            Ok(Some(token)) => self.hub.user_for_token(&token).await,
+            Ok(Some(token)) => self
+                .hub
+                .user_for_token(&token)
+                .await
+                .map(|u| u.map(|u| (u, token))),
             Ok(None) => Ok(None),
             Err(e) => Err(e),
         };
-        let who = match user {
-            Ok(Some(user)) => Identity::from_hub(user),
+        let (who, token) = match user {
+            Ok(Some((user, token))) => (Identity::from_hub(user), token),
             Ok(None) => {
                 return refusal(
                     StatusCode::FORBIDDEN,
@@ -175,7 +179,7 @@ impl Auth {
             }
         };
         tracing::info!(user = %who.name, "logged in through the hub");
-        let Some(session) = self.session_cookie(&who) else {
+        let Some(session) = self.session_cookie(&who, Some(&token)) else {
             return refusal(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "Could not create a session.",

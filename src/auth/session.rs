@@ -25,6 +25,27 @@ struct SessionClaims {
     iat_ms: i64,
     /// Expiry, seconds (checked by the JWT library).
     exp: i64,
+    /// The hub token the session was made from (an OAuth access token, or a token a browser
+    /// brought in its URL). When the session expires it is checked with the hub again and the
+    /// session renewed, so a browser is not sent through OAuth (and a new hub token made) at
+    /// every cache lifetime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tok: Option<String>,
+}
+
+/// What a session cookie turned out to be.
+#[derive(Debug)]
+pub enum SessionCheck {
+    /// Signed by us and not expired.
+    Valid { who: Arc<Identity>, issued_ms: i64 },
+    /// Signed by us but expired; renewable when it carries a hub token the hub still accepts.
+    Expired {
+        name: String,
+        issued_ms: i64,
+        token: Option<String>,
+    },
+    /// Not ours, tampered with, or unreadable.
+    Invalid,
 }
 
 /// Signs and checks JWTs with a rotatable list of secrets.
@@ -32,6 +53,8 @@ pub struct Signer {
     /// Index 0 signs.
     keys: Vec<(EncodingKey, DecodingKey)>,
     validation: Validation,
+    /// The same checks without the expiry, to recognise an expired session of ours.
+    ignoring_expiry: Validation,
 }
 
 impl Signer {
@@ -45,7 +68,13 @@ impl Signer {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
         validation.required_spec_claims = ["exp".to_owned()].into_iter().collect();
-        Signer { keys, validation }
+        let mut ignoring_expiry = validation.clone();
+        ignoring_expiry.validate_exp = false;
+        Signer {
+            keys,
+            validation,
+            ignoring_expiry,
+        }
     }
 
     fn sign<T: Serialize>(&self, claims: &T) -> Option<String> {
@@ -54,14 +83,24 @@ impl Signer {
     }
 
     fn verify<T: DeserializeOwned>(&self, token: &str) -> Option<T> {
+        self.verify_with(token, &self.validation)
+    }
+
+    fn verify_with<T: DeserializeOwned>(&self, token: &str, validation: &Validation) -> Option<T> {
         self.keys
             .iter()
-            .find_map(|(_, key)| jsonwebtoken::decode::<T>(token, key, &self.validation).ok())
+            .find_map(|(_, key)| jsonwebtoken::decode::<T>(token, key, validation).ok())
             .map(|data| data.claims)
     }
 
-    /// A session token for this identity, valid for `lifetime_secs`.
-    pub fn session(&self, who: &Identity, lifetime_secs: i64) -> Option<String> {
+    /// A session token for this identity, valid for `lifetime_secs`, carrying the hub token it
+    /// was made from (if any) for renewal.
+    pub fn session(
+        &self,
+        who: &Identity,
+        lifetime_secs: i64,
+        hub_token: Option<&str>,
+    ) -> Option<String> {
         let now = chrono::Utc::now();
         self.sign(&SessionClaims {
             sub: who.name.clone(),
@@ -70,20 +109,32 @@ impl Signer {
             scp: who.scopes.clone(),
             iat_ms: now.timestamp_millis(),
             exp: now.timestamp() + lifetime_secs,
+            tok: hub_token.map(str::to_owned),
         })
     }
 
-    /// The identity in a session token and when it was issued (ms), if the signature is good
-    /// and it has not expired.
-    pub fn check_session(&self, token: &str) -> Option<(Arc<Identity>, i64)> {
-        let c: SessionClaims = self.verify(token)?;
-        let who = Identity {
-            name: c.sub,
-            admin: c.adm,
-            groups: c.grp,
-            scopes: c.scp,
-        };
-        Some((Arc::new(who), c.iat_ms))
+    /// Reads a session token.
+    pub fn check_session(&self, token: &str) -> SessionCheck {
+        if let Some(c) = self.verify::<SessionClaims>(token) {
+            let who = Identity {
+                name: c.sub,
+                admin: c.adm,
+                groups: c.grp,
+                scopes: c.scp,
+            };
+            return SessionCheck::Valid {
+                who: Arc::new(who),
+                issued_ms: c.iat_ms,
+            };
+        }
+        match self.verify_with::<SessionClaims>(token, &self.ignoring_expiry) {
+            Some(c) => SessionCheck::Expired {
+                name: c.sub,
+                issued_ms: c.iat_ms,
+                token: c.tok,
+            },
+            None => SessionCheck::Invalid,
+        }
     }
 
     /// Signs any claims (for the OAuth state).
@@ -113,37 +164,49 @@ mod tests {
     #[test]
     fn sessions_round_trip_and_rotate() {
         let old = Signer::new(&[b"old-secret".to_vec()]);
-        let token = old.session(&alice(), 60).unwrap();
-        let (who, _) = old.check_session(&token).unwrap();
+        let token = old.session(&alice(), 60, None).unwrap();
+        let SessionCheck::Valid { who, .. } = old.check_session(&token) else {
+            panic!("a fresh session is valid")
+        };
         assert_eq!(*who, alice());
 
         let rotated = Signer::new(&[b"new-secret".to_vec(), b"old-secret".to_vec()]);
+        let valid = |s: &Signer, t: &str| matches!(s.check_session(t), SessionCheck::Valid { .. });
+        assert!(valid(&rotated, &token), "old cookies still verify");
+        let fresh = rotated.session(&alice(), 60, None).unwrap();
         assert!(
-            rotated.check_session(&token).is_some(),
-            "old cookies still verify"
-        );
-        let fresh = rotated.session(&alice(), 60).unwrap();
-        assert!(
-            old.check_session(&fresh).is_none(),
+            !valid(&old, &fresh),
             "new cookies are signed with the new secret"
         );
 
         let other = Signer::new(&[b"someone-else".to_vec()]);
-        assert!(other.check_session(&token).is_none());
+        assert!(matches!(other.check_session(&token), SessionCheck::Invalid));
     }
 
     #[test]
-    fn expired_or_tampered_sessions_are_refused() {
+    fn expired_sessions_are_told_apart_from_forged_ones() {
         let s = Signer::new(&[b"k".to_vec()]);
-        let expired = s.session(&alice(), -10).unwrap();
-        assert!(s.check_session(&expired).is_none());
-        let token = s.session(&alice(), 60).unwrap();
+        let expired = s.session(&alice(), -10, Some("hub-token")).unwrap();
+        match s.check_session(&expired) {
+            SessionCheck::Expired { name, token, .. } => {
+                assert_eq!(name, "alice");
+                assert_eq!(token.as_deref(), Some("hub-token"));
+            }
+            other => panic!("expected an expired session, got {other:?}"),
+        }
+        let invalid = |t: &str| matches!(s.check_session(t), SessionCheck::Invalid);
+        let token = s.session(&alice(), 60, None).unwrap();
         let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
         parts[1] = parts[1].chars().rev().collect();
-        assert!(s.check_session(&parts.join(".")).is_none());
-        assert!(s.check_session("not-a-jwt").is_none());
+        assert!(invalid(&parts.join(".")));
+        assert!(invalid("not-a-jwt"));
         // A token whose header asks for "none" is not accepted.
         let unsigned = format!("eyJhbGciOiJub25lIn0.{}.", token.split('.').nth(1).unwrap());
-        assert!(s.check_session(&unsigned).is_none());
+        assert!(invalid(&unsigned));
+        // Nor is an expired one signed by someone else.
+        let other = Signer::new(&[b"other".to_vec()])
+            .session(&alice(), -10, Some("t"))
+            .unwrap();
+        assert!(invalid(&other));
     }
 }

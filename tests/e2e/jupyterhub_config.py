@@ -1,5 +1,9 @@
 """JupyterHub configuration for hubgate's end-to-end test (tests/it/jupyterhub.rs).
 
+It is also the base of the other end-to-end configurations in this directory
+(jupyterhub_restart_config.py, jupyterhub_auth_config.py), which load it and
+then change what their test needs.
+
 The test starts `jupyterhub -f tests/e2e/jupyterhub_config.py` with the hub's
 working directory set to a fresh temporary directory and passes everything that
 changes from run to run in HUBGATE_E2E_* environment variables. The hub starts

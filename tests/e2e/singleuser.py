@@ -10,7 +10,10 @@ requested directly, not through the proxy; it also reads the
 
 Every request, whatever its method and path, gets a 200 JSON answer naming the
 user and echoing what arrived, so the test can tell that hubgate routed the
-request to this user's server and how it forwarded it.
+request to this user's server and how it forwarded it. When
+HUBGATE_E2E_REQUEST_LOG_DIR is set (through `Spawner.environment`), every request
+is also appended as one JSON line to `<dir>/<user>.jsonl`, so a test can check
+afterwards what reached the server and what never did.
 
 Standard library only: it runs with the test venv's python, but imports nothing
 from JupyterHub.
@@ -34,6 +37,19 @@ except PackageNotFoundError:
 USER = os.environ.get("JUPYTERHUB_USER", "")
 SERVER_NAME = os.environ.get("JUPYTERHUB_SERVER_NAME", "")
 SERVICE_URL = os.environ["JUPYTERHUB_SERVICE_URL"]
+REQUEST_LOG_DIR = os.environ.get("HUBGATE_E2E_REQUEST_LOG_DIR")
+REQUEST_LOG_LOCK = threading.Lock()
+
+
+def record(entry):
+    """Append one request to this user's request log, a whole line at a time."""
+    if not REQUEST_LOG_DIR:
+        return
+    os.makedirs(REQUEST_LOG_DIR, exist_ok=True)
+    line = json.dumps(entry) + "\n"
+    with REQUEST_LOG_LOCK:
+        with open(os.path.join(REQUEST_LOG_DIR, USER + ".jsonl"), "a") as f:
+            f.write(line)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -44,18 +60,19 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         request_body = self.rfile.read(length) if length else b""
         path, _, query = self.path.partition("?")
-        body = json.dumps(
-            {
-                "server": "fake-singleuser",
-                "user": USER,
-                "server_name": SERVER_NAME,
-                "method": self.command,
-                "path": path,
-                "query": query,
-                "headers": {k.lower(): v for k, v in self.headers.items()},
-                "body_length": len(request_body),
-            }
-        ).encode()
+        echo = {
+            "server": "fake-singleuser",
+            "user": USER,
+            "server_name": SERVER_NAME,
+            "method": self.command,
+            "path": path,
+            "query": query,
+            "headers": {k.lower(): v for k, v in self.headers.items()},
+            "body_length": len(request_body),
+        }
+        # Recorded before answering, so whoever got the answer finds it in the log.
+        record(echo)
+        body = json.dumps(echo).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))

@@ -1288,8 +1288,10 @@ async fn forged_or_expired_session_cookies_are_refused() {
         "the same claims signed with the right secret",
     );
 
+    // Expired and carrying no hub token to renew it with.
     let mut expired = claims.clone();
     expired["exp"] = json!(now_secs() - 3600);
+    expired.as_object_mut().unwrap().remove("tok");
     let mut bob = claims.clone();
     bob["sub"] = json!("bob");
     let signature_at = session.rfind('.').unwrap() + 6;
@@ -1315,6 +1317,69 @@ async fn forged_or_expired_session_cookies_are_refused() {
             .await;
         assert_eq!(resp.status, StatusCode::UNAUTHORIZED, "{what}: {resp:?}");
     }
+    assert_eq!(backend.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn an_expired_session_renews_with_its_hub_token_until_the_hub_refuses_it() {
+    let hub = hub().await;
+    let backend = Backend::echo().await;
+    let gate = Gate::start_with_env(
+        &hub,
+        &["--allow-token-in-url"],
+        &[("HUBGATE_SESSION_SECRETS", SECRET_1)],
+    )
+    .await;
+    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
+        .await;
+    let token = own_token(&hub, "alice");
+    let session = session_via_url_token(&gate, "/user/alice/lab", &token).await;
+    let mut claims = jwt_claims(&session);
+    assert_eq!(
+        claims["tok"],
+        json!(token),
+        "the session keeps the token it came from"
+    );
+
+    // The same session, expired: the token inside is checked with the hub again (a new cache
+    // key is not needed: clear the cache so the hub is really asked) and a fresh cookie set.
+    claims["exp"] = json!(now_secs() - 60);
+    let expired = format!("hubgate-session={}", sign_hs256(&claims, SECRET_1));
+    let asked_before = hub.calls(Endpoint::User);
+    gate.revoke("/api/auth/cache").await;
+    // Clearing voided sessions issued before now: re-sign with a later issue time.
+    claims["iat_ms"] = json!(now_secs() * 1000 + 5_000);
+    let expired_after_clear = format!("hubgate-session={}", sign_hs256(&claims, SECRET_1));
+    let resp = gate
+        .get_with_cookie("/user/alice/lab", &expired_after_clear)
+        .await;
+    echoed(&resp, "an expired session renewed with its token");
+    let renewed = resp
+        .headers
+        .get_all(http::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|c| c.starts_with("hubgate-session="))
+        .map(str::to_owned);
+    assert!(renewed.is_some(), "a renewed cookie is set: {resp:?}");
+    assert_eq!(
+        hub.calls(Endpoint::User),
+        asked_before + 1,
+        "the hub was asked about the token"
+    );
+
+    // A session voided by the revocation is not renewed, even with a good token.
+    let resp = gate.get_with_cookie("/user/alice/lab", &expired).await;
+    assert_eq!(resp.status, StatusCode::UNAUTHORIZED, "{resp:?}");
+
+    // Once the hub refuses the token, the expired session is refused too.
+    hub.revoke_token(&token);
+    gate.revoke("/api/auth/cache").await;
+    claims["iat_ms"] = json!(now_secs() * 1000 + 10_000);
+    let expired = format!("hubgate-session={}", sign_hs256(&claims, SECRET_1));
+    let resp = gate.get_with_cookie("/user/alice/lab", &expired).await;
+    assert_eq!(resp.status, StatusCode::UNAUTHORIZED, "{resp:?}");
+    // Only the renewed request reached the server (the token-for-cookie step is a redirect).
     assert_eq!(backend.seen().len(), 1);
 }
 

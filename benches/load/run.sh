@@ -1,0 +1,738 @@
+#!/usr/bin/env bash
+# Whole-process load benchmark: hubgate (release build) side by side with the backend alone,
+# nginx as a reverse proxy (1 worker, and as many workers as cores) and configurable-http-proxy
+# 5.3.0, on loopback, in one run, printing one table and the ratios measured in that run.
+#
+#   bash benches/load/run.sh [--quick] [--out FILE] [--no-build] [--keep]
+#
+#   --quick     a short smoke run (2 s per row, 100/1000 websockets): proves it works, nothing more
+#   --out FILE  where the markdown report goes (default benches/results/<date>-<host>[-quick].md)
+#   --no-build  use target/release/{hubgate,examples/wsload} as they are
+#   --commit REV  build hubgate from git commit REV (exported to /tmp, its own target directory)
+#               instead of the work tree, e.g. while the work tree is being edited
+#   --keep      keep the work directory (logs, configs) instead of removing it
+#
+# Environment: BACKEND_CPUS, PROXY_CPUS, LOAD_CPUS (taskset lists; default: every core for each,
+# see "CPU placement" below), HGBENCH_CHP_DIR (where CHP is installed, default
+# /tmp/hgbench-chp-5.3.0).
+#
+# What it installs when missing: wrk and nginx (Debian, needs root), configurable-http-proxy
+# 5.3.0 (npm, into HGBENCH_CHP_DIR); it builds hubgate and examples/wsload with cargo --release.
+#
+# Every process it starts is recorded and killed on exit; every loop is bounded in count and
+# time; every address is 127.0.0.1.
+#
+# CPU placement: the machine this was written for has 2 cores, too few to give the load
+# generator, the backend and the proxy a core each. Rather than flatter one side with a private
+# core, everything shares all cores by default (taskset -c 0-<n-1> on each process): the backend
+# is one nginx worker, wrk runs 2 threads, and the proxy gets what is left. Absolute figures are
+# therefore lower bounds; the ratios between rows, taken under the same conditions, are the
+# result. Override with BACKEND_CPUS / PROXY_CPUS / LOAD_CPUS; the report records the placement.
+
+set -uo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+
+QUICK=0
+OUT=""
+BUILD=1
+KEEP=0
+COMMIT_REV=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) QUICK=1 ;;
+        --out) OUT=${2:?--out needs a file}; shift ;;
+        --out=*) OUT=${1#--out=} ;;
+        --no-build) BUILD=0 ;;
+        --keep) KEEP=1 ;;
+        --commit) COMMIT_REV=${2:?--commit needs a revision}; shift ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+        *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 64 ;;
+    esac
+    shift
+done
+
+if [ "$QUICK" = 1 ]; then
+    DUR=2; WARM=1; WS_SMALL=100; WS_LARGE=1000; WS_RATE_SECS=2; WS_HOLD_SECS=1
+    CHP_MAX_ROUTES=100000; CHP_ADD_LIMIT=20; MODE=quick
+else
+    DUR=10; WARM=2; WS_SMALL=1000; WS_LARGE=10000; WS_RATE_SECS=10; WS_HOLD_SECS=3
+    CHP_MAX_ROUTES=100000; CHP_ADD_LIMIT=300; MODE=full
+fi
+ROUTES=10000          # routes in every proxy's table during the load rows
+MIDDLE=5000           # the route the load hits: /user/u5000
+WS_INDEX=4999         # /user/u4999 goes to the websocket echo backend
+SYNC_ROUTES=100000    # one sync of this many routes (hubgate), and the GET /api/routes size
+WS_RATE_CONNS=100
+WRK_THREADS=2
+WRK_CONNS=64
+SMALL_BODY="hello from the backend: a small static response of about one hundred bytes....."
+BIG_BYTES=1048576
+TOKEN="bench-api-token-$$"
+HUB_TOKEN="bench-hub-token-$$"
+USER_TOKEN="bench-user-token-$$"
+
+NPROC=$(nproc)
+ALL_CPUS="0-$((NPROC - 1))"
+BACKEND_CPUS=${BACKEND_CPUS:-$ALL_CPUS}
+PROXY_CPUS=${PROXY_CPUS:-$ALL_CPUS}
+LOAD_CPUS=${LOAD_CPUS:-$ALL_CPUS}
+CHP_DIR=${HGBENCH_CHP_DIR:-/tmp/hgbench-chp-5.3.0}
+SRC=$REPO
+TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
+if [ -n "$COMMIT_REV" ]; then
+    COMMIT_FULL=$(git -C "$REPO" rev-parse --verify "$COMMIT_REV^{commit}") || { echo "run.sh: no commit $COMMIT_REV" >&2; exit 64; }
+    SRC=/tmp/hgbench-src-${COMMIT_FULL:0:12}
+    TARGET_DIR=/tmp/hgbench-target
+fi
+HUBGATE=$TARGET_DIR/release/hubgate
+WSLOAD=$TARGET_DIR/release/examples/wsload
+
+log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ---------------------------------------------------------------------------------------------
+# Processes: every one started is recorded here and killed on exit.
+PIDS=()
+WORK=""
+cleanup() {
+    local pid i
+    for pid in "${PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null
+    done
+    for i in $(seq 1 50); do
+        local alive=0
+        for pid in "${PIDS[@]}"; do
+            kill -0 "$pid" 2>/dev/null && alive=1
+        done
+        [ $alive = 0 ] && break
+        sleep 0.1
+    done
+    for pid in "${PIDS[@]}"; do
+        kill -KILL "$pid" 2>/dev/null
+    done
+    if [ -n "$WORK" ] && [ -d "$WORK" ]; then
+        if [ "$KEEP" = 1 ]; then log "work directory kept: $WORK"; else rm -rf "$WORK"; fi
+    fi
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT TERM
+
+# start NAME CPUS CMD...: runs CMD in the background on CPUS, logs to $WORK/NAME.log, and sets
+# LAST_PID. Commands are exec'd (taskset, env and node's shebang all exec), so the pid is the
+# process itself.
+start() {
+    local name=$1 cpus=$2; shift 2
+    taskset -c "$cpus" "$@" >"$WORK/$name.log" 2>&1 &
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
+}
+
+stop() {
+    local pid=$1 i
+    kill -TERM "$pid" 2>/dev/null
+    for i in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+    local keep=() p
+    for p in "${PIDS[@]}"; do [ "$p" != "$pid" ] && keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+# wait_port PORT: up to 20 s for something to listen on 127.0.0.1:PORT.
+wait_port() {
+    local i
+    for i in $(seq 1 200); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    return 1
+}
+
+USED_PORTS=" "
+# free_port: a port in 20000-29999 (below the ephemeral range) that binds now and was not
+# handed out before in this run.
+free_port() {
+    local p i
+    for i in $(seq 1 200); do
+        p=$((20000 + RANDOM % 10000))
+        case "$USED_PORTS" in *" $p "*) continue ;; esac
+        if python3 -c "import socket,sys; s=socket.socket(); s.bind(('127.0.0.1',$p))" 2>/dev/null \
+           && ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            USED_PORTS="$USED_PORTS$p "
+            echo "$p"
+            return 0
+        fi
+    done
+    die "no free port found"
+}
+
+# rss_kb PID: VmRSS of PID plus its children's (nginx's workers), in KiB.
+rss_kb() {
+    local pid=$1 total=0 kb c
+    [ -r "/proc/$pid/status" ] || { echo ""; return; }
+    kb=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null)
+    total=$((total + ${kb:-0}))
+    for c in $(cat /proc/"$pid"/task/*/children 2>/dev/null); do
+        kb=$(awk '/^VmRSS:/ {print $2}' "/proc/$c/status" 2>/dev/null)
+        total=$((total + ${kb:-0}))
+    done
+    echo "$total"
+}
+
+alive_note() { kill -0 "$1" 2>/dev/null && echo "" || echo "PROCESS DIED"; }
+
+row() { python3 "$HERE/report.py" add --rows "$WORK/rows.jsonl" "$@"; }
+
+# ---------------------------------------------------------------------------------------------
+# 1. What the benchmark needs.
+install_tools() {
+    local missing=()
+    command -v wrk >/dev/null || missing+=(wrk)
+    command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+    command -v node >/dev/null || missing+=(nodejs)
+    command -v npm >/dev/null || missing+=(npm)
+    command -v taskset >/dev/null || missing+=(util-linux)
+    command -v python3 >/dev/null || missing+=(python3)
+    if [ ${#missing[@]} -gt 0 ]; then
+        [ "$(id -u)" = 0 ] || die "missing ${missing[*]}: run as root or install them"
+        log "installing ${missing[*]} from Debian"
+        apt-get update -qq || die "apt-get update failed"
+        if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >"${TMPDIR:-/tmp}/hgbench-apt.log" 2>&1; then
+            # nginx-light is not in every release; plain nginx is.
+            local alt=("${missing[@]/nginx-light/nginx}")
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${alt[@]}" \
+                >>"${TMPDIR:-/tmp}/hgbench-apt.log" 2>&1 || die "apt-get install ${alt[*]} failed"
+        fi
+    fi
+    command -v nginx >/dev/null || PATH=$PATH:/usr/sbin
+    CHP_BIN=$CHP_DIR/node_modules/configurable-http-proxy/bin/configurable-http-proxy
+    if [ ! -f "$CHP_BIN" ]; then
+        log "installing configurable-http-proxy 5.3.0 into $CHP_DIR"
+        mkdir -p "$CHP_DIR"
+        npm install --silent --no-audit --no-fund --prefix "$CHP_DIR" configurable-http-proxy@5.3.0 \
+            >"$CHP_DIR/npm.log" 2>&1 || die "npm install failed (see $CHP_DIR/npm.log)"
+    fi
+    [ -f "$CHP_BIN" ] || die "configurable-http-proxy not found at $CHP_BIN"
+    if [ "$BUILD" = 1 ]; then
+        if [ "$SRC" != "$REPO" ] && [ ! -f "$SRC/Cargo.toml" ]; then
+            log "exporting commit $COMMIT_REV to $SRC"
+            mkdir -p "$SRC.part" && git -C "$REPO" archive "$COMMIT_FULL" | tar -x -C "$SRC.part" \
+                && mv "$SRC.part" "$SRC" || die "cannot export $COMMIT_REV"
+        fi
+        # The load tool comes from the work tree when the commit predates it.
+        if [ "$SRC" != "$REPO" ] && ! git -C "$REPO" cat-file -e "$COMMIT_FULL:examples/wsload.rs" 2>/dev/null; then
+            mkdir -p "$SRC/examples" && cp "$REPO/examples/wsload.rs" "$SRC/examples/wsload.rs"
+        fi
+        log "building hubgate and wsload in $SRC (cargo build --release)"
+        (cd "$SRC" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release --bin hubgate --example wsload) \
+            || die "cargo build --release failed"
+    fi
+    [ -x "$HUBGATE" ] || die "no $HUBGATE (build it, or drop --no-build)"
+    [ -x "$WSLOAD" ] || die "no $WSLOAD (build it, or drop --no-build)"
+}
+
+install_tools
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/hgbench.XXXXXX")
+chmod 755 "$WORK"   # nginx workers may run as nobody and must read the backend's files
+: >"$WORK/rows.jsonl"
+RUN_START=$(date +%s)
+LOADAVG_BEFORE=$(cut -d" " -f1-3 /proc/loadavg)
+
+# File descriptors: 10 000 proxied websockets are 20 000 descriptors in the proxy.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null
+NOFILE=$(ulimit -n)
+WS_LARGE_WANTED=$WS_LARGE
+WS_LIMIT_NOTE=""
+if [ "$NOFILE" != unlimited ] && [ $((WS_LARGE * 2 + 200)) -gt "$NOFILE" ]; then
+    WS_LARGE=$(((NOFILE - 200) / 2 / 100 * 100))
+    WS_LIMIT_NOTE="wanted $WS_LARGE_WANTED, but the hard limit on open files is $NOFILE (2 per proxied websocket)"
+    log "websockets: $WS_LIMIT_NOTE; using $WS_LARGE"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 2. The backends: nginx serving a small response and a 1 MiB file, and the websocket echo.
+BACKEND_PORT=$(free_port)
+mkdir -p "$WORK/backend/www" "$WORK/backend/tmp"
+head -c "$BIG_BYTES" /dev/urandom >"$WORK/backend/www/big.bin"
+chmod -R a+rX "$WORK/backend"
+
+nginx_common() {  # the lines every nginx here shares; $1 is its directory
+    cat <<EOF
+daemon off;
+master_process on;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+worker_rlimit_nofile $NOFILE;
+events { worker_connections 16384; multi_accept on; }
+EOF
+}
+nginx_http_common() {
+    cat <<EOF
+    access_log off;
+    keepalive_requests 100000000;
+    keepalive_timeout 75s;
+    client_body_temp_path $1/tmp/body;
+    proxy_temp_path $1/tmp/proxy;
+    fastcgi_temp_path $1/tmp/fastcgi;
+    uwsgi_temp_path $1/tmp/uwsgi;
+    scgi_temp_path $1/tmp/scgi;
+EOF
+}
+
+{
+    echo "worker_processes 1;"
+    nginx_common "$WORK/backend"
+    echo "http {"
+    nginx_http_common "$WORK/backend"
+    cat <<EOF
+    sendfile on;
+    tcp_nopush on;
+    server {
+        listen 127.0.0.1:$BACKEND_PORT backlog=4096;
+        location ~ /small\$ { default_type text/plain; return 200 "$SMALL_BODY\n"; }
+        location ~ /big\$ {
+            root $WORK/backend/www;
+            default_type application/octet-stream;
+            rewrite ^ /big.bin break;
+        }
+    }
+}
+EOF
+} >"$WORK/backend/nginx.conf"
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+start backend "$BACKEND_CPUS" "$NGINX" -p "$WORK/backend" -e "$WORK/backend/error.log" -c "$WORK/backend/nginx.conf"
+BACKEND_PID=$LAST_PID
+wait_port "$BACKEND_PORT" || die "backend nginx did not start: $(cat "$WORK/backend.log" "$WORK/backend/error.log" 2>/dev/null)"
+BACKEND=http://127.0.0.1:$BACKEND_PORT
+
+WS_PORT=$(free_port)
+start wsecho "$BACKEND_CPUS" "$WSLOAD" echo --listen "127.0.0.1:$WS_PORT" --secs 14400
+WS_PID=$LAST_PID
+wait_port "$WS_PORT" || die "websocket echo backend did not start: $(cat "$WORK/wsecho.log")"
+WS_BACKEND=http://127.0.0.1:$WS_PORT
+
+# Sanity: the backend answers what we think.
+got=$(curl -s --max-time 5 "$BACKEND/user/u$MIDDLE/small") || die "backend did not answer"
+[ "$got" = "$SMALL_BODY" ] || die "backend answered '$got'"
+got=$(curl -s --max-time 5 -o /dev/null -w '%{size_download}' "$BACKEND/user/u$MIDDLE/big")
+[ "$got" = "$BIG_BYTES" ] || die "backend's big file is $got bytes"
+
+log "backend nginx on :$BACKEND_PORT (cpus $BACKEND_CPUS), websocket echo on :$WS_PORT; work dir $WORK"
+
+# ---------------------------------------------------------------------------------------------
+# wrk rows.
+# load ID NAME URL PROXY_PID [wrk args...]: a warm-up, then the measured run; adds the row.
+LAST_WRK=""
+load() {
+    local id=$1 name=$2 url=$3 pid=$4; shift 4
+    timeout $((WARM + 30)) taskset -c "$LOAD_CPUS" wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"${WARM}s" \
+        --timeout 10s "$@" "$url" >/dev/null 2>&1
+    local out
+    out=$(timeout $((DUR + 60)) taskset -c "$LOAD_CPUS" wrk -t"$WRK_THREADS" -c"$WRK_CONNS" \
+        -d"${DUR}s" --timeout 10s -s "$HERE/report.lua" "$@" "$url" 2>&1)
+    LAST_WRK=$(printf '%s\n' "$out" | grep '^{' | tail -1)
+    local rss note
+    rss=$(rss_kb "$pid")
+    note=$(alive_note "$pid")
+    if [ -z "$LAST_WRK" ]; then
+        log "$name: wrk failed: $out"
+        row --id "$id" --name "$name" --rss-kb "$rss" --note "wrk failed ${note}"
+        return 1
+    fi
+    row --id "$id" --name "$name" --wrk "$LAST_WRK" --rss-kb "$rss" --note "${EXTRA_NOTE:-}${note}"
+    log "$name: $LAST_WRK"
+}
+
+# small and 1 MiB rows against one base URL.
+load_pair() {
+    local id=$1 name=$2 base=$3 pid=$4; shift 4
+    load "$id.small" "$name, small" "$base/small" "$pid" "$@"
+    load "$id.big" "$name, 1 MiB" "$base/big" "$pid" "$@"
+}
+
+# ---------------------------------------------------------------------------------------------
+# 3. The floor: the backend directly.
+log "direct"
+load_pair direct "backend directly" "$BACKEND/user/u$MIDDLE" "$BACKEND_PID"
+
+# 4. nginx as a reverse proxy, 10 000 locations like the proxies' 10 000 routes.
+run_nginx_proxy() {
+    local id=$1 workers=$2 name=$3
+    local dir=$WORK/$id port
+    port=$(free_port)
+    mkdir -p "$dir/tmp"
+    {
+        echo "worker_processes $workers;"
+        nginx_common "$dir"
+        echo "http {"
+        nginx_http_common "$dir"
+        cat <<EOF
+    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; }
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_set_header Host \$host;
+    proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    proxy_set_header X-Forwarded-Proto \$scheme;
+    proxy_buffering off;
+    proxy_buffer_size 64k;
+    proxy_buffers 4 64k;
+    proxy_busy_buffers_size 64k;
+    server {
+        listen 127.0.0.1:$port backlog=4096;
+EOF
+        local i
+        for ((i = 0; i < ROUTES; i++)); do
+            echo "        location /user/u$i/ { proxy_pass http://backend; }"
+        done
+        echo "    }"
+        echo "}"
+    } >"$dir/nginx.conf"
+    start "$id" "$PROXY_CPUS" "$NGINX" -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf"
+    local pid=$LAST_PID
+    if ! wait_port "$port"; then
+        log "$name did not start: $(tail -5 "$dir/error.log" "$WORK/$id.log" 2>/dev/null)"
+        stop "$pid"
+        return 1
+    fi
+    log "$name"
+    load_pair "$id" "$name" "http://127.0.0.1:$port/user/u$MIDDLE" "$pid"
+    stop "$pid"
+}
+run_nginx_proxy nginx1 1 "nginx proxy, 1 worker"
+run_nginx_proxy nginxN "$NPROC" "nginx proxy, $NPROC workers"
+
+# ---------------------------------------------------------------------------------------------
+# Route API helpers.
+api() { python3 "$HERE/routeapi.py" "$@"; }
+
+# add_routes ID NAME APIURL PID COUNT START LIMIT [extra routeapi args]: one by one.
+add_routes() {
+    local id=$1 name=$2 url=$3 pid=$4 count=$5 first=$6 limit=$7; shift 7
+    local out res before
+    before=$(rss_kb "$pid")
+    out=$(timeout $((limit + 120)) python3 "$HERE/routeapi.py" add --api "$url" --token "$TOKEN" \
+        --target "$BACKEND" --ws-target "$WS_BACKEND" --ws-index "$WS_INDEX" \
+        --count "$count" --start "$first" --time-limit "$limit" "$@")
+    res=$(printf '%s\n' "$out" | grep '"op"' | tail -1)
+    printf '%s\n' "$out" | grep '"warning"' >&2
+    [ -n "$res" ] && res=$(merge_json "$res" "{\"rss_kb_before\": ${before:-null}}")
+    if [ -z "$res" ]; then
+        row --id "$id" --name "$name" --rss-kb "$(rss_kb "$pid")" --note "route adds failed $(alive_note "$pid")"
+        return 1
+    fi
+    local note
+    note=$(python3 -c '
+import json, sys
+r = json.loads(sys.argv[1])
+t = "{done:,} adds in {total_s:.1f} s".format(**r)
+if r["timed_out"]:
+    t += " (stopped at the {} s limit; {wanted:,} wanted)".format(sys.argv[2], **r)
+if r["errors"]:
+    t += "; {errors} errors".format(**r)
+print(t)' "$res" "$limit")
+    row --id "$id" --name "$name" --rps "$(jq_ "$res" per_sec)" --p50 "$(jq_ "$res" p50_ms)" \
+        --p99 "$(jq_ "$res" p99_ms)" --errors "$(jq_ "$res" errors)" --rss-kb "$(rss_kb "$pid")" \
+        --note "$note $(alive_note "$pid")" --data "$res"
+    log "$name: $res"
+}
+merge_json() { python3 -c 'import json,sys; a=json.loads(sys.argv[1]); a.update(json.loads(sys.argv[2])); print(json.dumps(a))' "$@"; }
+jq_() { python3 -c 'import json,sys; v=json.loads(sys.argv[1]); [v:=v[k] for k in sys.argv[2:]]; print(v)' "$@"; }
+
+list_routes() {
+    local id=$1 name=$2 url=$3 pid=$4 extra=${5:-}
+    local res
+    res=$(timeout 300 python3 "$HERE/routeapi.py" list --api "$url" --token "$TOKEN" | tail -1)
+    if [ -z "$res" ]; then
+        row --id "$id" --name "$name" --rss-kb "$(rss_kb "$pid")" --note "GET /api/routes failed $(alive_note "$pid")"
+        return 1
+    fi
+    local secs bytes n
+    secs=$(jq_ "$res" secs); bytes=$(jq_ "$res" bytes); n=$(jq_ "$res" routes)
+    row --id "$id" --name "$name" --p50 "$(python3 -c "print($secs*1000)")" --rss-kb "$(rss_kb "$pid")" \
+        --note "status $(jq_ "$res" status), $n routes, $(python3 -c "print(f'{$bytes/2**20:.1f}')") MiB body, one request ${extra}$(alive_note "$pid")" \
+        --data "$res"
+    log "$name: $res"
+}
+
+# ws_rows WHO NAME PROXY_PORT PID [--header ...]
+ws_rows() {
+    local who=$1 name=$2 port=$3 pid=$4; shift 4
+    local url="ws://127.0.0.1:$port/user/u$WS_INDEX/ws" size n res
+    for size in small large; do
+        if [ "$size" = small ]; then n=$WS_SMALL; else n=$WS_LARGE; fi
+        res=$(timeout 600 taskset -c "$LOAD_CPUS" "$WSLOAD" hold --url "$url" --conns "$n" --pid "$pid" \
+            --secs "$WS_HOLD_SECS" --timeout 120 "$@" 2>"$WORK/ws-$who-$size.err" | grep '^{' | tail -1)
+        if [ -z "$res" ]; then
+            row --id "$who.ws.$size" --name "$name: hold $n websockets" --rss-kb "$(rss_kb "$pid")" \
+                --note "wsload failed: $(tail -c 200 "$WORK/ws-$who-$size.err" | tr '\n' ' ') $(alive_note "$pid")"
+            continue
+        fi
+        local note
+        note=$(python3 -c '
+import json, sys
+r = json.loads(sys.argv[1])
+t = "{opened:,}/{wanted:,} opened in {open_secs:.1f} s, {sample_alive}/{sample} answered after the hold".format(**r)
+t += "; RSS before {:.1f} MiB".format(r["rss_kb_before"] / 1024)
+print(t)' "$res")
+        sleep 2
+        local after
+        after=$(rss_kb "$pid")
+        [ -n "$after" ] && note="$note; RSS 2 s after closing them $((after / 1024)) MiB"
+        [ "$size" = large ] && [ -n "$WS_LIMIT_NOTE" ] && note="$note; $WS_LIMIT_NOTE"
+        row --id "$who.ws.$size" --name "$name: hold $n websockets" \
+            --rss-kb "$(jq_ "$res" rss_kb_held)" --errors "$(jq_ "$res" failed)" \
+            --note "$note $(alive_note "$pid")" --data "$res"
+        log "$name hold $n: $res"
+    done
+    res=$(timeout $((WS_RATE_SECS + 120)) taskset -c "$LOAD_CPUS" "$WSLOAD" rate --url "$url" \
+        --conns "$WS_RATE_CONNS" --secs "$WS_RATE_SECS" --pid "$pid" "$@" 2>"$WORK/ws-$who-rate.err" | grep '^{' | tail -1)
+    if [ -z "$res" ]; then
+        row --id "$who.ws.rate" --name "$name: websocket echo" --rss-kb "$(rss_kb "$pid")" \
+            --note "wsload failed: $(tail -c 200 "$WORK/ws-$who-rate.err" | tr '\n' ' ') $(alive_note "$pid")"
+        return
+    fi
+    row --id "$who.ws.rate" --name "$name: websocket echo, $WS_RATE_CONNS conns" \
+        --rps "$(jq_ "$res" msgs_per_sec)" --p50 "$(jq_ "$res" p50_ms)" --p99 "$(jq_ "$res" p99_ms)" \
+        --errors "$(jq_ "$res" errors)" --rss-kb "$(jq_ "$res" rss_kb)" \
+        --note "messages/s (64 B, round trips) $(alive_note "$pid")" --data "$res"
+    log "$name echo: $res"
+}
+
+start_row() {  # ID NAME PID: RSS of a proxy just started, empty table
+    row --id "$1" --name "$2" --rss-kb "$(rss_kb "$3")" --note "started, empty table"
+}
+
+# ---------------------------------------------------------------------------------------------
+# 5. configurable-http-proxy 5.3.0, then hubgate. Each proxy runs twice:
+#  - the load process: empty table, 10 000 routes added one by one, the HTTP rows, websockets;
+#  - the table process, fresh: the big table (CHP: added one by one; hubgate: one sync), then
+#    GET /api/routes. A fresh process, so that the memory a table takes is not hidden in heap
+#    that websockets or load freed before (allocators keep it), nor the other way round.
+start_chp() {  # NAME: sets PROXY_PID, PROXY_PORT, PROXY_API; returns 1 if it did not start
+    PROXY_PORT=$(free_port); local api_port; api_port=$(free_port)
+    start "$1" "$PROXY_CPUS" env CONFIGPROXY_AUTH_TOKEN="$TOKEN" node "$CHP_BIN" --ip 127.0.0.1 \
+        --port "$PROXY_PORT" --api-ip 127.0.0.1 --api-port "$api_port" --log-level warn
+    PROXY_PID=$LAST_PID
+    PROXY_API=http://127.0.0.1:$api_port
+    wait_port "$api_port" && wait_port "$PROXY_PORT" && sleep 1
+}
+start_hubgate() {  # NAME [extra flags]: as start_chp
+    local name=$1; shift
+    PROXY_PORT=$(free_port); local api_port; api_port=$(free_port)
+    start "$name" "$PROXY_CPUS" env CONFIGPROXY_AUTH_TOKEN="$TOKEN" "$HUBGATE" --ip 127.0.0.1 \
+        --port "$PROXY_PORT" --api-ip 127.0.0.1 --api-port "$api_port" --log-level warn "$@"
+    PROXY_PID=$LAST_PID
+    PROXY_API=http://127.0.0.1:$api_port
+    wait_port "$api_port" && wait_port "$PROXY_PORT" && sleep 1
+}
+not_started() {  # ID NAME LOG
+    row --id "$1" --name "$2" --note "did not start: $(tail -c 300 "$WORK/$3.log" | tr '\n' ' ')"
+}
+errlines() { grep -c -E 'ERROR|panicked' "$WORK/$1.log" 2>/dev/null; }
+
+log "CHP 5.3.0"
+if start_chp chp; then
+    CHP_PID=$PROXY_PID
+    start_row chp.start "CHP" "$CHP_PID"
+    add_routes chp.add10k "CHP: add $ROUTES routes one by one" "$PROXY_API" "$CHP_PID" "$ROUTES" 0 600
+    load_pair chp "CHP" "http://127.0.0.1:$PROXY_PORT/user/u$MIDDLE" "$CHP_PID"
+    ws_rows chp "CHP" "$PROXY_PORT" "$CHP_PID"
+else
+    not_started chp.start "CHP" chp
+fi
+stop "$PROXY_PID"
+
+log "CHP 5.3.0, big table"
+if start_chp chp-table; then
+    add_routes chp.table "CHP, fresh: add $CHP_MAX_ROUTES routes one by one" "$PROXY_API" "$PROXY_PID" \
+        "$CHP_MAX_ROUTES" 0 "$CHP_ADD_LIMIT"
+    CHP_N=$(python3 - "$WORK/rows.jsonl" <<'EOF'
+import json, sys
+path = sys.argv[1]
+lines = [json.loads(l) for l in open(path) if l.strip()]
+n = "?"
+for r in lines:
+    if r["id"] == "chp.table" and r.get("data"):
+        r["data"]["routes_before"] = 0
+        r["data"]["routes_after"] = n = r["data"]["done"]
+        n = f"{n:,}"
+open(path, "w").write("".join(json.dumps(r) + "\n" for r in lines))
+print(n)
+EOF
+)
+    row --id chp.sync --name "CHP: sync $SYNC_ROUTES routes" --note "n/a: CHP has no sync API"
+    list_routes chp.list "CHP: GET /api/routes at $CHP_N routes" "$PROXY_API" "$PROXY_PID"
+else
+    not_started chp.table "CHP, big table" chp-table
+fi
+stop "$PROXY_PID"
+CHP_ERRLINES="$(errlines chp)/$(errlines chp-table)"
+
+# ---------------------------------------------------------------------------------------------
+# 6. hubgate, release build, memory store (as JupyterHub starts it).
+log "hubgate"
+HG_METRICS_PORT=$(free_port)
+if start_hubgate hubgate --metrics-ip 127.0.0.1 --metrics-port "$HG_METRICS_PORT"; then
+    HG_PID=$PROXY_PID
+    HG_URL=http://127.0.0.1:$PROXY_PORT/user/u$MIDDLE
+    start_row hubgate.start "hubgate" "$HG_PID"
+    add_routes hubgate.add10k "hubgate: add $ROUTES routes one by one" "$PROXY_API" "$HG_PID" "$ROUTES" 0 600
+    load_pair hubgate "hubgate" "$HG_URL" "$HG_PID"
+    # Scraped every 100 ms, then the same load again without, to see the noise between the two
+    # plain runs.
+    timeout $((WARM + DUR + 60)) taskset -c "$LOAD_CPUS" python3 "$HERE/scrape.py" \
+        --url "http://127.0.0.1:$HG_METRICS_PORT/metrics" --interval 0.1 --secs $((WARM + DUR + 1)) \
+        >"$WORK/scrape.out" 2>&1 &
+    SCRAPE_PID=$!
+    PIDS+=("$SCRAPE_PID")
+    load hubgate.scraped "hubgate, small, /metrics scraped every 100 ms" "$HG_URL/small" "$HG_PID"
+    wait "$SCRAPE_PID" 2>/dev/null
+    SCRAPE=$(grep '^{' "$WORK/scrape.out" | tail -1)
+    if [ -n "$SCRAPE" ]; then
+        python3 - "$WORK/rows.jsonl" "$SCRAPE" <<'EOF'
+import json, sys
+path, s = sys.argv[1], json.loads(sys.argv[2])
+lines = [json.loads(l) for l in open(path) if l.strip()]
+for r in lines:
+    if r["id"] == "hubgate.scraped":
+        r["note"] = (f"{s['scrapes']} scrapes ({s['failed']} failed), {s['bytes'] / 1024:.0f} KiB each, "
+                     f"slowest {s['worst_ms']:.1f} ms " + r.get("note", "")).strip()
+        r["data"] = s
+open(path, "w").write("".join(json.dumps(r) + "\n" for r in lines))
+EOF
+    fi
+    load hubgate.repeat "hubgate, small, again (noise check)" "$HG_URL/small" "$HG_PID"
+    ws_rows hubgate "hubgate" "$PROXY_PORT" "$HG_PID"
+else
+    not_started hubgate.start "hubgate" hubgate
+fi
+stop "$PROXY_PID"
+
+log "hubgate, big table"
+if start_hubgate hubgate-table; then
+    before=$(rss_kb "$PROXY_PID")
+    res=$(timeout 600 python3 "$HERE/routeapi.py" sync --api "$PROXY_API" --token "$TOKEN" \
+        --target "$BACKEND" --count "$SYNC_ROUTES" | tail -1)
+    if [ -n "$res" ] && [ "$(jq_ "$res" status)" = 200 ]; then
+        row --id hubgate.table --name "hubgate, fresh: sync $SYNC_ROUTES routes (one POST /api/proxy)" \
+            --p50 "$(python3 -c "print($(jq_ "$res" secs)*1000)")" --rss-kb "$(rss_kb "$PROXY_PID")" \
+            --note "one request of $(python3 -c "print(f'{$(jq_ "$res" request_bytes)/2**20:.1f}')") MiB; answer $(jq_ "$res" answer | tr -d "'{}" | cut -c1-120) $(alive_note "$PROXY_PID")" \
+            --data "$(python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r.pop("answer",None); r.update(rss_kb_before=int(sys.argv[2]), routes_before=0, routes_after=r["routes"]); print(json.dumps(r))' "$res" "$before")"
+        log "hubgate sync: $res"
+    else
+        row --id hubgate.table --name "hubgate: sync $SYNC_ROUTES routes" --rss-kb "$(rss_kb "$PROXY_PID")" \
+            --note "sync failed: ${res:0:200} $(alive_note "$PROXY_PID")"
+    fi
+    list_routes hubgate.list "hubgate: GET /api/routes at $SYNC_ROUTES routes" "$PROXY_API" "$PROXY_PID"
+else
+    not_started hubgate.table "hubgate, big table" hubgate-table
+fi
+stop "$PROXY_PID"
+HG_ERRLINES="$(errlines hubgate)/$(errlines hubgate-table)"
+
+# ---------------------------------------------------------------------------------------------
+# 7. hubgate with the embedded file store: every add is fsync'ed before its 201.
+log "hubgate, file store"
+if start_hubgate hubgate-file --storage-backend file --storage-path "$WORK/hubgate-store"; then
+    add_routes hubgatefile.add10k "hubgate, file store: add $ROUTES routes one by one (fsync each)" \
+        "$PROXY_API" "$PROXY_PID" "$ROUTES" 0 $((QUICK == 1 ? 30 : 300))
+else
+    not_started hubgatefile.add10k "hubgate, file store" hubgate-file
+fi
+stop "$PROXY_PID"
+
+# 8. hubgate with authentication at the edge, against a fake hub, with a cached token. The same
+# process also serves a route that opts out ("auth": "none"), measured just before: the cost of
+# authentication without a second process in between.
+log "hubgate with authentication"
+HUB_PORT=$(free_port)
+start fakehub "$BACKEND_CPUS" python3 "$HERE/fakehub.py" --port "$HUB_PORT" --token "$USER_TOKEN" \
+    --user "u$MIDDLE" --secs 14400
+HUB_PID=$LAST_PID
+OPEN=$((MIDDLE + 1))
+if wait_port "$HUB_PORT" && JUPYTERHUB_API_TOKEN="$HUB_TOKEN" start_hubgate hubgate-auth \
+        --hub-api-url "http://127.0.0.1:$HUB_PORT/hub/api"; then
+    timeout 300 python3 "$HERE/routeapi.py" sync --api "$PROXY_API" --token "$TOKEN" \
+        --target "$BACKEND" --count "$ROUTES" --with-user >"$WORK/auth-sync.out"
+    curl -s -o /dev/null --max-time 10 -X POST -H "Authorization: token $TOKEN" \
+        -d "{\"target\": \"$BACKEND\", \"user\": \"u$OPEN\", \"auth\": \"none\"}" "$PROXY_API/api/routes/user/u$OPEN"
+    URL="http://127.0.0.1:$PROXY_PORT/user/u$MIDDLE/small"
+    code_ok=$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 -H "Authorization: token $USER_TOKEN" "$URL")
+    code_no=$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 "$URL")
+    code_open=$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 "http://127.0.0.1:$PROXY_PORT/user/u$OPEN/small")
+    EXTRA_NOTE="same process, route u$OPEN with \"auth\": \"none\" (answered $code_open); "
+    load hubgate.authopen "hubgate + auth, small, open route" "http://127.0.0.1:$PROXY_PORT/user/u$OPEN/small" "$PROXY_PID"
+    EXTRA_NOTE="check: with the token $code_ok, without $code_no; "
+    load hubgate.auth "hubgate + auth, small, cached token" "$URL" "$PROXY_PID" \
+        -H "Authorization: token $USER_TOKEN"
+    EXTRA_NOTE=""
+    STATS=$(curl -s --max-time 5 "http://127.0.0.1:$HUB_PORT/_stats")
+    python3 - "$WORK/rows.jsonl" "$STATS" <<'EOF'
+import json, sys
+path, s = sys.argv[1], json.loads(sys.argv[2] or "{}")
+lines = [json.loads(l) for l in open(path) if l.strip()]
+for r in lines:
+    if r["id"] == "hubgate.auth":
+        r["data"] = {"hub_user_calls": s.get("user", 0), "hub_calls": s}
+        r["note"] = (r.get("note", "") + f"hub calls: GET /user {s.get('user', 0)}, "
+                     f"GET /hub/api {s.get('root', 0)}, POST /proxy {s.get('proxy', 0)}").strip()
+open(path, "w").write("".join(json.dumps(r) + "\n" for r in lines))
+EOF
+else
+    not_started hubgate.auth "hubgate + auth" hubgate-auth
+fi
+stop "$PROXY_PID"
+stop "$HUB_PID"
+HGA_ERRLINES=$(errlines hubgate-auth)
+
+# ---------------------------------------------------------------------------------------------
+# 9. The report.
+RUN_SECS=$(($(date +%s) - RUN_START))
+HOST=$(hostname -s 2>/dev/null || hostname)
+DATE=$(date +%F)
+if [ -z "$OUT" ]; then
+    suffix=""; [ "$QUICK" = 1 ] && suffix="-quick"
+    OUT=$REPO/benches/results/$DATE-$HOST$suffix.md
+fi
+mkdir -p "$(dirname "$OUT")"
+if [ -n "$COMMIT_REV" ]; then
+    COMMIT="${COMMIT_FULL:0:12} (built from an export of that commit)"
+else
+    COMMIT=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+    DIRTY=$(git -C "$REPO" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null | wc -l)
+    [ "$DIRTY" != 0 ] && COMMIT="$COMMIT + $DIRTY uncommitted changes under src/, Cargo.*"
+fi
+python3 - "$WORK/meta.json" <<EOF
+import json, sys
+meta = {
+    "date": "$(date '+%F %T %Z')",
+    "mode": "$MODE (run took ${RUN_SECS} s, builds and installs excluded)",
+    "duration": $DUR, "warmup": $WARM,
+    "wrk_args": "-t$WRK_THREADS -c$WRK_CONNS, small = ${#SMALL_BODY}+1 B body, 1 MiB = $BIG_BYTES B file (sendfile); $ROUTES routes in every table, requests hit /user/u$MIDDLE",
+    "host": "$HOST",
+    "nproc": "$NPROC",
+    "cpu": """$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)""",
+    "memory": "$(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)",
+    "kernel": "$(uname -sr)",
+    "wrk": """$(wrk -v 2>&1 | head -1 | cut -c1-60)""",
+    "nginx": """$("$NGINX" -v 2>&1 | head -1)""",
+    "node": "$(node --version)",
+    "chp": "configurable-http-proxy $(python3 -c "import json; print(json.load(open('$CHP_DIR/node_modules/configurable-http-proxy/package.json'))['version'])")",
+    "hubgate": """$("$HUBGATE" --version 2>&1 | head -1), git $COMMIT; log lines with ERROR or panicked (load/table/auth process): ${HG_ERRLINES:-?}/${HGA_ERRLINES:-?}; CHP's (load/table): ${CHP_ERRLINES:-?}""",
+    "python": "$(python3 --version 2>&1)",
+    "loadavg_before": "$LOADAVG_BEFORE",
+    "loadavg_after": "$(cut -d' ' -f1-3 /proc/loadavg)",
+    "ulimit_n": "$NOFILE",
+    "placement": "backend nginx (1 worker) and websocket echo on cpus $BACKEND_CPUS; proxy under test on cpus $PROXY_CPUS; wrk, wsload and the route API client on cpus $LOAD_CPUS (taskset). nginx proxies: proxy_buffering off (streams, as CHP and hubgate do) with 64 KiB buffers (the 4 KiB default halves 1 MiB throughput), upstream keepalive 64.",
+}
+json.dump(meta, open(sys.argv[1], "w"))
+EOF
+python3 "$HERE/report.py" render --rows "$WORK/rows.jsonl" --meta "$WORK/meta.json" >"$OUT"
+cat "$OUT"
+log "report written to $OUT (run took ${RUN_SECS} s)"
