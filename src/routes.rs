@@ -168,13 +168,23 @@ pub enum Outcome {
     Absent,
 }
 
+/// The persistent map of routes by key.
+type RouteMap = imbl::GenericHashMap<
+    Arc<str>,
+    Arc<Route>,
+    foldhash::fast::RandomState,
+    imbl::shared_ptr::DefaultSharedPtr,
+>;
+
 /// How many removals a snapshot remembers for "changes since version" queries.
 const TOMBSTONES: usize = 100_000;
 
 /// An immutable view of the whole table.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    routes: imbl::HashMap<Arc<str>, Arc<Route>>,
+    /// foldhash rather than SipHash: a lookup hashes up to one prefix per path segment, and the
+    /// keys come from the hub, not from clients, so flooding resistance buys nothing here.
+    routes: RouteMap,
     /// How many keys have each depth; its length bounds how deep a lookup starts probing.
     depth_counts: Vec<usize>,
     version: u64,
