@@ -213,22 +213,22 @@ impl Auth {
     /// Decides whether a request may go to `route`.
     pub async fn check<B>(&self, req: &Request<B>, route: &Route, websocket: bool) -> Verdict {
         let verdict = self.decide(req, route, websocket).await;
+        use crate::metrics::AuthOutcome;
         let outcome = match &verdict {
             Verdict::Allow(a) if a.identity.is_none() => None,
-            Verdict::Allow(_) => Some("allowed"),
+            Verdict::Allow(_) => Some(AuthOutcome::Allowed),
             Verdict::Respond(r) => Some(match r.status() {
-                StatusCode::FORBIDDEN => "denied",
-                StatusCode::SERVICE_UNAVAILABLE => "hub_error",
+                StatusCode::FORBIDDEN => AuthOutcome::Denied,
+                StatusCode::SERVICE_UNAVAILABLE => AuthOutcome::HubError,
                 // A 302 carrying a cookie trades a URL token for a session: allowed.
-                StatusCode::FOUND if r.headers().contains_key(header::SET_COOKIE) => "allowed",
-                _ => "no_credentials",
+                StatusCode::FOUND if r.headers().contains_key(header::SET_COOKIE) => {
+                    AuthOutcome::Allowed
+                }
+                _ => AuthOutcome::NoCredentials,
             }),
         };
         if let Some(outcome) = outcome {
-            crate::metrics::get()
-                .auth_decisions
-                .with_label_values(&[outcome])
-                .inc();
+            crate::metrics::get().auth_decision(outcome);
         }
         verdict
     }
@@ -284,7 +284,7 @@ impl Auth {
         }
         let set_cookie = if found.renewed {
             tracing::debug!(user = %who.name, "session renewed with its hub token");
-            self.session_cookie(&who, found.token.as_deref())
+            self.session_cookie(&who, found.token.as_deref(), self.secure(req))
         } else {
             None
         };
@@ -352,19 +352,20 @@ impl Auth {
         session_id: &str,
     ) -> Result<Option<Arc<Identity>>, AuthError> {
         let key = digest(&["token", token, session_id]);
-        let (hub, token) = (self.hub.clone(), token.to_owned());
         let legacy = self.settings.legacy_token_endpoint;
-        let (entry, source) = self
-            .credentials
-            .get(key, move || async move {
+        // The clones happen only on a miss: a cache hit never calls this closure.
+        let fetch = || {
+            let (hub, token) = (self.hub.clone(), token.to_owned());
+            async move {
                 let user = if legacy {
                     hub.user_for_token_legacy(&token).await?
                 } else {
                     hub.user_for_token(&token).await?
                 };
                 Ok(user.map(|u| Arc::new(Identity::from_hub(u))))
-            })
-            .await?;
+            }
+        };
+        let (entry, source) = self.credentials.get(key, fetch).await?;
         log_source(source);
         Ok(entry.value.clone())
     }
@@ -514,7 +515,7 @@ impl Auth {
                 .map_or("/", |pq| pq.as_str())
                 .to_owned();
             if self.settings.oauth.is_some() {
-                if let Some(resp) = self.oauth_redirect(&next) {
+                if let Some(resp) = self.oauth_redirect(&next, self.secure(req)) {
                     return resp;
                 }
             }
@@ -537,6 +538,16 @@ impl Auth {
         resp
     }
 
+    /// Whether hubgate's cookies for this request get `Secure`: always with `--cookie-secure`,
+    /// and whenever the request came over TLS.
+    fn secure<B>(&self, req: &Request<B>) -> bool {
+        self.settings.cookie_secure
+            || req
+                .extensions()
+                .get::<crate::proxy::ConnInfo>()
+                .is_some_and(|c| c.tls)
+    }
+
     /// `/hub/api` → `/hub/`: where the hub's pages live, for login redirects.
     fn hub_prefix(&self) -> String {
         let api = self.hub.api_path().trim_end_matches('/');
@@ -551,7 +562,7 @@ impl Auth {
         who: &Identity,
         token: Option<&str>,
     ) -> Option<Response<ProxyBody>> {
-        let cookie = self.session_cookie(who, token)?;
+        let cookie = self.session_cookie(who, token, self.secure(req))?;
         let mut location = req.uri().path().to_owned();
         if let Some(q) = strip_token_param(req.uri().query()) {
             location.push('?');
@@ -563,14 +574,15 @@ impl Auth {
     /// `Set-Cookie` for a new session of `who`. The session itself expires with the cache TTL;
     /// one made from a hub token is kept by the browser for the browser session, so that when it
     /// expires the token inside can renew it (see [`Auth::identify_session`]).
-    fn session_cookie(&self, who: &Identity, hub_token: Option<&str>) -> Option<HeaderValue> {
+    fn session_cookie(
+        &self,
+        who: &Identity,
+        hub_token: Option<&str>,
+        secure: bool,
+    ) -> Option<HeaderValue> {
         let lifetime = self.settings.cache_ttl.as_secs().max(1) as i64;
         let jwt = self.signer.session(who, lifetime, hub_token)?;
-        let secure = if self.settings.cookie_secure {
-            "; Secure"
-        } else {
-            ""
-        };
+        let secure = if secure { "; Secure" } else { "" };
         let max_age = if hub_token.is_some() {
             String::new()
         } else {

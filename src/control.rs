@@ -117,7 +117,7 @@ impl Control {
 
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(writer(table.clone(), store.clone(), rx));
-        if store.name() != "memory" {
+        if store.keeps_writes() {
             tokio::spawn(flush_activity(table, store));
         }
         Ok((Control { tx }, loaded.trusted))
@@ -182,13 +182,17 @@ async fn writer(table: Arc<RouteTable>, store: Arc<dyn Store>, mut rx: mpsc::Rec
                 ));
                 continue;
             }
-            let stored: Vec<StoredChange> = changes
-                .iter()
-                .map(|c| match c {
-                    Change::Upsert(r) => StoredChange::Put(r.to_stored()),
-                    Change::Remove(k) => StoredChange::Del { key: k.to_string() },
-                })
-                .collect();
+            let stored: Vec<StoredChange> = if store.keeps_writes() {
+                changes
+                    .iter()
+                    .map(|c| match c {
+                        Change::Upsert(r) => StoredChange::Put(r.to_stored()),
+                        Change::Remove(k) => StoredChange::Del { key: k.to_string() },
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
             next.apply_batch(changes);
             batches.push(Batch {
                 version: next.version(),

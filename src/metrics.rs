@@ -11,7 +11,7 @@
 //! becomes a label value.
 
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::LazyLock;
+use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
 
 use http::Method;
@@ -38,6 +38,18 @@ const METHODS: [&str; 8] = [
     "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "other",
 ];
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+/// Outcomes of an authentication decision, in [`AuthOutcome`] order.
+const AUTH_OUTCOMES: [&str; 4] = ["allowed", "denied", "no_credentials", "hub_error"];
+
+/// How an authentication decision ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthOutcome {
+    Allowed = 0,
+    Denied = 1,
+    NoCredentials = 2,
+    HubError = 3,
+}
+
 const CAUSES: [&str; 5] = ["refused", "timeout", "reset", "tls", "other"];
 
 /// Latency buckets, seconds: 100 µs to 30 s.
@@ -54,16 +66,40 @@ const LIFETIME: &[f64] = &[1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0, 8640
 /// Sizes of syncs and batches, in routes.
 const SIZES: &[f64] = &[1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0, 1000000.0];
 
+/// The series of one labelled family, each made on its first use and reached from then on with
+/// one atomic load: a request never takes the family's lock, and a scrape shows only series
+/// that happened (which keeps scrapes small and cheap).
+/// Makes the series for a list of label values (the family's `with_label_values`).
+type MakeSeries<M> = Box<dyn Fn(&[&str]) -> M + Send + Sync>;
+
+struct Lazy<M> {
+    make: MakeSeries<M>,
+    cells: Box<[OnceLock<M>]>,
+}
+
+impl<M> Lazy<M> {
+    fn new(make: impl Fn(&[&str]) -> M + Send + Sync + 'static, n: usize) -> Self {
+        Lazy {
+            make: Box::new(make),
+            cells: (0..n).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    fn get<const N: usize>(&self, i: usize, labels: impl FnOnce() -> [&'static str; N]) -> &M {
+        self.cells[i].get_or_init(|| (self.make)(&labels()))
+    }
+}
+
 /// The process's metrics.
 pub struct Metrics {
     registry: Registry,
 
-    requests: Vec<IntCounter>,
-    duration: Vec<Histogram>,
-    upstream: Vec<Histogram>,
+    requests: Lazy<IntCounter>,
+    duration: Lazy<Histogram>,
+    upstream: Lazy<Histogram>,
     overhead: Histogram,
-    request_bytes: Vec<IntCounter>,
-    response_bytes: Vec<IntCounter>,
+    request_bytes: Lazy<IntCounter>,
+    response_bytes: Lazy<IntCounter>,
     pub active_connections: IntGaugeVec,
     pub active_websockets: IntGauge,
     pub websockets: IntCounter,
@@ -83,7 +119,7 @@ pub struct Metrics {
     /// When the store last refused a write (ms since the epoch; 0: never). For `/api/status`.
     pub last_store_failure_ms: AtomicI64,
 
-    pub auth_decisions: IntCounterVec,
+    auth_decisions: [IntCounter; 4],
     pub auth_cache: IntCounterVec,
     pub auth_cache_entries: IntGauge,
     pub hub_requests: IntCounterVec,
@@ -159,16 +195,13 @@ impl Metrics {
             "Requests on the public port, by route kind, method and status class.",
             &["kind", "method", "status_class"],
         );
-        let mut requests = Vec::with_capacity(KINDS.len() * METHODS.len() * CLASSES.len());
-        for kind in KINDS {
-            for method in METHODS {
-                for class in CLASSES {
-                    requests.push(requests_vec.with_label_values(&[kind, method, class]));
-                }
-            }
-        }
-        let by_kind = |v: &HistogramVec| -> Vec<Histogram> {
-            KINDS.iter().map(|k| v.with_label_values(&[k])).collect()
+        let requests = Lazy::new(
+            move |l| requests_vec.with_label_values(l),
+            KINDS.len() * METHODS.len() * CLASSES.len(),
+        );
+        let by_kind = |v: &HistogramVec| {
+            let v = v.clone();
+            Lazy::new(move |l| v.with_label_values(l), KINDS.len())
         };
         let duration_vec = histogram_vec(
             &r,
@@ -184,9 +217,9 @@ impl Metrics {
             &["kind"],
             LATENCY,
         );
-        let bytes = |name: &str, help: &str| -> Vec<IntCounter> {
+        let bytes = |name: &str, help: &str| {
             let v = counter_vec(&r, name, help, &["kind"]);
-            KINDS.iter().map(|k| v.with_label_values(&[k])).collect()
+            Lazy::new(move |l| v.with_label_values(l), KINDS.len())
         };
         let request_bytes = bytes(
             "hubgate_request_bytes_total",
@@ -227,7 +260,7 @@ impl Metrics {
         );
         start_time_seconds.set(chrono::Utc::now().timestamp());
 
-        Metrics {
+        let m = Metrics {
             requests,
             duration: by_kind(&duration_vec),
             upstream: by_kind(&upstream_vec),
@@ -311,12 +344,15 @@ impl Metrics {
             ),
             last_store_failure_ms: AtomicI64::new(0),
 
-            auth_decisions: counter_vec(
-                &r,
-                "hubgate_auth_decisions_total",
-                "Authentication decisions on protected routes, by outcome.",
-                &["outcome"],
-            ),
+            auth_decisions: {
+                let v = counter_vec(
+                    &r,
+                    "hubgate_auth_decisions_total",
+                    "Authentication decisions on protected routes, by outcome.",
+                    &["outcome"],
+                );
+                AUTH_OUTCOMES.map(|o| v.with_label_values(&[o]))
+            },
             auth_cache: counter_vec(
                 &r,
                 "hubgate_auth_cache_total",
@@ -385,7 +421,20 @@ impl Metrics {
             ),
             start_time_seconds,
             registry: r,
-        }
+        };
+        // One series of each lazily made family exists from the start, so every family (and its
+        // type) is in the first scrape and `rate()` has a zero to start from for the commonest
+        // traffic; the rest appear as they happen.
+        let user = RouteKind::User as usize;
+        m.requests
+            .get(user * METHODS.len() * CLASSES.len() + 1, || {
+                [KINDS[user], METHODS[0], CLASSES[1]]
+            });
+        m.duration.get(user, || [KINDS[user]]);
+        m.upstream.get(user, || [KINDS[user]]);
+        m.request_bytes(RouteKind::User);
+        m.response_bytes(RouteKind::User);
+        m
     }
 
     /// Records one request answered on the public port.
@@ -401,10 +450,18 @@ impl Metrics {
         let m = method_index(method);
         let class = (usize::from(status / 100)).clamp(1, 5) - 1;
         let k = kind as usize;
-        self.requests[(k * METHODS.len() + m) * CLASSES.len() + class].inc();
-        self.duration[k].observe(total.as_secs_f64());
+        self.requests
+            .get((k * METHODS.len() + m) * CLASSES.len() + class, || {
+                [KINDS[k], METHODS[m], CLASSES[class]]
+            })
+            .inc();
+        self.duration
+            .get(k, || [KINDS[k]])
+            .observe(total.as_secs_f64());
         if let Some(up) = upstream {
-            self.upstream[k].observe(up.as_secs_f64());
+            self.upstream
+                .get(k, || [KINDS[k]])
+                .observe(up.as_secs_f64());
             self.overhead
                 .observe(total.saturating_sub(up).as_secs_f64());
         }
@@ -421,6 +478,10 @@ impl Metrics {
             self.no_route.inc();
             self.chp_requests_proxy.with_label_values(&["404"]).inc();
         }
+    }
+
+    pub fn auth_decision(&self, outcome: AuthOutcome) {
+        self.auth_decisions[outcome as usize].inc();
     }
 
     pub fn lookup_time(&self, d: Duration) {
@@ -441,11 +502,13 @@ impl Metrics {
     }
 
     pub fn request_bytes(&self, kind: RouteKind) -> &IntCounter {
-        &self.request_bytes[kind as usize]
+        let k = kind as usize;
+        self.request_bytes.get(k, || [KINDS[k]])
     }
 
     pub fn response_bytes(&self, kind: RouteKind) -> &IntCounter {
-        &self.response_bytes[kind as usize]
+        let k = kind as usize;
+        self.response_bytes.get(k, || [KINDS[k]])
     }
 
     /// The Prometheus text format of every metric.

@@ -230,9 +230,11 @@ impl Proxy {
     /// Serves one request. Never fails: every error becomes a response.
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         conn: ConnInfo,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        // Authentication reads it (cookies are `Secure` on TLS connections).
+        req.extensions_mut().insert(conn);
         if req.uri().path() == "/_chp_healthz" && req.uri().query().is_none() {
             return Ok(json(StatusCode::OK, r#"{"status": "OK"}"#));
         }

@@ -68,6 +68,12 @@ pub trait Store: Send + Sync + 'static {
     /// A short name for logs and metrics.
     fn name(&self) -> &'static str;
 
+    /// Whether writes keep anything. The control plane skips preparing the records of a store
+    /// that would only drop them (a sync of 100 000 routes need not copy them all).
+    fn keeps_writes(&self) -> bool {
+        true
+    }
+
     /// Reads the whole stored table.
     fn load(&self) -> BoxFuture<'_, Result<Loaded, StoreError>>;
 
@@ -109,6 +115,10 @@ pub struct MemoryStore;
 impl Store for MemoryStore {
     fn name(&self) -> &'static str {
         "memory"
+    }
+
+    fn keeps_writes(&self) -> bool {
+        false
     }
 
     fn load(&self) -> BoxFuture<'_, Result<Loaded, StoreError>> {

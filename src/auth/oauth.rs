@@ -55,7 +55,7 @@ impl Auth {
     }
 
     /// Sends a browser to the hub to log in, remembering `next`.
-    pub(super) fn oauth_redirect(&self, next: &str) -> Option<Response<ProxyBody>> {
+    pub(super) fn oauth_redirect(&self, next: &str, secure: bool) -> Option<Response<ProxyBody>> {
         let oauth = self.settings.oauth.as_ref()?;
         let mut raw = [0u8; 32];
         SystemRandom::new().fill(&mut raw).ok()?;
@@ -77,7 +77,7 @@ impl Auth {
         let cookie = HeaderValue::from_str(&format!(
             "{STATE_COOKIE}={verifier}; Path={}; Max-Age={STATE_LIFETIME_SECS}; HttpOnly; SameSite=Lax{}",
             oauth.callback_path,
-            if self.settings.cookie_secure { "; Secure" } else { "" }
+            if secure { "; Secure" } else { "" }
         ))
         .ok()?;
         Some(redirect(
@@ -179,7 +179,7 @@ impl Auth {
             }
         };
         tracing::info!(user = %who.name, "logged in through the hub");
-        let Some(session) = self.session_cookie(&who, Some(&token)) else {
+        let Some(session) = self.session_cookie(&who, Some(&token), self.secure(req)) else {
             return refusal(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "Could not create a session.",
