@@ -108,6 +108,10 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
     };
     let proxy_tls = tls_of("proxy", &config.proxy_tls)?;
     let api_tls = tls_of("api", &config.api_tls)?;
+    let tls_listeners: Vec<_> = [proxy_tls.clone(), api_tls.clone()]
+        .into_iter()
+        .flatten()
+        .collect();
     let client_tls = tls::client_config(&config.client_tls, config.insecure)
         .map_err(|e| anyhow::anyhow!("--client-ssl-*: {e}"))?;
 
@@ -216,6 +220,7 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
         auth.clone(),
         config.auth_token.is_none(),
         config.auth.as_ref().is_some_and(|a| a.ephemeral_secret),
+        tls_listeners.clone(),
     ));
     let api = Arc::new(api::Api::new(
         table.clone(),
@@ -250,9 +255,7 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
         tls: None,
         ..api_settings.clone()
     };
-    tokio::spawn(tls::watch(
-        [proxy_tls, api_tls].into_iter().flatten().collect(),
-    ));
+    tokio::spawn(tls::watch(tls_listeners));
     let grace = config.shutdown_grace;
     let proxy_task = tokio::spawn(server::serve(
         proxy_listener,

@@ -136,6 +136,7 @@ pub struct Metrics {
     pub chp_last_activity_updating: Histogram,
 
     pub start_time_seconds: IntGauge,
+    pub certificate_expiry: IntGaugeVec,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -420,6 +421,18 @@ impl Metrics {
                 OVERHEAD,
             ),
             start_time_seconds,
+            certificate_expiry: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "hubgate_tls_certificate_expiry_seconds",
+                        "When a listener's certificate expires, seconds since the Unix epoch.",
+                    ),
+                    &["listener"],
+                )
+                .expect("a valid metric");
+                r.register(Box::new(g.clone())).expect("a unique metric");
+                g
+            },
             registry: r,
         };
         // One series of each lazily made family exists from the start, so every family (and its

@@ -25,6 +25,8 @@ const HUB_FRESH: Duration = Duration::from_secs(30);
 /// How long a store failure or target failures keep showing in the status report.
 const STORE_FAILURE_WINDOW_MS: i64 = 5 * 60 * 1000;
 const TARGET_FAILURE_WINDOW_MS: i64 = 60 * 1000;
+/// A certificate expiring within this is reported.
+const CERT_WARNING_MS: i64 = 14 * 24 * 3600 * 1000;
 
 /// hubgate's view of its own health.
 pub struct Status {
@@ -34,6 +36,8 @@ pub struct Status {
     auth: Option<Arc<Auth>>,
     api_open: bool,
     ephemeral_secret: bool,
+    /// The TLS listeners, for certificate expiry.
+    tls: Vec<Arc<crate::tls::Reloadable>>,
 }
 
 impl Status {
@@ -43,6 +47,7 @@ impl Status {
         auth: Option<Arc<Auth>>,
         api_open: bool,
         ephemeral_secret: bool,
+        tls: Vec<Arc<crate::tls::Reloadable>>,
     ) -> Self {
         Status {
             started: Instant::now(),
@@ -51,6 +56,7 @@ impl Status {
             auth,
             api_open,
             ephemeral_secret,
+            tls,
         }
     }
 
@@ -104,6 +110,20 @@ impl Status {
         if self.api_open {
             warnings.push("CONFIGPROXY_AUTH_TOKEN is not set: the API is open".to_owned());
         }
+        for tls in &self.tls {
+            match tls.not_after() {
+                Some(t) if t * 1000 - now < CERT_WARNING_MS => warnings.push(format!(
+                    "the {} listener's certificate expires at {}",
+                    tls.name(),
+                    format_timestamp(t * 1000)
+                )),
+                Some(_) => {}
+                None => warnings.push(format!(
+                    "the {} listener's certificate expiry cannot be read",
+                    tls.name()
+                )),
+            }
+        }
         if self.ephemeral_secret {
             warnings.push(
                 "no session secrets configured: sessions end at restart and are not shared"
@@ -144,6 +164,11 @@ impl Status {
         m.table_version.set(snapshot.version() as i64);
         if let Some(auth) = &self.auth {
             m.auth_cache_entries.set(auth.cache_len() as i64);
+        }
+        for tls in &self.tls {
+            if let Some(t) = tls.not_after() {
+                m.certificate_expiry.with_label_values(&[tls.name()]).set(t);
+            }
         }
         let mut resp = Response::new(crate::proxy::full_body(m.render()));
         resp.headers_mut().insert(

@@ -168,6 +168,8 @@ pub struct Reloadable {
     files: ServerFiles,
     name: &'static str,
     current: ArcSwap<ServerConfig>,
+    /// When the certificate in use stops being valid (seconds since the epoch), if readable.
+    not_after: std::sync::atomic::AtomicI64,
     /// Modification times of the files the current configuration came from.
     stamps: std::sync::Mutex<Vec<Option<SystemTime>>>,
 }
@@ -180,10 +182,12 @@ impl Reloadable {
     pub fn load(name: &'static str, files: ServerFiles) -> Result<Arc<Self>, TlsError> {
         let config = server_config(&files)?;
         let stamps = stamps(&files);
+        let expiry = not_after(&files.cert).unwrap_or(0);
         Ok(Arc::new(Reloadable {
             files,
             name,
             current: ArcSwap::from_pointee(config),
+            not_after: std::sync::atomic::AtomicI64::new(expiry),
             stamps: std::sync::Mutex::new(stamps),
         }))
     }
@@ -198,6 +202,10 @@ impl Reloadable {
         match server_config(&self.files) {
             Ok(config) => {
                 self.current.store(Arc::new(config));
+                self.not_after.store(
+                    not_after(&self.files.cert).unwrap_or(0),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) = stamps(&self.files);
                 tracing::info!(listener = self.name, cert = %self.files.cert.display(), "TLS certificate reloaded");
                 true
@@ -216,10 +224,22 @@ impl Reloadable {
         *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) != stamps(&self.files)
     }
 
-    /// The certificate's expiry, for the status report.
-    pub fn files(&self) -> &ServerFiles {
-        &self.files
+    /// The listener this configuration serves (`proxy`, `api`).
+    pub fn name(&self) -> &'static str {
+        self.name
     }
+
+    /// When the certificate in use expires, seconds since the epoch (`None` if unreadable).
+    pub fn not_after(&self) -> Option<i64> {
+        Some(self.not_after.load(std::sync::atomic::Ordering::Relaxed)).filter(|t| *t > 0)
+    }
+}
+
+/// The `notAfter` of the first (leaf) certificate in a PEM file.
+fn not_after(path: &Path) -> Option<i64> {
+    let cert = certificates(path).ok()?.into_iter().next()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&cert).ok()?;
+    Some(parsed.validity().not_after.timestamp())
 }
 
 fn stamps(files: &ServerFiles) -> Vec<Option<SystemTime>> {

@@ -35,10 +35,12 @@ def cmd_add(a):
                    + w["err_timeout"], requests=w["requests"])
         if w["err_status"]:
             row["non2xx"] = w["err_status"]
-    for k in ("rps", "p50", "p99", "mbps", "rss_kb", "errors"):
+    for k in ("rps", "p50", "p99", "mbps", "rss_kb", "errors", "cpu_secs", "cpu_us"):
         v = getattr(a, k)
         if v not in (None, ""):
             row[k] = float(v)
+    if row.get("cpu_secs") is not None and row.get("requests"):
+        row["cpu_us"] = row["cpu_secs"] * 1e6 / row["requests"]
     if a.note:
         row["note"] = a.note
     if a.data:
@@ -78,16 +80,21 @@ def render(rows, order, meta):
     w("")
     w("## Results")
     w("")
-    w("| row | req/s | p50 ms | p99 ms | MB/s | RSS MiB | errors | notes |")
-    w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    w("| row | req/s | p50 ms | p99 ms | MB/s | RSS MiB | CPU µs/req | errors | notes |")
+    w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for rid in order:
         r = rows[rid]
         rss = r.get("rss_kb")
         err = r.get("errors")
-        w("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
+        w("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             r["name"], fmt(r.get("rps"), 0), fmt_ms(r.get("p50")), fmt_ms(r.get("p99")),
             fmt(r.get("mbps"), 1), fmt(rss / 1024 if rss is not None else None, 1),
+            fmt(r.get("cpu_us"), 1),
             "" if err is None else f"{err:.0f}", r.get("note", "")))
+    w("")
+    w("RSS: resident memory of the process under test (nginx: master and workers) after the row. "
+      "CPU µs/req: user and system CPU that process used during the measured run, divided by the "
+      "requests: less sensitive than requests/s to whatever else shares the cores.")
     w("")
     w("## Ratios (same run)")
     w("")
@@ -126,6 +133,10 @@ def ratios(rows):
                             get(rows, "hubgate.small", "p99"), get(rows, "nginxN.small", "p99")))
     lines.append(ratio_line("hubgate p99 / CHP p99 (small)",
                             get(rows, "hubgate.small", "p99"), get(rows, "chp.small", "p99")))
+    lines.append(ratio_line("hubgate / nginx (1 worker), CPU per request (small)",
+                            get(rows, "hubgate.small", "cpu_us"), get(rows, "nginx1.small", "cpu_us")))
+    lines.append(ratio_line("hubgate / CHP, CPU per request (small)",
+                            get(rows, "hubgate.small", "cpu_us"), get(rows, "chp.small", "cpu_us")))
     lines.append(ratio_line("hubgate / direct, MB/s (1 MiB)", get(rows, "hubgate.big", "mbps"),
                             get(rows, "direct.big", "mbps"), lambda x: f"{x * 100:.0f} %"))
     lines.append(ratio_line("hubgate / CHP, MB/s (1 MiB)", get(rows, "hubgate.big", "mbps"),
@@ -136,14 +147,34 @@ def ratios(rows):
                      f"two ratios")
     lines.append(ratio_line("hubgate + auth (cached token) / hubgate, requests/s",
                             get(rows, "hubgate.auth", "rps"), base, lambda x: f"{x * 100:.1f} %"))
-    lines.append(ratio_line("hubgate + auth (cached token) / open route in the same process, "
-                            "requests/s", get(rows, "hubgate.auth", "rps"),
-                            get(rows, "hubgate.authopen", "rps"), lambda x: f"{x * 100:.1f} %"))
+    def mean2(a, b, key):
+        x, y = get(rows, a, key), get(rows, b, key)
+        return (x + y) / 2 if x and y else (x or y)
+
+    lines.append(ratio_line("hubgate + auth (cached token) / open route in the same process "
+                            "(mean of the runs before and after), requests/s",
+                            get(rows, "hubgate.auth", "rps"),
+                            mean2("hubgate.authopen", "hubgate.authopen2", "rps"),
+                            lambda x: f"{x * 100:.1f} %"))
     calls = (rows.get("hubgate.auth", {}).get("data") or {}).get("hub_user_calls")
     if calls is not None:
         lines.append(f"hub calls (GET /hub/api/user) during the authenticated run: {calls}")
     lines.append(ratio_line("hubgate scraped every 100 ms / hubgate, requests/s",
                             get(rows, "hubgate.scraped", "rps"), base,
+                            lambda x: f"{x * 100:.1f} % (change {(x - 1) * 100:+.1f} %)"))
+    per_scrape = get(rows, "hubgate.scrapecost", "cpu_us")
+    if per_scrape is not None:
+        lines.append(f"hubgate /metrics scraped every 100 ms, measured on an idle process: "
+                     f"{per_scrape / 1000:.2f} ms CPU per scrape, {per_scrape * 10 / 1e4:.2f} % "
+                     f"of one core")
+    c1, c2 = get(rows, "hubgate.small", "cpu_us"), get(rows, "hubgate.repeat", "cpu_us")
+    cbase = (c1 + c2) / 2 if c1 and c2 else c1
+    lines.append(ratio_line("hubgate scraped / hubgate, CPU per request",
+                            get(rows, "hubgate.scraped", "cpu_us"), cbase,
+                            lambda x: f"{x * 100:.1f} % (change {(x - 1) * 100:+.1f} %)"))
+    lines.append(ratio_line("hubgate + auth (cached token) / open route in the same process, "
+                            "CPU per request", get(rows, "hubgate.auth", "cpu_us"),
+                            mean2("hubgate.authopen", "hubgate.authopen2", "cpu_us"),
                             lambda x: f"{x * 100:.1f} % (change {(x - 1) * 100:+.1f} %)"))
     for who, label in (("hubgate", "hubgate"), ("chp", "CHP")):
         start = get(rows, f"{who}.start", "rss_kb")
@@ -160,8 +191,9 @@ def ratios(rows):
             n = d["routes_after"] - d["routes_before"]
             if n > 0:
                 delta = (rows[rid]["rss_kb"] - d["rss_kb_before"]) * 1024
+                how = "one sync" if d.get("op") == "sync" else "one by one"
                 lines.append(f"{label} memory per route, fresh process, empty -> "
-                             f"{d['routes_after']:,} routes ({rows[rid]['name'].split(': ', 1)[-1]}): "
+                             f"{d['routes_after']:,} routes ({how}): "
                              f"{delta / n:,.0f} bytes (RSS +{delta / 2**20:.1f} MiB)")
     for who, label in (("hubgate", "hubgate"), ("chp", "CHP")):
         d = (rows.get(f"{who}.ws.large") or {}).get("data")
@@ -190,7 +222,7 @@ def main():
     p.add_argument("--wrk")
     p.add_argument("--data")
     p.add_argument("--note")
-    for k in ("rps", "p50", "p99", "mbps", "rss-kb", "errors"):
+    for k in ("rps", "p50", "p99", "mbps", "rss-kb", "errors", "cpu-secs", "cpu-us"):
         p.add_argument(f"--{k}")
     a = p.parse_args()
     if a.command == "add":

@@ -55,7 +55,7 @@ done
 
 if [ "$QUICK" = 1 ]; then
     DUR=2; WARM=1; WS_SMALL=100; WS_LARGE=1000; WS_RATE_SECS=2; WS_HOLD_SECS=1
-    CHP_MAX_ROUTES=100000; CHP_ADD_LIMIT=20; MODE=quick
+    CHP_MAX_ROUTES=100000; CHP_ADD_LIMIT=40; MODE=quick
 else
     DUR=10; WARM=2; WS_SMALL=1000; WS_LARGE=10000; WS_RATE_SECS=10; WS_HOLD_SECS=3
     CHP_MAX_ROUTES=100000; CHP_ADD_LIMIT=300; MODE=full
@@ -89,6 +89,7 @@ fi
 HUBGATE=$TARGET_DIR/release/hubgate
 WSLOAD=$TARGET_DIR/release/examples/wsload
 
+num() { python3 -c "print(f'{$1:,}')"; }   # 10000 -> 10,000, for row names
 log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
@@ -183,6 +184,17 @@ rss_kb() {
     done
     echo "$total"
 }
+
+# cpu_ticks PID: user+system CPU of PID and its children (nginx's workers), in clock ticks.
+cpu_ticks() {
+    local pid=$1 total=0 t c
+    for c in "$pid" $(cat /proc/"$pid"/task/*/children 2>/dev/null); do
+        t=$(awk '{print $14 + $15}' "/proc/$c/stat" 2>/dev/null)
+        total=$((total + ${t:-0}))
+    done
+    echo "$total"
+}
+CLK_TCK=$(getconf CLK_TCK)
 
 alive_note() { kill -0 "$1" 2>/dev/null && echo "" || echo "PROCESS DIED"; }
 
@@ -333,9 +345,11 @@ load() {
     local id=$1 name=$2 url=$3 pid=$4; shift 4
     timeout $((WARM + 30)) taskset -c "$LOAD_CPUS" wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"${WARM}s" \
         --timeout 10s "$@" "$url" >/dev/null 2>&1
-    local out
+    local out cpu0 cpu1
+    cpu0=$(cpu_ticks "$pid")
     out=$(timeout $((DUR + 60)) taskset -c "$LOAD_CPUS" wrk -t"$WRK_THREADS" -c"$WRK_CONNS" \
         -d"${DUR}s" --timeout 10s -s "$HERE/report.lua" "$@" "$url" 2>&1)
+    cpu1=$(cpu_ticks "$pid")
     LAST_WRK=$(printf '%s\n' "$out" | grep '^{' | tail -1)
     local rss note
     rss=$(rss_kb "$pid")
@@ -345,7 +359,8 @@ load() {
         row --id "$id" --name "$name" --rss-kb "$rss" --note "wrk failed ${note}"
         return 1
     fi
-    row --id "$id" --name "$name" --wrk "$LAST_WRK" --rss-kb "$rss" --note "${EXTRA_NOTE:-}${note}"
+    row --id "$id" --name "$name" --wrk "$LAST_WRK" --rss-kb "$rss" --note "${EXTRA_NOTE:-}${note}" \
+        --cpu-secs "$(python3 -c "print(($cpu1 - $cpu0) / $CLK_TCK)")"
     log "$name: $LAST_WRK"
 }
 
@@ -469,7 +484,7 @@ ws_rows() {
         res=$(timeout 600 taskset -c "$LOAD_CPUS" "$WSLOAD" hold --url "$url" --conns "$n" --pid "$pid" \
             --secs "$WS_HOLD_SECS" --timeout 120 "$@" 2>"$WORK/ws-$who-$size.err" | grep '^{' | tail -1)
         if [ -z "$res" ]; then
-            row --id "$who.ws.$size" --name "$name: hold $n websockets" --rss-kb "$(rss_kb "$pid")" \
+            row --id "$who.ws.$size" --name "$name: hold $(num $n) websockets" --rss-kb "$(rss_kb "$pid")" \
                 --note "wsload failed: $(tail -c 200 "$WORK/ws-$who-$size.err" | tr '\n' ' ') $(alive_note "$pid")"
             continue
         fi
@@ -485,7 +500,7 @@ print(t)' "$res")
         after=$(rss_kb "$pid")
         [ -n "$after" ] && note="$note; RSS 2 s after closing them $((after / 1024)) MiB"
         [ "$size" = large ] && [ -n "$WS_LIMIT_NOTE" ] && note="$note; $WS_LIMIT_NOTE"
-        row --id "$who.ws.$size" --name "$name: hold $n websockets" \
+        row --id "$who.ws.$size" --name "$name: hold $(num $n) websockets" \
             --rss-kb "$(jq_ "$res" rss_kb_held)" --errors "$(jq_ "$res" failed)" \
             --note "$note $(alive_note "$pid")" --data "$res"
         log "$name hold $n: $res"
@@ -509,11 +524,13 @@ start_row() {  # ID NAME PID: RSS of a proxy just started, empty table
 }
 
 # ---------------------------------------------------------------------------------------------
-# 5. configurable-http-proxy 5.3.0, then hubgate. Each proxy runs twice:
-#  - the load process: empty table, 10 000 routes added one by one, the HTTP rows, websockets;
-#  - the table process, fresh: the big table (CHP: added one by one; hubgate: one sync), then
-#    GET /api/routes. A fresh process, so that the memory a table takes is not hidden in heap
-#    that websockets or load freed before (allocators keep it), nor the other way round.
+# 5. configurable-http-proxy 5.3.0, then hubgate. Each proxy runs three times, each a fresh
+# process, so that the memory one step takes is not hidden in heap that an earlier step freed
+# (allocators keep it) nor counted in the next:
+#  - the load process: empty table, 10 000 routes added one by one, the HTTP rows;
+#  - the table process: the big table (CHP: added one by one; hubgate: one sync), then
+#    GET /api/routes;
+#  - the websocket process: one route to the echo backend, held connections, echo rate.
 start_chp() {  # NAME: sets PROXY_PID, PROXY_PORT, PROXY_API; returns 1 if it did not start
     PROXY_PORT=$(free_port); local api_port; api_port=$(free_port)
     start "$1" "$PROXY_CPUS" env CONFIGPROXY_AUTH_TOKEN="$TOKEN" node "$CHP_BIN" --ip 127.0.0.1 \
@@ -534,15 +551,18 @@ start_hubgate() {  # NAME [extra flags]: as start_chp
 not_started() {  # ID NAME LOG
     row --id "$1" --name "$2" --note "did not start: $(tail -c 300 "$WORK/$3.log" | tr '\n' ' ')"
 }
+ws_route() {  # API: the one route of a websocket process, to the echo backend
+    curl -s -o /dev/null --max-time 10 -X POST -H "Authorization: token $TOKEN" \
+        -d "{\"target\": \"$WS_BACKEND\"}" "$1/api/routes/user/u$WS_INDEX"
+}
 errlines() { grep -c -E 'ERROR|panicked' "$WORK/$1.log" 2>/dev/null; }
 
 log "CHP 5.3.0"
 if start_chp chp; then
     CHP_PID=$PROXY_PID
     start_row chp.start "CHP" "$CHP_PID"
-    add_routes chp.add10k "CHP: add $ROUTES routes one by one" "$PROXY_API" "$CHP_PID" "$ROUTES" 0 600
+    add_routes chp.add10k "CHP: add $(num $ROUTES) routes one by one" "$PROXY_API" "$CHP_PID" "$ROUTES" 0 600
     load_pair chp "CHP" "http://127.0.0.1:$PROXY_PORT/user/u$MIDDLE" "$CHP_PID"
-    ws_rows chp "CHP" "$PROXY_PORT" "$CHP_PID"
 else
     not_started chp.start "CHP" chp
 fi
@@ -550,7 +570,7 @@ stop "$PROXY_PID"
 
 log "CHP 5.3.0, big table"
 if start_chp chp-table; then
-    add_routes chp.table "CHP, fresh: add $CHP_MAX_ROUTES routes one by one" "$PROXY_API" "$PROXY_PID" \
+    add_routes chp.table "CHP, fresh: add $(num $CHP_MAX_ROUTES) routes one by one" "$PROXY_API" "$PROXY_PID" \
         "$CHP_MAX_ROUTES" 0 "$CHP_ADD_LIMIT"
     CHP_N=$(python3 - "$WORK/rows.jsonl" <<'EOF'
 import json, sys
@@ -566,13 +586,22 @@ open(path, "w").write("".join(json.dumps(r) + "\n" for r in lines))
 print(n)
 EOF
 )
-    row --id chp.sync --name "CHP: sync $SYNC_ROUTES routes" --note "n/a: CHP has no sync API"
+    row --id chp.sync --name "CHP: sync $(num $SYNC_ROUTES) routes" --note "n/a: CHP has no sync API"
     list_routes chp.list "CHP: GET /api/routes at $CHP_N routes" "$PROXY_API" "$PROXY_PID"
 else
     not_started chp.table "CHP, big table" chp-table
 fi
 stop "$PROXY_PID"
-CHP_ERRLINES="$(errlines chp)/$(errlines chp-table)"
+
+log "CHP 5.3.0, websockets"
+if start_chp chp-ws; then
+    ws_route "$PROXY_API"
+    ws_rows chp "CHP" "$PROXY_PORT" "$PROXY_PID"
+else
+    not_started chp.ws.large "CHP, websockets" chp-ws
+fi
+stop "$PROXY_PID"
+CHP_ERRLINES="$(errlines chp)/$(errlines chp-table)/$(errlines chp-ws)"
 
 # ---------------------------------------------------------------------------------------------
 # 6. hubgate, release build, memory store (as JupyterHub starts it).
@@ -582,7 +611,7 @@ if start_hubgate hubgate --metrics-ip 127.0.0.1 --metrics-port "$HG_METRICS_PORT
     HG_PID=$PROXY_PID
     HG_URL=http://127.0.0.1:$PROXY_PORT/user/u$MIDDLE
     start_row hubgate.start "hubgate" "$HG_PID"
-    add_routes hubgate.add10k "hubgate: add $ROUTES routes one by one" "$PROXY_API" "$HG_PID" "$ROUTES" 0 600
+    add_routes hubgate.add10k "hubgate: add $(num $ROUTES) routes one by one" "$PROXY_API" "$HG_PID" "$ROUTES" 0 600
     load_pair hubgate "hubgate" "$HG_URL" "$HG_PID"
     # Scraped every 100 ms, then the same load again without, to see the noise between the two
     # plain runs.
@@ -608,7 +637,17 @@ open(path, "w").write("".join(json.dumps(r) + "\n" for r in lines))
 EOF
     fi
     load hubgate.repeat "hubgate, small, again (noise check)" "$HG_URL/small" "$HG_PID"
-    ws_rows hubgate "hubgate" "$PROXY_PORT" "$HG_PID"
+    # What one scrape costs, on the idle process: 100 scrapes a second for 3 s.
+    c0=$(cpu_ticks "$HG_PID")
+    res=$(timeout 60 python3 "$HERE/scrape.py" --url "http://127.0.0.1:$HG_METRICS_PORT/metrics" \
+        --interval 0.01 --secs 3 | tail -1)
+    c1=$(cpu_ticks "$HG_PID")
+    if [ -n "$res" ] && [ "$(jq_ "$res" scrapes)" -gt 0 ]; then
+        row --id hubgate.scrapecost --name "hubgate: one /metrics scrape, idle process" \
+            --cpu-us "$(python3 -c "print(($c1 - $c0) / $CLK_TCK * 1e6 / $(jq_ "$res" scrapes))")" \
+            --rss-kb "$(rss_kb "$HG_PID")" \
+            --note "$(jq_ "$res" scrapes) scrapes of $(($(jq_ "$res" bytes) / 1024)) KiB in 3 s; CPU µs per scrape $(alive_note "$HG_PID")"
+    fi
 else
     not_started hubgate.start "hubgate" hubgate
 fi
@@ -620,27 +659,49 @@ if start_hubgate hubgate-table; then
     res=$(timeout 600 python3 "$HERE/routeapi.py" sync --api "$PROXY_API" --token "$TOKEN" \
         --target "$BACKEND" --count "$SYNC_ROUTES" | tail -1)
     if [ -n "$res" ] && [ "$(jq_ "$res" status)" = 200 ]; then
-        row --id hubgate.table --name "hubgate, fresh: sync $SYNC_ROUTES routes (one POST /api/proxy)" \
+        row --id hubgate.table --name "hubgate, fresh: sync $(num $SYNC_ROUTES) routes (one POST /api/proxy)" \
             --p50 "$(python3 -c "print($(jq_ "$res" secs)*1000)")" --rss-kb "$(rss_kb "$PROXY_PID")" \
             --note "one request of $(python3 -c "print(f'{$(jq_ "$res" request_bytes)/2**20:.1f}')") MiB; answer $(jq_ "$res" answer | tr -d "'{}" | cut -c1-120) $(alive_note "$PROXY_PID")" \
             --data "$(python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r.pop("answer",None); r.update(rss_kb_before=int(sys.argv[2]), routes_before=0, routes_after=r["routes"]); print(json.dumps(r))' "$res" "$before")"
         log "hubgate sync: $res"
     else
-        row --id hubgate.table --name "hubgate: sync $SYNC_ROUTES routes" --rss-kb "$(rss_kb "$PROXY_PID")" \
+        row --id hubgate.table --name "hubgate: sync $(num $SYNC_ROUTES) routes" --rss-kb "$(rss_kb "$PROXY_PID")" \
             --note "sync failed: ${res:0:200} $(alive_note "$PROXY_PID")"
     fi
-    list_routes hubgate.list "hubgate: GET /api/routes at $SYNC_ROUTES routes" "$PROXY_API" "$PROXY_PID"
+    list_routes hubgate.list "hubgate: GET /api/routes at $(num $SYNC_ROUTES) routes" "$PROXY_API" "$PROXY_PID"
+    # Syncs that change every route's target (as after a migration), to see where memory settles.
+    took=""
+    for i in 1 2 3; do
+        res=$(timeout 300 python3 "$HERE/routeapi.py" sync --api "$PROXY_API" --token "$TOKEN" \
+            --target "$BACKEND/v$i" --count "$SYNC_ROUTES" | tail -1)
+        if [ -n "$res" ] && [ "$(jq_ "$res" status)" = 200 ]; then
+            took="$took $(python3 -c "print(round($(jq_ "$res" secs) * 1000))")"
+        else
+            took="$took failed"
+        fi
+    done
+    row --id hubgate.resync --name "hubgate: 3 more syncs of $(num $SYNC_ROUTES), each changing every target" \
+        --rss-kb "$(rss_kb "$PROXY_PID")" --note "ms per sync:$took $(alive_note "$PROXY_PID")"
 else
     not_started hubgate.table "hubgate, big table" hubgate-table
 fi
 stop "$PROXY_PID"
-HG_ERRLINES="$(errlines hubgate)/$(errlines hubgate-table)"
+
+log "hubgate, websockets"
+if start_hubgate hubgate-ws; then
+    ws_route "$PROXY_API"
+    ws_rows hubgate "hubgate" "$PROXY_PORT" "$PROXY_PID"
+else
+    not_started hubgate.ws.large "hubgate, websockets" hubgate-ws
+fi
+stop "$PROXY_PID"
+HG_ERRLINES="$(errlines hubgate)/$(errlines hubgate-table)/$(errlines hubgate-ws)"
 
 # ---------------------------------------------------------------------------------------------
 # 7. hubgate with the embedded file store: every add is fsync'ed before its 201.
 log "hubgate, file store"
 if start_hubgate hubgate-file --storage-backend file --storage-path "$WORK/hubgate-store"; then
-    add_routes hubgatefile.add10k "hubgate, file store: add $ROUTES routes one by one (fsync each)" \
+    add_routes hubgatefile.add10k "hubgate, file store: add $(num $ROUTES) routes one by one (fsync each)" \
         "$PROXY_API" "$PROXY_PID" "$ROUTES" 0 $((QUICK == 1 ? 30 : 300))
 else
     not_started hubgatefile.add10k "hubgate, file store" hubgate-file
@@ -672,6 +733,7 @@ if wait_port "$HUB_PORT" && JUPYTERHUB_API_TOKEN="$HUB_TOKEN" start_hubgate hubg
     load hubgate.auth "hubgate + auth, small, cached token" "$URL" "$PROXY_PID" \
         -H "Authorization: token $USER_TOKEN"
     EXTRA_NOTE=""
+    load hubgate.authopen2 "hubgate + auth, small, open route again" "http://127.0.0.1:$PROXY_PORT/user/u$OPEN/small" "$PROXY_PID"
     STATS=$(curl -s --max-time 5 "http://127.0.0.1:$HUB_PORT/_stats")
     python3 - "$WORK/rows.jsonl" "$STATS" <<'EOF'
 import json, sys
@@ -720,11 +782,11 @@ meta = {
     "cpu": """$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)""",
     "memory": "$(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)",
     "kernel": "$(uname -sr)",
-    "wrk": """$(wrk -v 2>&1 | head -1 | cut -c1-60)""",
+    "wrk": """$(wrk -v 2>&1 | head -1 | sed 's/ Copyright.*//')""",
     "nginx": """$("$NGINX" -v 2>&1 | head -1)""",
     "node": "$(node --version)",
     "chp": "configurable-http-proxy $(python3 -c "import json; print(json.load(open('$CHP_DIR/node_modules/configurable-http-proxy/package.json'))['version'])")",
-    "hubgate": """$("$HUBGATE" --version 2>&1 | head -1), git $COMMIT; log lines with ERROR or panicked (load/table/auth process): ${HG_ERRLINES:-?}/${HGA_ERRLINES:-?}; CHP's (load/table): ${CHP_ERRLINES:-?}""",
+    "hubgate": """$("$HUBGATE" --version 2>&1 | head -1), git $COMMIT; log lines with ERROR or panicked (load/table/websocket/auth process): ${HG_ERRLINES:-?}/${HGA_ERRLINES:-?}; CHP's (load/table/websocket): ${CHP_ERRLINES:-?}""",
     "python": "$(python3 --version 2>&1)",
     "loadavg_before": "$LOADAVG_BEFORE",
     "loadavg_after": "$(cut -d' ' -f1-3 /proc/loadavg)",
