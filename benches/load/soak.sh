@@ -50,7 +50,7 @@ while [ $# -gt 0 ]; do
         --out=*) OUT=${1#--out=} ;;
         --no-build) BUILD=0 ;;
         --keep) KEEP=1 ;;
-        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
         *) echo "soak.sh: unknown argument $1 (see --help)" >&2; exit 64 ;;
     esac
     shift

@@ -427,7 +427,10 @@ class Soak:
         client = Client(self.a.proxy_port)
         try:
             while time.monotonic() < deadline:
-                await slots.get()
+                try:
+                    await asyncio.wait_for(slots.get(), 1)
+                except asyncio.TimeoutError:
+                    continue
                 if not self.routes:
                     continue
                 key = random.choice(self.routes)
@@ -587,8 +590,11 @@ class Soak:
 
     async def sampler(self, deadline, started):
         _, before = await self.scrape()
-        while time.monotonic() < deadline:
-            await asyncio.sleep(min(self.a.sample_every, max(0.0, deadline - time.monotonic())))
+        next_at = started
+        while next_at < deadline - 0.5:
+            # Anchored to the start, so a slow scrape does not shift every later sample.
+            next_at = min(next_at + self.a.sample_every, deadline)
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             st = proc_status(self.a.pid)
             if st is None:
                 self.proxy_died = True
@@ -661,7 +667,9 @@ class Soak:
         with open(a.ready_file, "w") as f:
             f.write("ready\n")
         started = time.monotonic()
-        deadline = started + a.seconds
+        # The load runs a little past the last sample, so that sample sees it at full strength
+        # rather than winding down.
+        deadline = started + a.seconds + 2
         slots = asyncio.Queue()
         tasks = [
             asyncio.create_task(self.pace(slots, deadline)),
@@ -673,7 +681,7 @@ class Soak:
             for _ in range(a.concurrency)
         ]
         tasks += [asyncio.create_task(self.websocket(deadline)) for _ in range(a.websockets)]
-        sampler = asyncio.create_task(self.sampler(deadline, started))
+        sampler = asyncio.create_task(self.sampler(started + a.seconds, started))
         await sampler
         # Everything is bounded by the deadline; give stragglers a moment, then cancel.
         done, pending = await asyncio.wait(tasks, timeout=REQUEST_TIMEOUT + 5)
@@ -719,6 +727,19 @@ def quarter_means(samples, key):
     return statistics.mean(s[key] for s in second), statistics.mean(s[key] for s in last)
 
 
+def slope_per_minute(samples, key):
+    """Least-squares slope of key against time, per minute (informational)."""
+    if len(samples) < 2:
+        return 0.0
+    ts = [s["t"] for s in samples]
+    vs = [s[key] for s in samples]
+    mt, mv = statistics.mean(ts), statistics.mean(vs)
+    var = sum((t - mt) ** 2 for t in ts)
+    if var == 0:
+        return 0.0
+    return 60 * sum((t - mt) * (v - mv) for t, v in zip(ts, vs)) / var
+
+
 def verdict(soak):
     a = soak.a
     samples = soak.samples
@@ -753,6 +774,9 @@ def verdict(soak):
         "fds_q2": fd2, "fds_q4": fd4, "fds_limit": fd_limit,
         "rss_q2": rss2, "rss_q4": rss4, "rss_limit": rss_limit,
         "threads_q2": th2, "threads_q4": th4,
+        # Over everything after the first (warm-up) quarter.
+        "fds_slope": slope_per_minute(samples[len(samples) // 4 :], "fds"),
+        "rss_slope": slope_per_minute(samples[len(samples) // 4 :], "rss_kb"),
     }
     if fd4 > fd_limit:
         reasons.append(
@@ -789,7 +813,8 @@ def machine():
     return info
 
 
-LOG_NOISE = re.compile(r"^\S+\s+|\b\d+(\.\d+)?(ms|s|µs)?\b")
+LOG_STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\S+\s+")
+LOG_NUMBER = re.compile(r"\b\d+(\.\d+)?(ms|s|µs)?\b")
 
 
 def proxy_log_summary(path):
@@ -803,7 +828,7 @@ def proxy_log_summary(path):
                 for level in counts:
                     if " %s " % level in line or '"level":"%s"' % level in line:
                         counts[level] += 1
-                        shape = LOG_NOISE.sub("N", line.strip())[:200]
+                        shape = LOG_NUMBER.sub("N", LOG_STAMP.sub("", line.strip()))[:200]
                         messages[shape] = messages.get(shape, 0) + 1
     except OSError:
         pass
@@ -873,7 +898,7 @@ def report(soak, reasons, notes, figures, logsum, wall):
                        ws["errors"], ws["messages"], ws["bad_echo"],
                        ms(percentile(soak.ws_rtts, 0.5)), ms(percentile(soak.ws_rtts, 0.99))),
         "- proxy log: %d WARN, %d ERROR lines" % (logsum[0]["WARN"], logsum[0]["ERROR"]),
-        "- wall time of the measured run: %.0f s, one sample every %g s" % (wall, a.sample_every),
+        "- wall time of the load process (setup and wind-down included): %.0f s; one sample every %g s" % (wall, a.sample_every),
         "",
     ]
     if logsum[1]:
@@ -891,6 +916,9 @@ def report(soak, reasons, notes, figures, logsum, wall):
                 figures["rss_q2"], figures["rss_q4"], figures["rss_limit"],
                 round(a.rss_tolerance * 100), a.rss_floor_kb),
             "| threads | %.1f | %.1f | |" % (figures["threads_q2"], figures["threads_q4"]),
+            "",
+            "Least-squares slope after the first quarter (informational, not judged): "
+            "%+.2f FDs/min, %+.0f KiB/min." % (figures["fds_slope"], figures["rss_slope"]),
             "",
         ]
     lines += [
@@ -948,7 +976,8 @@ def main():
     p.add_argument("--loadavg-before", default="?")
     a = p.parse_args()
     a.seconds = a.minutes * 60
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # Stopped by soak.sh on interrupt: no report, no traceback; the kernel closes the sockets.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
 
     soak = Soak(a)
     t = time.monotonic()
@@ -970,10 +999,11 @@ def main():
         print("last sample:  " + " ".join("%s=%s" % (k, s[-1][k]) for k in keys))
     if figures:
         print("FDs %.0f -> %.0f (limit %.0f); RSS %.0f -> %.0f KiB (limit %.0f); threads "
-              "%.1f -> %.1f  [second quarter -> last quarter]"
+              "%.1f -> %.1f  [second quarter -> last quarter]; slope once warm %+.2f FDs/min, "
+              "%+.0f KiB/min"
               % (figures["fds_q2"], figures["fds_q4"], figures["fds_limit"], figures["rss_q2"],
                  figures["rss_q4"], figures["rss_limit"], figures["threads_q2"],
-                 figures["threads_q4"]))
+                 figures["threads_q4"], figures["fds_slope"], figures["rss_slope"]))
     ws = soak.ws
     print("requests: %d answered %s, %d without answer; websockets: %d opened, %d refused, "
           "%d broken, %d messages" % (soak.totals["requests"],

@@ -23,6 +23,7 @@ mod jhub;
 mod jupyterhub;
 mod jupyterhub_auth;
 mod jupyterhub_restart;
+mod jupyterhub_ssl;
 mod metrics;
 mod metrics_support;
 mod proxy;
