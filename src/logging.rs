@@ -58,10 +58,20 @@ pub fn level() -> Option<String> {
 /// A message when the filter does not parse or logging was not set up by [`init`].
 pub fn set_level(level: &str) -> Result<String, String> {
     let (handle, text) = LEVEL.get().ok_or("logging is not reloadable here")?;
-    let wanted = match level.trim().to_ascii_lowercase().as_str() {
+    let trimmed = level.trim();
+    let wanted = match trimmed.to_ascii_lowercase().as_str() {
+        l @ ("trace" | "debug" | "info" | "warn" | "error" | "off") => l.to_owned(),
         "warning" => "warn".to_owned(),
         "critical" | "fatal" => "error".to_owned(),
-        _ => level.trim().to_owned(),
+        // A full filter names targets with `=` (`hubgate=debug,hyper=info`); a bare word that is
+        // not a level would be read as a target name and silently turn everything else off.
+        _ if trimmed.contains('=') => trimmed.to_owned(),
+        _ => {
+            return Err(format!(
+                "invalid level {level:?}: expected trace, debug, info, warn, error, off, \
+                 or a filter such as hubgate=debug"
+            ))
+        }
     };
     let filter =
         EnvFilter::try_new(&wanted).map_err(|e| format!("invalid level {level:?}: {e}"))?;

@@ -130,6 +130,10 @@ pub struct ConnSettings {
     pub tls: Option<Arc<crate::tls::Reloadable>>,
 }
 
+/// How long connections accepted just before a shutdown get to send their first request before
+/// the graceful shutdown starts.
+const SETTLE: Duration = Duration::from_millis(250);
+
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -210,6 +214,7 @@ where
         let builder = builder.clone();
         let tls = settings.tls.clone();
         let idle = settings.idle_timeout;
+        let keep_alive = settings.keep_alive_timeout;
         tokio::spawn(async move {
             let _slot = slot;
             let open = crate::metrics::get()
@@ -240,7 +245,7 @@ where
                 None => io,
             };
             let service = service_fn(move |req| handler(req, info));
-            let io = TokioIo::new(IdleIo::new(io, idle));
+            let io = TokioIo::new(IdleIo::new(io, idle, keep_alive));
             let conn = builder.serve_connection_with_upgrades(io, service);
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(listener = name, error = %e, "connection closed with an error");
@@ -252,9 +257,13 @@ where
         let _ = std::fs::remove_file(path);
     }
     drop(listener);
+    // hyper closes a connection at once when asked to shut down before it has read a request:
+    // connections accepted in the last moments (the drained queue above) would lose theirs.
+    // A short settle lets them read it; then it is in flight and graceful shutdown waits for it.
+    tokio::time::sleep(SETTLE.min(grace)).await;
     tokio::select! {
         _ = graceful.shutdown() => true,
-        _ = tokio::time::sleep(grace) => false,
+        _ = tokio::time::sleep(grace.saturating_sub(SETTLE)) => false,
     }
 }
 
@@ -350,35 +359,43 @@ async fn accept(listener: &Listener) -> io::Result<(BoxedIo, ConnInfo)> {
     }
 }
 
-/// A stream that fails with `TimedOut` once neither side has moved a byte for the timeout.
+/// A stream that fails with `TimedOut` when the client sends nothing for `first_byte` after
+/// connecting (before a protocol is even chosen, no other timer runs), and, when configured,
+/// once neither side has moved a byte for the idle timeout.
 struct IdleIo<T> {
     inner: T,
-    /// `None` when no timeout is configured: then this wrapper costs nothing but a branch.
-    deadline: Option<(Pin<Box<tokio::time::Sleep>>, Duration)>,
+    /// The running deadline and how far each bit of progress pushes it (`None`: no deadline
+    /// once the first byte has arrived).
+    deadline: Option<(Pin<Box<tokio::time::Sleep>>, Option<Duration>)>,
+    /// Still waiting for the client's first byte.
+    fresh: bool,
 }
 
 impl<T> IdleIo<T> {
-    fn new(inner: T, timeout: Option<Duration>) -> Self {
+    fn new(inner: T, idle: Option<Duration>, first_byte: Duration) -> Self {
         IdleIo {
             inner,
-            deadline: timeout.map(|t| (Box::pin(tokio::time::sleep(t)), t)),
+            deadline: Some((Box::pin(tokio::time::sleep(first_byte)), idle)),
+            fresh: true,
         }
     }
 
-    /// On progress, pushes the deadline out; on `Pending`, fails once the deadline has passed.
+    /// On progress, pushes the deadline out (or drops it); on `Pending`, fails once it passed.
     fn check<R>(
         &mut self,
         cx: &mut Context<'_>,
         polled: Poll<io::Result<R>>,
     ) -> Poll<io::Result<R>> {
-        let Some((deadline, timeout)) = &mut self.deadline else {
+        let Some((deadline, idle)) = &mut self.deadline else {
             return polled;
         };
         match polled {
             Poll::Ready(r) => {
-                deadline
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + *timeout);
+                match idle {
+                    Some(idle) => deadline.as_mut().reset(tokio::time::Instant::now() + *idle),
+                    None if !self.fresh => self.deadline = None,
+                    None => {}
+                }
                 Poll::Ready(r)
             }
             Poll::Pending => match deadline.as_mut().poll(cx) {
@@ -398,7 +415,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if self.fresh && matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.fresh = false;
+        }
         self.check(cx, polled)
     }
 }

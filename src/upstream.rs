@@ -89,13 +89,13 @@ async fn connect(tls: TlsConnector, uri: Uri) -> io::Result<UpstreamStream> {
             let tcp =
                 TcpStream::connect((host(authority.host()), authority.port_u16().unwrap_or(80)))
                     .await?;
-            tcp.set_nodelay(true)?;
+            tune(&tcp)?;
             Ok(UpstreamStream::Tcp(tcp))
         }
         Some("https") => {
             let host = host(authority.host());
             let tcp = TcpStream::connect((host, authority.port_u16().unwrap_or(443))).await?;
-            tcp.set_nodelay(true)?;
+            tune(&tcp)?;
             let name = ServerName::try_from(host.to_owned())
                 .map_err(|_| invalid("target host is not a valid TLS server name"))?;
             let stream = tls.connect(name, tcp).await?;
@@ -103,6 +103,26 @@ async fn connect(tls: TlsConnector, uri: Uri) -> io::Result<UpstreamStream> {
         }
         _ => Err(invalid("unsupported target scheme")),
     }
+}
+
+/// How long data sent to a target may stay unacknowledged (TCP level) before the connection is
+/// given up. A target that is slow to answer still acknowledges what it receives; one that
+/// vanished without a reset (host down, packets dropped) never does, and without this a request
+/// waits for the kernel's ~15 minutes of retransmissions.
+const UNACKED_LIMIT: Duration = Duration::from_secs(30);
+
+/// No delay, a bound on unacknowledged data, and keepalive probes so that pooled connections to
+/// a vanished target are found dead instead of reused.
+fn tune(tcp: &TcpStream) -> io::Result<()> {
+    tcp.set_nodelay(true)?;
+    let sock = socket2::SockRef::from(tcp);
+    sock.set_tcp_user_timeout(Some(UNACKED_LIMIT))?;
+    sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(60))
+            .with_interval(Duration::from_secs(10))
+            .with_retries(3),
+    )
 }
 
 /// `[::1]` in a URI is `::1` to the resolver.
