@@ -108,6 +108,10 @@ pub struct Metrics {
     /// When a target last failed (ms since the epoch; 0: never). For `/api/status`.
     pub last_upstream_failure_ms: AtomicI64,
     pub no_route: IntCounter,
+    /// Connections refused because a listener was at `--max-connections`.
+    pub connections_refused: IntCounter,
+    /// Client connections closed by a timeout (nothing sent after connecting, or idle).
+    pub client_timeouts: IntCounter,
 
     pub routes: IntGauge,
     pub table_version: IntGauge,
@@ -305,6 +309,16 @@ impl Metrics {
                 "Requests no route matched (answered 404).",
             ),
 
+            connections_refused: counter(
+                &r,
+                "hubgate_connections_refused_total",
+                "Connections answered 503 and closed because a listener was at --max-connections.",
+            ),
+            client_timeouts: counter(
+                &r,
+                "hubgate_client_timeouts_total",
+                "Client connections closed for sending nothing in time (--keep-alive-timeout, --timeout).",
+            ),
             routes: gauge(&r, "hubgate_routes", "Routes in the table."),
             table_version: gauge(
                 &r,

@@ -204,6 +204,7 @@ where
                 limit = settings.max_connections,
                 "connection limit reached; refusing a connection"
             );
+            crate::metrics::get().connections_refused.inc();
             if settings.tls.is_none() {
                 tokio::spawn(refuse(io));
             }
@@ -399,10 +400,15 @@ impl<T> IdleIo<T> {
                 Poll::Ready(r)
             }
             Poll::Pending => match deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "client connection idle for too long",
-                ))),
+                Poll::Ready(()) => {
+                    crate::metrics::get().client_timeouts.inc();
+                    // Disarm, so the timeout is counted (and reported) once per connection.
+                    self.deadline = None;
+                    Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "client connection idle for too long",
+                    )))
+                }
                 Poll::Pending => Poll::Pending,
             },
         }
