@@ -151,53 +151,36 @@ async fn writer(table: Arc<RouteTable>, store: Arc<dyn Store>, mut rx: mpsc::Rec
         let mut batches = Vec::new();
         let mut pending = Vec::new();
         for Command { op, reply } in commands {
-            let (changes, outcomes, counts) = match op {
-                Op::Batch(changes) => prepare_batch(&next, changes),
+            let (changes, outcomes, counts, dry_run) = match op {
+                Op::Batch(changes) => {
+                    let (changes, outcomes, counts) = prepare_batch(&next, changes);
+                    (changes, outcomes, counts, false)
+                }
                 Op::Sync { desired, dry_run } => {
                     let (changes, counts) = diff(&next, desired);
-                    if dry_run {
-                        // Answered with the group, once the writes before it are durable: if
-                        // they fail, so does this answer, which was computed on top of them.
-                        let version = next.version();
-                        let applied = Applied {
-                            outcomes: Vec::new(),
-                            counts,
-                            version,
-                        };
-                        pending.push((reply, applied));
-                        continue;
-                    }
-                    (changes, Vec::new(), counts)
+                    (changes, Vec::new(), counts, dry_run)
                 }
             };
-            if changes.is_empty() {
-                let version = next.version();
-                pending.push((
-                    reply,
-                    Applied {
-                        outcomes,
-                        counts,
-                        version,
-                    },
-                ));
-                continue;
+            // A dry run, like every answer, goes out with its group once the writes before it
+            // are durable: if they fail, so does this answer, which was computed on top of them.
+            if !dry_run && !changes.is_empty() {
+                let stored: Vec<StoredChange> = if store.keeps_writes() {
+                    changes
+                        .iter()
+                        .map(|c| match c {
+                            Change::Upsert(r) => StoredChange::Put(r.to_stored()),
+                            Change::Remove(k) => StoredChange::Del { key: k.to_string() },
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                next.apply_batch(changes);
+                batches.push(Batch {
+                    version: next.version(),
+                    changes: stored,
+                });
             }
-            let stored: Vec<StoredChange> = if store.keeps_writes() {
-                changes
-                    .iter()
-                    .map(|c| match c {
-                        Change::Upsert(r) => StoredChange::Put(r.to_stored()),
-                        Change::Remove(k) => StoredChange::Del { key: k.to_string() },
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            next.apply_batch(changes);
-            batches.push(Batch {
-                version: next.version(),
-                changes: stored,
-            });
             let version = next.version();
             pending.push((
                 reply,

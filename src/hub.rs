@@ -159,16 +159,7 @@ impl Hub {
     /// # Errors
     /// [`HubError`] when the hub cannot be asked (down, 5xx, timeout).
     pub async fn user_for_token(&self, token: &str) -> Result<Option<HubUser>, HubError> {
-        let (status, body) = self
-            .request(
-                Method::GET,
-                "user",
-                Some(token),
-                Bytes::new(),
-                "application/json",
-            )
-            .await?;
-        user_answer(status, &body)
+        self.get_user("user", Some(token)).await
     }
 
     /// The pre-2.0 way to ask about a token: `GET /authorizations/token/<t>` with hubgate's own
@@ -178,16 +169,7 @@ impl Hub {
     /// As [`Hub::user_for_token`].
     pub async fn user_for_token_legacy(&self, token: &str) -> Result<Option<HubUser>, HubError> {
         let path = format!("authorizations/token/{}", encode_segment(token));
-        let (status, body) = self
-            .request(
-                Method::GET,
-                &path,
-                self.token.as_deref(),
-                Bytes::new(),
-                "application/json",
-            )
-            .await?;
-        user_answer(status, &body)
+        self.get_user(&path, self.token.as_deref()).await
     }
 
     /// Who is logged in with the hub's own login cookie: `GET /authorizations/cookie/<name>/<v>`.
@@ -204,16 +186,7 @@ impl Hub {
             encode_segment(name),
             encode_segment(value)
         );
-        let (status, body) = self
-            .request(
-                Method::GET,
-                &path,
-                self.token.as_deref(),
-                Bytes::new(),
-                "application/json",
-            )
-            .await?;
-        user_answer(status, &body)
+        self.get_user(&path, self.token.as_deref()).await
     }
 
     /// The groups a user is in: `GET /users/<name>` with hubgate's token (`read:users:groups`).
@@ -223,16 +196,18 @@ impl Hub {
     /// As [`Hub::user_for_token`].
     pub async fn groups_of(&self, user: &str) -> Result<Option<Vec<String>>, HubError> {
         let path = format!("users/{}", encode_segment(user));
+        Ok(self
+            .get_user(&path, self.token.as_deref())
+            .await?
+            .map(|u| u.groups))
+    }
+
+    /// `GET <path>` answered with a user model (200), or not accepted (401/403/404).
+    async fn get_user(&self, path: &str, token: Option<&str>) -> Result<Option<HubUser>, HubError> {
         let (status, body) = self
-            .request(
-                Method::GET,
-                &path,
-                self.token.as_deref(),
-                Bytes::new(),
-                "application/json",
-            )
+            .request(Method::GET, path, token, Bytes::new(), "application/json")
             .await?;
-        Ok(user_answer(status, &body)?.map(|u| u.groups))
+        user_answer(status, &body)
     }
 
     /// Trades an OAuth code for an access token at `/oauth2/token`.

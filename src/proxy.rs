@@ -567,7 +567,7 @@ async fn tunnel(
                 let _ = upstream.shutdown().await;
             })
             .await;
-            tracing::debug!(route = %route_key_of(&client), "websocket closed for shutdown");
+            tracing::debug!(route = %client.route.key(), "websocket closed for shutdown");
         }
     }
     m.active_websockets.dec();
@@ -638,10 +638,6 @@ async fn stopped(flag: &mut tokio::sync::watch::Receiver<bool>) {
             std::future::pending::<()>().await;
         }
     }
-}
-
-fn route_key_of<T>(io: &ActivityIo<T>) -> &str {
-    io.route.key()
 }
 
 /// An upgraded stream that records activity on its route for every read (so both directions of
