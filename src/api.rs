@@ -198,13 +198,16 @@ impl Api {
                     self.status.report()
                 });
             }
-            "/api/proxy" => return self.proxy_resource(req).await,
+            "/api/proxy" => {
+                self.require_loaded()?;
+                return self.proxy_resource(req).await;
+            }
             p if p == "/api/auth/cache" || p.starts_with("/api/auth/cache/") => {
                 if req.method() != Method::DELETE {
                     return Err(ApiError::Method);
                 }
                 self.authorize(&req)?;
-                return self.revoke(p);
+                return self.revoke(p).await;
             }
             "/api/log-level" => {
                 self.authorize(&req)?;
@@ -223,6 +226,7 @@ impl Api {
             Some(rest) if rest.is_empty() || rest.starts_with('/') => rest.to_owned(),
             _ => return Err(ApiError::NotFound),
         };
+        self.require_loaded()?;
         match *req.method() {
             Method::GET => {
                 self.authorize(&req)?;
@@ -250,23 +254,52 @@ impl Api {
         }
     }
 
+    /// The table must hold what the store has before the API reads or changes it: an empty
+    /// table read while a shared store is unreachable at start would tell the hub that every
+    /// route is gone.
+    fn require_loaded(&self) -> Result<(), ApiError> {
+        if self.table.is_loaded() {
+            return Ok(());
+        }
+        let why = self
+            .control
+            .store_health()
+            .detail
+            .unwrap_or_else(|| "loading".to_owned());
+        Err(ApiError::Unavailable(ControlError::NotLoaded(why)))
+    }
+
     /// `DELETE /api/auth/cache` drops every cached credential and voids every session;
     /// `DELETE /api/auth/cache/users/<name>` does that for one user. For revocations that must
-    /// take effect at once.
-    fn revoke(&self, path: &str) -> Result<Response<ProxyBody>, ApiError> {
+    /// take effect at once. Applied here first, then sent to the other replicas through a
+    /// shared store; 503 when that fails (this replica has revoked, the others may not have).
+    async fn revoke(&self, path: &str) -> Result<Response<ProxyBody>, ApiError> {
         let auth = self.auth.as_ref().ok_or(ApiError::NoAuth)?;
-        match path.strip_prefix("/api/auth/cache") {
-            Some("") => auth.clear(),
+        let user = match path.strip_prefix("/api/auth/cache") {
+            Some("") => None,
             Some(rest) => {
                 let user = rest.strip_prefix("/users/").ok_or(ApiError::NotFound)?;
                 let user = path::decode(user)?;
                 if user.is_empty() || user.contains('/') {
                     return Err(ApiError::NotFound);
                 }
-                auth.revoke_user(&user);
+                Some(user.into_owned())
             }
             None => return Err(ApiError::NotFound),
-        }
+        };
+        let revocation = crate::store::Revocation {
+            user,
+            at_ms: crate::routes::now_ms(),
+        };
+        auth.apply_revocation(&revocation);
+        self.control
+            .publish_revocation(revocation)
+            .await
+            .map_err(|e| {
+                ApiError::Unavailable(ControlError::Store(format!(
+                    "revoked on this replica, but not sent to the others: {e}"
+                )))
+            })?;
         Ok(empty(StatusCode::NO_CONTENT))
     }
 

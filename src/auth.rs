@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::hub::{Hub, HubError, HubUser};
 use crate::proxy::{full_body, json};
 use crate::routes::Route;
+use crate::store::Revocation;
 use crate::upstream::ProxyBody;
 use cache::{Coalescing, LookupFailed, Source};
 use session::{SessionCheck, Signer};
@@ -613,21 +614,40 @@ impl Auth {
 
     /// Drops every cached answer for one user and voids their sessions issued until now.
     pub fn revoke_user(&self, name: &str) {
-        self.credentials.remove_if(|who| who.name == name);
-        self.revoked_users
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_owned(), crate::routes::now_ms());
-        tracing::info!(user = %name, "credentials revoked");
+        self.apply_revocation(&Revocation {
+            user: Some(name.to_owned()),
+            at_ms: crate::routes::now_ms(),
+        });
     }
 
     /// Drops every cached answer and voids every session issued until now.
     pub fn clear(&self) {
-        self.credentials.clear();
-        self.groups.clear();
-        self.revoked_all_ms
-            .store(crate::routes::now_ms(), Ordering::Relaxed);
-        tracing::info!("credential cache cleared");
+        self.apply_revocation(&Revocation {
+            user: None,
+            at_ms: crate::routes::now_ms(),
+        });
+    }
+
+    /// Drops the cached answers a revocation names and voids the sessions issued before it,
+    /// for one user or everyone. Applying one twice (it comes back through a shared store)
+    /// changes nothing more.
+    pub fn apply_revocation(&self, revocation: &Revocation) {
+        match &revocation.user {
+            Some(name) => {
+                self.credentials.remove_if(|who| &who.name == name);
+                let mut users = self.revoked_users.lock().unwrap_or_else(|e| e.into_inner());
+                let at = users.entry(name.clone()).or_insert(0);
+                *at = (*at).max(revocation.at_ms);
+                tracing::info!(user = %name, "credentials revoked");
+            }
+            None => {
+                self.credentials.clear();
+                self.groups.clear();
+                self.revoked_all_ms
+                    .fetch_max(revocation.at_ms, Ordering::Relaxed);
+                tracing::info!("credential cache cleared");
+            }
+        }
     }
 
     /// Cache counters and size, for `/api/status`.
@@ -672,7 +692,7 @@ fn digest(parts: &[&str]) -> [u8; 32] {
 }
 
 /// `Authorization: token <t>` or `Bearer <t>`, scheme in any case.
-fn header_token(headers: &HeaderMap) -> Option<String> {
+pub fn header_token(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.trim().split_once(char::is_whitespace)?;
     let token = token.trim();
@@ -680,7 +700,7 @@ fn header_token(headers: &HeaderMap) -> Option<String> {
     (known && !token.is_empty() && !token.contains(char::is_whitespace)).then(|| token.to_owned())
 }
 
-fn query_token(query: Option<&str>) -> Option<String> {
+pub fn query_token(query: Option<&str>) -> Option<String> {
     form_urlencoded::parse(query?.as_bytes())
         .find(|(k, _)| k == "token")
         .map(|(_, v)| v.into_owned())
@@ -706,7 +726,7 @@ pub fn strip_token_param(query: Option<&str>) -> Option<String> {
 }
 
 /// The value of a cookie, from any `Cookie` header.
-fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -718,7 +738,7 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-fn remove_cookies(headers: &mut HeaderMap, names: &[&str]) {
+pub fn remove_cookies(headers: &mut HeaderMap, names: &[&str]) {
     let all: Vec<HeaderValue> = headers.get_all(header::COOKIE).iter().cloned().collect();
     if all.is_empty() {
         return;

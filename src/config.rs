@@ -117,10 +117,22 @@ pub struct Cli {
     #[arg(long, value_name = "MS")]
     pub keep_alive_timeout: Option<u64>,
 
-    /// Where routes are kept: memory (CHP's behaviour, the default) or file (on local disk,
-    /// surviving restarts)
+    /// Where routes are kept: memory (CHP's behaviour, the default), file (on local disk,
+    /// surviving restarts) or redis (shared by several replicas)
     #[arg(long, value_name = "BACKEND")]
     pub storage_backend: Option<String>,
+    /// The Redis server of `--storage-backend redis`: redis://[:password@]host[:port][/db] or
+    /// rediss://... for TLS
+    #[arg(long, env = "HUBGATE_REDIS_URL", value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of hubgate's Redis keys; replicas sharing a table use the same one
+    /// [default: hubgate]
+    #[arg(long, value_name = "PREFIX")]
+    pub redis_prefix: Option<String>,
+    /// PEM file of the certificate authorities that sign the Redis server's certificate (rediss://)
+    /// [default: the system's]
+    #[arg(long, value_name = "FILE")]
+    pub redis_ca: Option<PathBuf>,
     /// IP for the metrics server [default: all interfaces]
     #[arg(long, value_name = "IP")]
     pub metrics_ip: Option<String>,
@@ -310,6 +322,9 @@ pub struct FileConfig {
     pub proxy_timeout: Option<u64>,
     pub keep_alive_timeout: Option<u64>,
     pub storage_backend: Option<String>,
+    pub redis_url: Option<String>,
+    pub redis_prefix: Option<String>,
+    pub redis_ca: Option<PathBuf>,
     pub metrics_ip: Option<String>,
     pub metrics_port: Option<u16>,
     pub metrics_socket: Option<PathBuf>,
@@ -360,6 +375,15 @@ pub struct FileConfig {
 pub enum Storage {
     Memory,
     File(PathBuf),
+    Redis(RedisSettings),
+}
+
+/// Where the Redis store is and how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    pub url: String,
+    pub prefix: String,
+    pub ca: Option<PathBuf>,
 }
 
 /// Where a listener binds.
@@ -622,10 +646,15 @@ impl Config {
         let storage = match cli.storage_backend.or(file.storage_backend).as_deref() {
             None | Some("memory") => Storage::Memory,
             Some("file") => Storage::File(storage_path),
+            Some("redis") => redis_settings(
+                cli.redis_url.or(file.redis_url),
+                cli.redis_prefix.or(file.redis_prefix),
+                cli.redis_ca.or(file.redis_ca),
+            )?,
             Some(other) => {
                 return Err(ConfigError::new(
                     "--storage-backend",
-                    format!("backend {other:?} is not supported (available: memory, file)"),
+                    format!("backend {other:?} is not supported (available: memory, file, redis)"),
                 ))
             }
         };
@@ -1001,6 +1030,41 @@ fn auth_settings(i: AuthInputs, hub: &Target) -> Result<crate::auth::AuthSetting
     })
 }
 
+fn redis_settings(
+    url: Option<String>,
+    prefix: Option<String>,
+    ca: Option<PathBuf>,
+) -> Result<Storage, ConfigError> {
+    let url = url.filter(|u| !u.is_empty()).ok_or_else(|| {
+        ConfigError::new(
+            "--redis-url",
+            "--storage-backend redis needs the Redis server's URL (redis://host:port)",
+        )
+    })?;
+    let scheme = url.split("://").next().unwrap_or_default();
+    if !["redis", "rediss", "redis+unix", "unix"].contains(&scheme) || !url.contains("://") {
+        return Err(ConfigError::new(
+            "--redis-url",
+            "expected redis://, rediss:// or redis+unix:// (the URL is not shown: it may hold a password)",
+        ));
+    }
+    if let Err(e) = redis::Client::open(url.as_str()) {
+        // The URL may carry a password: name the problem, never echo the URL.
+        return Err(ConfigError::new(
+            "--redis-url",
+            format!("not a usable Redis URL ({})", e.category()),
+        ));
+    }
+    let prefix = prefix.unwrap_or_else(|| "hubgate".to_owned());
+    if prefix.is_empty() || prefix.contains(['{', '}']) || prefix.chars().any(char::is_whitespace) {
+        return Err(ConfigError::new(
+            "--redis-prefix",
+            "must be non-empty, without braces or spaces",
+        ));
+    }
+    Ok(Storage::Redis(RedisSettings { url, prefix, ca }))
+}
+
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
@@ -1129,9 +1193,51 @@ mod tests {
             "--socket"
         );
         assert_eq!(
-            load(&["--storage-backend", "redis"]).unwrap_err().flag,
+            load(&["--storage-backend", "etcd"]).unwrap_err().flag,
             "--storage-backend"
         );
+        assert_eq!(
+            load(&["--storage-backend", "redis"]).unwrap_err().flag,
+            "--redis-url"
+        );
+        let e = load(&[
+            "--storage-backend",
+            "redis",
+            "--redis-url",
+            "http://:secret@h/",
+        ])
+        .unwrap_err();
+        assert_eq!(e.flag, "--redis-url");
+        assert!(!e.problem.contains("secret"), "{}", e.problem);
+    }
+
+    #[test]
+    fn redis_backend_takes_a_url_and_a_prefix() {
+        let c = load(&[
+            "--storage-backend",
+            "redis",
+            "--redis-url",
+            "redis://:pw@127.0.0.1:6380/2",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.storage,
+            Storage::Redis(RedisSettings {
+                url: "redis://:pw@127.0.0.1:6380/2".into(),
+                prefix: "hubgate".into(),
+                ca: None,
+            })
+        );
+        let e = load(&[
+            "--storage-backend",
+            "redis",
+            "--redis-url",
+            "redis://h/",
+            "--redis-prefix",
+            "a{b}",
+        ])
+        .unwrap_err();
+        assert_eq!(e.flag, "--redis-prefix");
     }
 
     #[test]

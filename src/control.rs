@@ -1,20 +1,29 @@
-//! The control plane's single writer: every route change (API posts and deletes, syncs, batches)
-//! goes through one task that makes it durable in the store and only then publishes it to the
-//! route table.
+//! The control plane's single writer: every route change (API posts and deletes, syncs, batches,
+//! and what other replicas did, from a shared store) goes through one task that makes it durable
+//! in the store and only then publishes it to the route table.
 //!
 //! One writer means no lock is held across the store's I/O and changes are ordered. Commands
 //! that arrive while a write is in progress are committed together in the next write (one
 //! `fsync` for the group), which is what makes durable adds fast under concurrent clients.
+//!
+//! With a shared store (Redis) the store orders the replicas' writes: a group is computed on
+//! this replica's table at version `v` and committed only if the store is still at `v`. When
+//! another replica wrote first, the writer applies what it missed from the store's events (or
+//! reloads the table) and computes the group again, so every answer (201 or 404, the counts of
+//! a sync) is exact for the table it was applied to.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::routes::{Change, Outcome, Route, RouteTable, Snapshot};
-use crate::store::{Batch, Store, StoreError, StoredChange};
+use crate::store::{
+    Batch, Loaded, Revocation, Store, StoreError, StoreEvent, StoreHealth, StoredChange,
+    StoredRoute,
+};
 use crate::target::Target;
 
 /// How many queued commands one store write may commit together.
@@ -23,8 +32,15 @@ const GROUP_MAX: usize = 256;
 /// How often `last_activity` is saved to a store that keeps it.
 const ACTIVITY_FLUSH: Duration = Duration::from_secs(5);
 
+/// How many times a group is computed again after other replicas wrote first.
+const CONFLICT_ATTEMPTS: usize = 8;
+
+/// How long the writer waits for the store's events to bring it up to the store's version
+/// before it reloads the whole table instead.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(1);
+
 /// A change request for the writer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Op {
     /// Apply these changes as one version.
     Batch(Vec<Change>),
@@ -53,10 +69,17 @@ pub struct Applied {
     pub version: u64,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ControlError {
     #[error("the route store failed, nothing was changed: {0}")]
     Store(String),
+    /// The outcome is unknown: the store did not answer after being asked.
+    #[error("{0}")]
+    Indeterminate(String),
+    #[error("the route table is not loaded from the route store yet ({0})")]
+    NotLoaded(String),
+    #[error("other replicas kept changing the table; nothing was changed, try again")]
+    Contention,
     #[error("hubgate is shutting down")]
     Closed,
 }
@@ -70,6 +93,11 @@ struct Command {
 #[derive(Clone)]
 pub struct Control {
     tx: mpsc::Sender<Command>,
+    store: Arc<dyn Store>,
+    table: Arc<RouteTable>,
+    /// `Some(trusted)` once the table is loaded from the store.
+    loaded: watch::Receiver<Option<bool>>,
+    revocations: broadcast::Sender<Revocation>,
 }
 
 impl Control {
@@ -84,51 +112,111 @@ impl Control {
         host_routing: bool,
     ) -> Result<(Control, bool), StoreError> {
         let loaded = store.load().await?;
-        let mut snapshot = Snapshot::default();
-        let mut changes = Vec::with_capacity(loaded.routes.len());
-        for stored in loaded.routes {
-            let target = match stored.data.get("target").and_then(|t| t.as_str()) {
-                Some(t) => Target::parse(t),
-                None => {
-                    tracing::warn!(route = %stored.key, "stored route has no target; dropped");
-                    continue;
-                }
-            };
-            match target {
-                Ok(target) => {
-                    let route = Route::new(stored.key.into(), target, stored.data, host_routing);
-                    route.set_last_activity_ms(stored.last_activity);
-                    changes.push(Change::Upsert(Arc::new(route)));
-                }
-                Err(e) => tracing::warn!(route = %stored.key, error = %e, "stored route dropped"),
-            }
-        }
-        let count = changes.len();
-        snapshot.apply_batch(changes);
-        snapshot.set_version(loaded.version);
-        table.publish(snapshot);
-        tracing::info!(
-            store = store.name(),
-            routes = count,
-            version = loaded.version,
-            trusted = loaded.trusted,
-            "route table loaded"
-        );
+        let trusted = loaded.trusted;
+        let control = Self::spawn(table, store, host_routing, Some(loaded));
+        Ok((control, trusted))
+    }
 
+    /// Starts the writer at once and loads the store in the background, retrying until the
+    /// store answers. Until then the table is marked as not loaded and changes are refused.
+    /// For a shared store, which may come up after hubgate.
+    pub fn launch(table: Arc<RouteTable>, store: Arc<dyn Store>, host_routing: bool) -> Control {
+        table.set_loaded(false);
+        Self::spawn(table, store, host_routing, None)
+    }
+
+    fn spawn(
+        table: Arc<RouteTable>,
+        store: Arc<dyn Store>,
+        host_routing: bool,
+        loaded: Option<Loaded>,
+    ) -> Control {
         let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(writer(table.clone(), store.clone(), rx));
+        let (loaded_tx, loaded_rx) = watch::channel(None);
+        let (revocations, _) = broadcast::channel(256);
+        let writer = Writer {
+            table: table.clone(),
+            store: store.clone(),
+            host_routing,
+            events: store.events(),
+            revocations: revocations.clone(),
+        };
+        // A table loaded already is published before this returns, so nothing (no listener,
+        // no default route) ever sees it empty.
+        let pending = match loaded {
+            Some(loaded) => {
+                writer.loaded(loaded, &loaded_tx);
+                false
+            }
+            None => true,
+        };
+        tokio::spawn(writer.run(rx, pending, loaded_tx));
         if store.keeps_writes() {
-            tokio::spawn(flush_activity(table, store));
+            tokio::spawn(flush_activity(
+                table.clone(),
+                store.clone(),
+                loaded_rx.clone(),
+            ));
         }
-        Ok((Control { tx }, loaded.trusted))
+        Control {
+            tx,
+            store,
+            table,
+            loaded: loaded_rx,
+            revocations,
+        }
+    }
+
+    /// Waits until the table is loaded; answers whether the store vouched for it.
+    pub async fn trusted(&self) -> bool {
+        let mut loaded = self.loaded.clone();
+        let trusted = match loaded.wait_for(Option::is_some).await {
+            Ok(v) => v.unwrap_or(false),
+            Err(_) => false,
+        };
+        trusted
+    }
+
+    /// Whether the store is reachable now.
+    pub fn store_health(&self) -> StoreHealth {
+        self.store.health()
+    }
+
+    pub fn store_name(&self) -> &'static str {
+        self.store.name()
+    }
+
+    /// Revocations that other replicas (and this one) sent through the store.
+    pub fn revocations(&self) -> broadcast::Receiver<Revocation> {
+        self.revocations.subscribe()
+    }
+
+    /// Sends a revocation to every replica (a no-op for a store of one process).
+    ///
+    /// # Errors
+    /// When the store is unreachable: the other replicas did not get it.
+    pub async fn publish_revocation(&self, revocation: Revocation) -> Result<(), ControlError> {
+        self.store
+            .publish_revocation(revocation)
+            .await
+            .map_err(|e| ControlError::Store(e.to_string()))
     }
 
     /// Applies an operation; returns once it is durable and visible to requests.
     ///
     /// # Errors
-    /// [`ControlError::Store`] when the store refused the write (nothing changed), or
-    /// [`ControlError::Closed`] when the writer has stopped.
+    /// [`ControlError::Store`] when the store refused the write (nothing changed),
+    /// [`ControlError::Indeterminate`] when it did not answer, [`ControlError::NotLoaded`]
+    /// before the first load, or [`ControlError::Closed`] when the writer has stopped.
     pub async fn apply(&self, op: Op) -> Result<Applied, ControlError> {
+        if !self.table.is_loaded() {
+            let why = self
+                .store
+                .health()
+                .detail
+                .unwrap_or_else(|| "loading".to_owned());
+            return Err(ControlError::NotLoaded(why));
+        }
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(Command { op, reply })
@@ -138,20 +226,215 @@ impl Control {
     }
 }
 
-async fn writer(table: Arc<RouteTable>, store: Arc<dyn Store>, mut rx: mpsc::Receiver<Command>) {
-    while let Some(first) = rx.recv().await {
-        let mut commands = vec![first];
-        while commands.len() < GROUP_MAX {
-            match rx.try_recv() {
-                Ok(c) => commands.push(c),
-                Err(_) => break,
+/// The single writer and what it needs.
+struct Writer {
+    table: Arc<RouteTable>,
+    store: Arc<dyn Store>,
+    host_routing: bool,
+    events: Option<mpsc::Receiver<StoreEvent>>,
+    revocations: broadcast::Sender<Revocation>,
+}
+
+impl Writer {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        pending: bool,
+        loaded_tx: watch::Sender<Option<bool>>,
+    ) {
+        if pending {
+            let loaded = self.load_until_it_answers().await;
+            self.loaded(loaded, &loaded_tx);
+        }
+
+        loop {
+            tokio::select! {
+                biased;
+                Some(event) = next_event(&mut self.events) => self.on_event(event).await,
+                first = rx.recv() => {
+                    let Some(first) = first else { break };
+                    let mut commands = vec![first];
+                    while commands.len() < GROUP_MAX {
+                        match rx.try_recv() {
+                            Ok(c) => commands.push(c),
+                            Err(_) => break,
+                        }
+                    }
+                    self.commit(commands).await;
+                    if self.store.wants_compaction() {
+                        let snapshot = self.table.snapshot();
+                        let routes = snapshot.iter().map(|r| r.to_stored()).collect();
+                        if let Err(e) = self.store.compact(routes, snapshot.version()).await {
+                            tracing::error!(error = %e, "route store compaction failed; will retry");
+                        }
+                    }
+                }
             }
         }
-        let mut next = table.draft();
+    }
+
+    /// Publishes the first load and says so.
+    fn loaded(&self, loaded: Loaded, loaded_tx: &watch::Sender<Option<bool>>) {
+        let trusted = loaded.trusted;
+        self.install(loaded, true);
+        self.table.set_loaded(true);
+        let _ = loaded_tx.send(Some(trusted));
+    }
+
+    async fn load_until_it_answers(&self) -> Loaded {
+        let mut wait = Duration::from_millis(200);
+        loop {
+            match self.store.load().await {
+                Ok(loaded) => return loaded,
+                Err(e) => {
+                    tracing::warn!(
+                        store = self.store.name(),
+                        error = %e,
+                        retry_in_ms = wait.as_millis() as u64,
+                        "cannot load routes yet: not ready until the route store answers"
+                    );
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Makes the table equal to a loaded one. Routes whose data did not change stay as they
+    /// are; `last_activity` is the later of the two.
+    fn install(&self, loaded: Loaded, first: bool) {
+        let current = self.table.snapshot();
+        let mut changes = Vec::with_capacity(loaded.routes.len());
+        for stored in loaded.routes {
+            if let Some(old) = current.get(&stored.key) {
+                if old.data() == &stored.data {
+                    old.merge_last_activity_ms(stored.last_activity);
+                    changes.push(Change::Upsert(old.clone()));
+                    continue;
+                }
+            }
+            if let Some(route) = self.route_of(stored) {
+                if let Some(old) = current.get(route.key()) {
+                    route.merge_last_activity_ms(old.last_activity_ms());
+                }
+                changes.push(Change::Upsert(Arc::new(route)));
+            }
+        }
+        let count = changes.len();
+        let mut snapshot = Snapshot::default();
+        snapshot.apply_batch(changes);
+        snapshot.set_version(loaded.version);
+        self.table.publish(snapshot);
+        tracing::info!(
+            store = self.store.name(),
+            routes = count,
+            version = loaded.version,
+            trusted = loaded.trusted,
+            "{}",
+            if first {
+                "route table loaded"
+            } else {
+                "route table reloaded from the store"
+            }
+        );
+    }
+
+    /// A stored route as a table route; `None` (logged) when its target is unusable.
+    fn route_of(&self, stored: StoredRoute) -> Option<Route> {
+        let target = match stored.data.get("target").and_then(|t| t.as_str()) {
+            Some(t) => Target::parse(t),
+            None => {
+                tracing::warn!(route = %stored.key, "stored route has no target; dropped");
+                return None;
+            }
+        };
+        match target {
+            Ok(target) => {
+                let route = Route::new(stored.key.into(), target, stored.data, self.host_routing);
+                route.set_last_activity_ms(stored.last_activity);
+                Some(route)
+            }
+            Err(e) => {
+                tracing::warn!(route = %stored.key, error = %e, "stored route dropped");
+                None
+            }
+        }
+    }
+
+    /// Commits a group of commands, computing it again after conflicts with other replicas.
+    async fn commit(&mut self, commands: Vec<Command>) {
+        let (ops, replies): (Vec<Op>, Vec<_>) =
+            commands.into_iter().map(|c| (c.op, c.reply)).unzip();
+        let mut outcome = Err(ControlError::Contention);
+        for _ in 0..CONFLICT_ATTEMPTS {
+            let (next, batches, answers) = self.prepare(&ops);
+            let written = if batches.is_empty() {
+                Ok(())
+            } else {
+                let started = std::time::Instant::now();
+                let written = self.store.write(batches).await;
+                let m = crate::metrics::get();
+                m.store_write_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                match &written {
+                    Ok(()) => m.store_writes.with_label_values(&["ok"]).inc(),
+                    Err(StoreError::Conflict { .. }) => {}
+                    Err(_) => crate::metrics::store_failed(),
+                }
+                written
+            };
+            outcome = match written {
+                Ok(()) => {
+                    self.table.publish(next);
+                    Ok(answers)
+                }
+                Err(StoreError::Conflict { current }) => {
+                    tracing::debug!(
+                        current,
+                        local = self.table.load().version(),
+                        "another replica wrote first; catching up"
+                    );
+                    self.catch_up(current).await;
+                    continue;
+                }
+                Err(e @ StoreError::Indeterminate(_)) => {
+                    tracing::error!(store = self.store.name(), error = %e, "route store did not answer a write");
+                    Err(ControlError::Indeterminate(e.to_string()))
+                }
+                Err(e) => {
+                    tracing::error!(store = self.store.name(), error = %e, "route store write failed; changes refused");
+                    Err(ControlError::Store(e.to_string()))
+                }
+            };
+            break;
+        }
+        match outcome {
+            Ok(answers) => {
+                for (reply, applied) in replies.into_iter().zip(answers) {
+                    let _ = reply.send(Ok(applied));
+                }
+            }
+            Err(e) => {
+                if matches!(e, ControlError::Contention) {
+                    tracing::warn!(
+                        "gave up a write after {CONFLICT_ATTEMPTS} conflicts with other replicas"
+                    );
+                }
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// The next table, the batches that make it, and each command's answer.
+    fn prepare(&self, ops: &[Op]) -> (Snapshot, Vec<Batch>, Vec<Applied>) {
+        let keeps = self.store.keeps_writes();
+        let mut next = self.table.draft();
         let mut batches = Vec::new();
-        let mut pending = Vec::new();
-        for Command { op, reply } in commands {
-            let (changes, outcomes, counts, dry_run) = match op {
+        let mut answers = Vec::with_capacity(ops.len());
+        for op in ops {
+            let (changes, outcomes, counts, dry_run) = match op.clone() {
                 Op::Batch(changes) => {
                     let (changes, outcomes, counts) = prepare_batch(&next, changes);
                     (changes, outcomes, counts, false)
@@ -164,7 +447,7 @@ async fn writer(table: Arc<RouteTable>, store: Arc<dyn Store>, mut rx: mpsc::Rec
             // A dry run, like every answer, goes out with its group once the writes before it
             // are durable: if they fail, so does this answer, which was computed on top of them.
             if !dry_run && !changes.is_empty() {
-                let stored: Vec<StoredChange> = if store.keeps_writes() {
+                let stored: Vec<StoredChange> = if keeps {
                     changes
                         .iter()
                         .map(|c| match c {
@@ -181,53 +464,135 @@ async fn writer(table: Arc<RouteTable>, store: Arc<dyn Store>, mut rx: mpsc::Rec
                     changes: stored,
                 });
             }
-            let version = next.version();
-            pending.push((
-                reply,
-                Applied {
-                    outcomes,
-                    counts,
-                    version,
-                },
-            ));
+            answers.push(Applied {
+                outcomes,
+                counts,
+                version: next.version(),
+            });
         }
+        (next, batches, answers)
+    }
 
-        let written = if batches.is_empty() {
-            Ok(())
-        } else {
-            let started = std::time::Instant::now();
-            let written = store.write(batches).await;
-            let m = crate::metrics::get();
-            m.store_write_seconds
-                .observe(started.elapsed().as_secs_f64());
-            match &written {
-                Ok(()) => m.store_writes.with_label_values(&["ok"]).inc(),
-                Err(_) => crate::metrics::store_failed(),
+    /// Brings the table up to the store's version `current`: from the store's events if they
+    /// arrive soon, else by reloading it.
+    async fn catch_up(&mut self, current: u64) {
+        let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
+        while self.table.load().version() < current {
+            let event = match &mut self.events {
+                Some(events) => tokio::time::timeout_at(deadline, events.recv()).await,
+                None => break,
+            };
+            match event {
+                Ok(Some(event)) => self.on_event(event).await,
+                _ => break,
             }
-            written
-        };
-        match written {
-            Ok(()) => {
-                table.publish(next);
-                for (reply, applied) in pending {
-                    let _ = reply.send(Ok(applied));
+        }
+        if self.table.load().version() != current {
+            self.resync().await;
+        }
+    }
+
+    async fn on_event(&mut self, event: StoreEvent) {
+        let local = self.table.load().version();
+        match event {
+            StoreEvent::Batch(batch) if batch.version <= local => {}
+            StoreEvent::Batch(batch) if batch.version == local + 1 => {
+                let changes = batch
+                    .changes
+                    .into_iter()
+                    .filter_map(|c| match c {
+                        StoredChange::Put(stored) => {
+                            self.route_of(stored).map(|r| Change::Upsert(Arc::new(r)))
+                        }
+                        StoredChange::Del { key } => Some(Change::Remove(key.into())),
+                    })
+                    .collect::<Vec<_>>();
+                let mut next = self.table.draft();
+                // Keep the activity of routes replaced with the same target, as a local
+                // replacement does.
+                for change in &changes {
+                    if let Change::Upsert(route) = change {
+                        if let Some(old) = next.get(route.key()) {
+                            if old.target().as_str() == route.target().as_str() {
+                                route.merge_last_activity_ms(old.last_activity_ms());
+                            }
+                        }
+                    }
+                }
+                next.apply_batch(changes);
+                self.table.publish(next);
+            }
+            StoreEvent::Batch(batch) => {
+                tracing::info!(
+                    local,
+                    store = batch.version,
+                    "missed changes from the store; reloading"
+                );
+                self.resync().await;
+            }
+            StoreEvent::Activity(raised) => {
+                let snapshot = self.table.load();
+                for (key, ms) in raised {
+                    if let Some(route) = snapshot.get(&key) {
+                        route.merge_last_activity_ms(ms);
+                    }
                 }
             }
+            StoreEvent::Revoke(revocation) => {
+                let _ = self.revocations.send(revocation);
+            }
+            StoreEvent::Reload => self.resync().await,
+            StoreEvent::Reconnected { version } => match version {
+                None if local > 0 => self.resync().await,
+                Some(v) if v < local => self.resync().await,
+                _ => {}
+            },
+        }
+    }
+
+    /// Makes the table equal to the store's, or, when the store lost its table (restarted
+    /// without persistence), fills it with this replica's.
+    async fn resync(&mut self) {
+        let loaded = match self.store.load().await {
+            Ok(l) => l,
             Err(e) => {
-                tracing::error!(store = store.name(), error = %e, "route store write failed; changes refused");
-                for (reply, _) in pending {
-                    let _ = reply.send(Err(ControlError::Store(e.to_string())));
+                tracing::warn!(error = %e, "cannot reload routes from the store; keeping the current table until it answers");
+                return;
+            }
+        };
+        let local = self.table.snapshot();
+        if loaded.version == 0 && loaded.routes.is_empty() && local.version() > 0 {
+            let routes = local.iter().map(|r| r.to_stored()).collect();
+            match self.store.refill(routes, local.version()).await {
+                Ok(true) => {
+                    tracing::warn!(
+                        routes = local.len(),
+                        version = local.version(),
+                        "the route store had lost its table; filled it again from this replica's"
+                    );
+                    return;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot refill the route store");
+                    return;
                 }
             }
-        }
-
-        if store.wants_compaction() {
-            let snapshot = table.snapshot();
-            let routes = snapshot.iter().map(|r| r.to_stored()).collect();
-            if let Err(e) = store.compact(routes, snapshot.version()).await {
-                tracing::error!(error = %e, "route store compaction failed; will retry");
+            // Another replica refilled it first: take theirs.
+            match self.store.load().await {
+                Ok(l) => self.install(l, false),
+                Err(e) => tracing::warn!(error = %e, "cannot reload routes from the store"),
             }
+            return;
         }
+        self.install(loaded, false);
+    }
+}
+
+async fn next_event(events: &mut Option<mpsc::Receiver<StoreEvent>>) -> Option<StoreEvent> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -305,7 +670,14 @@ fn diff(current: &Snapshot, desired: Vec<Arc<Route>>) -> (Vec<Change>, Counts) {
 }
 
 /// Saves `last_activity` of routes that saw traffic since the last pass.
-async fn flush_activity(table: Arc<RouteTable>, store: Arc<dyn Store>) {
+async fn flush_activity(
+    table: Arc<RouteTable>,
+    store: Arc<dyn Store>,
+    mut loaded: watch::Receiver<Option<bool>>,
+) {
+    if loaded.wait_for(Option::is_some).await.is_err() {
+        return;
+    }
     // What the store already has: the values just loaded from it.
     let mut saved: HashMap<Arc<str>, i64> = table
         .snapshot()

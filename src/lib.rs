@@ -71,24 +71,39 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
             store::file::FileStore::open(dir)
                 .map_err(|e| anyhow::anyhow!("--storage-path {}: {e}", dir.display()))?,
         ),
+        Storage::Redis(settings) => Arc::new(
+            store::redis::RedisStore::open(settings)
+                .map_err(|e| anyhow::anyhow!("--redis-url: {e}"))?,
+        ),
     };
     let table = Arc::new(RouteTable::new());
-    let (control, trusted) = Control::start(table.clone(), store.clone(), config.host_routing)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot load routes: {e}"))?;
+    let control = if store.retries_load() {
+        // A shared store may come up after hubgate: serve (and answer readiness with the
+        // reason) while it loads; see `Control::launch`.
+        Control::launch(table.clone(), store.clone(), config.host_routing)
+    } else {
+        Control::start(table.clone(), store.clone(), config.host_routing)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot load routes: {e}"))?
+            .0
+    };
     if let Some(target) = &config.default_target {
-        let current = table
-            .load()
-            .get("/")
-            .map(|r| r.target().as_str().to_owned());
-        if current.as_deref() != Some(target.as_str()) {
-            let mut data = RouteData::new();
-            data.insert("target".into(), Value::String(target.as_str().to_owned()));
-            let route = Route::new("/".into(), target.clone(), data, config.host_routing);
-            control
-                .apply(Op::Batch(vec![Change::Upsert(Arc::new(route))]))
+        let set_default = set_default_target(
+            control.clone(),
+            table.clone(),
+            target.clone(),
+            config.host_routing,
+        );
+        if table.is_loaded() {
+            set_default
                 .await
                 .map_err(|e| anyhow::anyhow!("--default-target: {e}"))?;
+        } else {
+            tokio::spawn(async move {
+                if let Err(e) = set_default.await {
+                    tracing::error!(error = %e, "--default-target could not be set");
+                }
+            });
         }
     }
     if config.auth_token.is_none() {
@@ -168,9 +183,12 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
         None => None,
     };
     if let Some(hub) = &hub {
-        if !trusted || config.notify_hub {
-            let (hub, store) = (hub.clone(), store.clone());
-            tokio::spawn(async move {
+        tokio::spawn(hub.clone().watch());
+        let (hub, store, control) = (hub.clone(), store.clone(), control.clone());
+        let notify = config.notify_hub;
+        tokio::spawn(async move {
+            // The store's answer decides: a table the hub synced before needs no handshake.
+            if !control.trusted().await || notify {
                 hub.handshake().await;
                 // From now on this store's table is the hub's: a restart can vouch for it.
                 match store.mark_synced().await {
@@ -181,11 +199,10 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
                         tracing::warn!(error = %e, "could not record the hub sync in the store")
                     }
                 }
-            });
-        } else {
-            hub.mark_registered();
-        }
-        tokio::spawn(hub.clone().watch());
+            } else {
+                hub.mark_registered();
+            }
+        });
     }
 
     let auth = match (&config.auth, &hub) {
@@ -214,8 +231,12 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
         auth.clone(),
         closing,
     ));
+    if let Some(auth) = &auth {
+        tokio::spawn(follow_revocations(control.revocations(), auth.clone()));
+    }
     let status = Arc::new(status::Status::new(
         table.clone(),
+        control.clone(),
         hub.clone(),
         auth.clone(),
         config.auth_token.is_none(),
@@ -322,6 +343,50 @@ pub async fn run(config: Config) -> anyhow::Result<Exit> {
         tracing::warn!("grace period over with requests still in flight; exiting");
         Ok(Exit::Cut)
     }
+}
+
+/// Applies the revocations other replicas sent through a shared store.
+async fn follow_revocations(
+    mut revocations: tokio::sync::broadcast::Receiver<store::Revocation>,
+    auth: Arc<auth::Auth>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match revocations.recv().await {
+            Ok(revocation) => auth.apply_revocation(&revocation),
+            // Some were missed: fail closed and void everything issued until now.
+            Err(RecvError::Lagged(missed)) => {
+                tracing::warn!(missed, "revocations came faster than they were applied; voiding every cached credential");
+                auth.clear();
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Routes `/` to `--default-target` unless it already goes there (a restarted replica finds it
+/// in its store).
+async fn set_default_target(
+    control: Control,
+    table: Arc<RouteTable>,
+    target: target::Target,
+    host_routing: bool,
+) -> Result<(), control::ControlError> {
+    control.trusted().await;
+    let current = table
+        .load()
+        .get("/")
+        .map(|r| r.target().as_str().to_owned());
+    if current.as_deref() == Some(target.as_str()) {
+        return Ok(());
+    }
+    let mut data = RouteData::new();
+    data.insert("target".into(), Value::String(target.as_str().to_owned()));
+    let route = Route::new("/".into(), target, data, host_routing);
+    control
+        .apply(Op::Batch(vec![Change::Upsert(Arc::new(route))]))
+        .await
+        .map(drop)
 }
 
 /// The body of `PATCH /hub/api/proxy`: JupyterHub reads `api_url` and `auth_token`; its API

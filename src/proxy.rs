@@ -151,6 +151,9 @@ impl ForwardOptions {
 pub enum ProxyError {
     #[error("no route matches")]
     NoRoute,
+    /// No route matches because the table waits for its store's first load.
+    #[error("the route table is not loaded from the route store yet")]
+    NotLoaded,
     #[error("bad request path: {0}")]
     BadPath(#[from] path::PathError),
     #[error("bad Host header")]
@@ -167,7 +170,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::BadPath(_) | ProxyError::BadHost => StatusCode::BAD_REQUEST,
-            ProxyError::Upstream(_) | ProxyError::UpstreamTimeout => {
+            ProxyError::Upstream(_) | ProxyError::UpstreamTimeout | ProxyError::NotLoaded => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
         }
@@ -298,8 +301,8 @@ impl Proxy {
             Err(err) => {
                 let status = err.status();
                 match &err {
-                    ProxyError::NoRoute => {
-                        tracing::debug!(%method, status = status.as_u16(), "no route")
+                    ProxyError::NoRoute | ProxyError::NotLoaded => {
+                        tracing::debug!(%method, status = status.as_u16(), error = %err, "no route")
                     }
                     ProxyError::BadPath(_) | ProxyError::BadHost => {
                         tracing::info!(%method, status = status.as_u16(), error = %err, "bad request")
@@ -353,7 +356,13 @@ impl Proxy {
             } else {
                 table.lookup(&path.lookup).cloned()
             };
-            found.ok_or(ProxyError::NoRoute)?
+            found.ok_or_else(|| {
+                if self.table.is_loaded() {
+                    ProxyError::NoRoute
+                } else {
+                    ProxyError::NotLoaded
+                }
+            })?
         };
         metrics::get().lookup_time(lookup_started.elapsed());
         trace.kind = route.kind();

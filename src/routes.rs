@@ -125,6 +125,12 @@ impl Route {
         self.last_activity_ms.store(ms, Ordering::Relaxed);
     }
 
+    /// Raises `last_activity` to `ms` unless it is later already (activity seen by another
+    /// replica: the latest wins).
+    pub fn merge_last_activity_ms(&self, ms: i64) {
+        self.last_activity_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
     /// The route as the API shows it: the posted data plus `last_activity`.
     pub fn to_json(&self) -> Value {
         let mut obj = self.data.clone();
@@ -384,6 +390,9 @@ pub struct RouteTable {
     /// Serialises writers so none loses another's change between load and swap. Held only for
     /// the in-memory update (never across an await); readers never touch it.
     writer: Mutex<()>,
+    /// Set while the table waits for its store's first load (a shared store that is not
+    /// reachable yet): a request that finds no route is then told to come back, not 404.
+    unloaded: std::sync::atomic::AtomicBool,
 }
 
 impl RouteTable {
@@ -426,6 +435,17 @@ impl RouteTable {
     /// A modifiable copy of the current snapshot, for the control plane's writer.
     pub fn draft(&self) -> Snapshot {
         Snapshot::clone(&self.current.load())
+    }
+
+    /// Whether the table holds what its store has (false only while a shared store's first
+    /// load is pending).
+    pub fn is_loaded(&self) -> bool {
+        !self.unloaded.load(Ordering::Acquire)
+    }
+
+    /// Marks the table as loaded or waiting for its store.
+    pub fn set_loaded(&self, loaded: bool) {
+        self.unloaded.store(!loaded, Ordering::Release);
     }
 }
 

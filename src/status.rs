@@ -14,6 +14,7 @@ use http::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
 use crate::auth::Auth;
+use crate::control::Control;
 use crate::hub::Hub;
 use crate::metrics;
 use crate::proxy::json;
@@ -32,6 +33,7 @@ const CERT_WARNING_MS: i64 = 14 * 24 * 3600 * 1000;
 pub struct Status {
     started: Instant,
     table: Arc<RouteTable>,
+    control: Control,
     hub: Option<Arc<Hub>>,
     auth: Option<Arc<Auth>>,
     api_open: bool,
@@ -43,6 +45,7 @@ pub struct Status {
 impl Status {
     pub fn new(
         table: Arc<RouteTable>,
+        control: Control,
         hub: Option<Arc<Hub>>,
         auth: Option<Arc<Auth>>,
         api_open: bool,
@@ -52,6 +55,7 @@ impl Status {
         Status {
             started: Instant::now(),
             table,
+            control,
             hub,
             auth,
             api_open,
@@ -68,6 +72,20 @@ impl Status {
     /// `GET /health/ready`: 200 when hubgate can serve correctly, else 503 with the reasons.
     pub fn ready(&self) -> Response<ProxyBody> {
         let mut reasons = Vec::new();
+        let store = self.control.store_health();
+        if !self.table.is_loaded() {
+            reasons.push(format!(
+                "the route table is not loaded yet from the {} route store ({})",
+                self.control.store_name(),
+                store.detail.as_deref().unwrap_or("loading")
+            ));
+        } else if !store.reachable {
+            reasons.push(format!(
+                "the {} route store is unreachable ({}): routes are served from memory but cannot change",
+                self.control.store_name(),
+                store.detail.as_deref().unwrap_or("no detail")
+            ));
+        }
         if let (Some(hub), Some(_)) = (&self.hub, &self.auth) {
             if !hub.answered_within(HUB_FRESH) {
                 reasons.push(format!(
@@ -93,6 +111,14 @@ impl Status {
         let m = metrics::get();
         let mut errors = Vec::new();
         let mut warnings = Vec::new();
+        let store = self.control.store_health();
+        if !store.reachable {
+            errors.push(format!(
+                "the {} route store is unreachable: {}",
+                self.control.store_name(),
+                store.detail.as_deref().unwrap_or("no detail")
+            ));
+        }
         let store_failure = m.last_store_failure_ms.load(Ordering::Relaxed);
         if store_failure > 0 && now - store_failure < STORE_FAILURE_WINDOW_MS {
             errors.push(format!(
@@ -151,6 +177,11 @@ impl Status {
             "uptime_seconds": self.started.elapsed().as_secs(),
             "routes": snapshot.len(),
             "table_version": snapshot.version(),
+            "store": {
+                "backend": self.control.store_name(),
+                "reachable": store.reachable,
+                "loaded": self.table.is_loaded(),
+            },
             "auth": self.auth.as_ref().map(|a| a.cache_stats()),
         });
         json(StatusCode::OK, body.to_string())

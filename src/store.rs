@@ -6,10 +6,13 @@
 //! publishes it to the table only once the store has acknowledged it, so an acknowledged change
 //! is never lost and a failed one is never half-applied.
 //!
-//! Backends: [`MemoryStore`] (CHP's behaviour: nothing survives) and [`file::FileStore`] (the
-//! embedded default of the example configuration: an append-only, checksummed log on local disk).
+//! Backends: [`MemoryStore`] (CHP's behaviour: nothing survives), [`file::FileStore`] (the
+//! embedded default of the example configuration: an append-only, checksummed log on local disk)
+//! and [`redis::RedisStore`] (one table shared by several replicas; each replica's changes reach
+//! the others as [`StoreEvent`]s).
 
 pub mod file;
+pub mod redis;
 
 use std::collections::HashMap;
 
@@ -18,13 +21,58 @@ use serde::{Deserialize, Serialize};
 use serde_json::Map;
 use serde_json::Value;
 
-/// A store failure. The API turns it into 503: the change was not applied.
+/// A store failure. The API turns it into 503.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("route store I/O failed: {0}")]
     Io(#[from] std::io::Error),
     #[error("route store is corrupt: {0}")]
     Corrupt(String),
+    /// The store could not be reached: nothing was applied.
+    #[error("route store is unreachable: {0}")]
+    Unavailable(String),
+    /// The store was asked but did not answer: the change may or may not have been applied (it
+    /// reaches the table through the store's events if it was). Retrying is safe: route changes
+    /// are idempotent.
+    #[error("route store did not answer, the change may or may not have been applied: {0}")]
+    Indeterminate(String),
+    /// Another replica changed the table first: `current` is the store's version. The writer
+    /// catches up and tries again; callers never see this.
+    #[error("route store is at version {current}, ahead of this replica")]
+    Conflict { current: u64 },
+}
+
+/// Something another replica did, delivered by a shared store in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreEvent {
+    /// A committed batch (this replica's own come back too, and are skipped by version).
+    Batch(Batch),
+    /// `last_activity` that rose somewhere: the latest wins.
+    Activity(HashMap<String, i64>),
+    /// Credentials revoked through some replica's API.
+    Revoke(Revocation),
+    /// The table must be read again from the store: a change was too large to send, history
+    /// was missed, or the store lost its data and was refilled.
+    Reload,
+    /// The connection to the store came back; `version` is the store's (`None` when the store
+    /// has no table at all, as after a restart without persistence).
+    Reconnected { version: Option<u64> },
+}
+
+/// A revocation to apply on every replica. Carries a user name, never a credential.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// `None` revokes everyone.
+    pub user: Option<String>,
+    /// Credentials and sessions issued before this (milliseconds since the epoch) are void.
+    pub at_ms: i64,
+}
+
+/// Whether the store can take writes now, and why not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreHealth {
+    pub reachable: bool,
+    pub detail: Option<String>,
 }
 
 /// One route as stored.
@@ -76,6 +124,41 @@ pub trait Store: Send + Sync + 'static {
 
     /// Reads the whole stored table.
     fn load(&self) -> BoxFuture<'_, Result<Loaded, StoreError>>;
+
+    /// Whether a failed [`Store::load`] at start should be retried (the store is a service that
+    /// may come up later) rather than end the start.
+    fn retries_load(&self) -> bool {
+        false
+    }
+
+    /// The events of a shared store, taken once by the control plane. `None` for a store only
+    /// this process writes.
+    fn events(&self) -> Option<tokio::sync::mpsc::Receiver<StoreEvent>> {
+        None
+    }
+
+    /// Whether the store is reachable now.
+    fn health(&self) -> StoreHealth {
+        StoreHealth {
+            reachable: true,
+            detail: None,
+        }
+    }
+
+    /// Sends a revocation to the other replicas. Nothing to do for a store of one process.
+    fn publish_revocation(&self, _revocation: Revocation) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Refills a store that lost its table with this one, unless another replica did first.
+    /// Returns whether this call wrote it.
+    fn refill(
+        &self,
+        _routes: Vec<StoredRoute>,
+        _version: u64,
+    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(async { Ok(false) })
+    }
 
     /// Makes batches durable, in order. `Ok` means every batch survives a crash from now on.
     fn write(&self, batches: Vec<Batch>) -> BoxFuture<'_, Result<(), StoreError>>;

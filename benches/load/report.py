@@ -209,6 +209,10 @@ def ratios(rows):
                      f"before any websocket, {d['rss_kb_held'] / 1024:.0f} MiB while held)")
     lines.append(ratio_line("hubgate / CHP, websocket echo messages/s",
                             get(rows, "hubgate.ws.rate", "rps"), get(rows, "chp.ws.rate", "rps")))
+    lines.append(ratio_line("hubgate on redis, 2 replicas / 1 replica, requests/s (small, one port)",
+                            get(rows, "hubgate.redis2", "rps"), get(rows, "hubgate.redis1", "rps")))
+    lines.append(ratio_line("hubgate on redis, 1 replica / hubgate (memory store), requests/s (small)",
+                            get(rows, "hubgate.redis1", "rps"), hg))
     return lines
 
 

@@ -16,7 +16,7 @@
 # see "CPU placement" below), HGBENCH_CHP_DIR (where CHP is installed, default
 # /tmp/hgbench-chp-5.3.0).
 #
-# What it installs when missing: wrk and nginx (Debian, needs root), configurable-http-proxy
+# What it installs when missing: wrk, nginx and redis-server (Debian, needs root), configurable-http-proxy
 # 5.3.0 (npm, into HGBENCH_CHP_DIR); it builds hubgate and examples/wsload with cargo --release.
 #
 # Every process it starts is recorded and killed on exit; every loop is bounded in count and
@@ -206,6 +206,7 @@ install_tools() {
     local missing=()
     command -v wrk >/dev/null || missing+=(wrk)
     command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+    command -v redis-server >/dev/null || missing+=(redis-server)
     command -v node >/dev/null || missing+=(nodejs)
     command -v npm >/dev/null || missing+=(npm)
     command -v taskset >/dev/null || missing+=(util-linux)
@@ -754,7 +755,57 @@ stop "$HUB_PID"
 HGA_ERRLINES=$(errlines hubgate-auth)
 
 # ---------------------------------------------------------------------------------------------
-# 9. The report.
+# 9. hubgate replicas sharing one table in Redis: how fast a change made through one replica
+# reaches another, and the throughput of two replicas on one port (SO_REUSEPORT) against one.
+log "hubgate replicas on redis"
+REDIS_PORT=$(free_port)
+start redis "$BACKEND_CPUS" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' \
+    --appendonly no --dir "$WORK"
+REDIS_PID=$LAST_PID
+REDIS_URL=redis://127.0.0.1:$REDIS_PORT
+routes_of() {  # API: how many routes a replica has (0 when it does not answer)
+    curl -s --max-time 5 -H "Authorization: token $TOKEN" "$1/api/status" |
+        python3 -c 'import json,sys; print(json.load(sys.stdin).get("routes", 0))' 2>/dev/null || echo 0
+}
+if wait_port "$REDIS_PORT" && start_hubgate hubgate-r1 --storage-backend redis --redis-url "$REDIS_URL"; then
+    R1_PID=$PROXY_PID; R1_API=$PROXY_API; R_PORT=$PROXY_PORT
+    timeout 300 python3 "$HERE/routeapi.py" sync --api "$R1_API" --token "$TOKEN" \
+        --target "$BACKEND" --count "$ROUTES" >"$WORK/redis-sync.out"
+    R_URL="http://127.0.0.1:$R_PORT/user/u$MIDDLE/small"
+    load hubgate.redis1 "hubgate, redis store, 1 replica, small" "$R_URL" "$R1_PID"
+    R2_API_PORT=$(free_port)
+    start hubgate-r2 "$PROXY_CPUS" env CONFIGPROXY_AUTH_TOKEN="$TOKEN" "$HUBGATE" --ip 127.0.0.1 \
+        --port "$R_PORT" --api-ip 127.0.0.1 --api-port "$R2_API_PORT" --log-level warn \
+        --storage-backend redis --redis-url "$REDIS_URL"
+    R2_PID=$LAST_PID
+    R2_API=http://127.0.0.1:$R2_API_PORT
+    for _ in $(seq 1 100); do
+        [ "$(routes_of "$R2_API")" -ge "$ROUTES" ] && break
+        sleep 0.2
+    done
+    res=$(timeout 300 python3 "$HERE/propagation.py" --writer "$R1_API" --reader "$R2_API" \
+        --token "$TOKEN" --target "$BACKEND" --count $((QUICK == 1 ? 100 : 1000)) | tail -1)
+    if [ -n "$res" ]; then
+        row --id hubgate.propagation --name "hubgate, redis store: a route change through one replica, seen by the other" \
+            --p50 "$(jq_ "$res" p50_ms)" --p99 "$(jq_ "$res" p99_ms)" --errors "$(jq_ "$res" failed)" \
+            --rss-kb "$(rss_kb "$R2_PID")" \
+            --note "$(jq_ "$res" changes) changes (adds, then deletes), from before the write to the other replica's first answer with it; max $(jq_ "$res" max_ms) ms; the write itself p50 $(jq_ "$res" write_p50_ms) ms, p99 $(jq_ "$res" write_p99_ms) ms $(alive_note "$R2_PID")" \
+            --data "$res"
+        log "propagation: $res"
+    fi
+    EXTRA_NOTE="two processes on one port, CPU column is replica 1 only; "
+    load hubgate.redis2 "hubgate, redis store, 2 replicas on one port, small" "$R_URL" "$R1_PID"
+    EXTRA_NOTE=""
+    stop "$R2_PID"
+else
+    not_started hubgate.redis1 "hubgate, redis store" hubgate-r1
+fi
+stop "$PROXY_PID"
+stop "$REDIS_PID"
+HGR_ERRLINES="$(errlines hubgate-r1)/$(errlines hubgate-r2)"
+
+# ---------------------------------------------------------------------------------------------
+# 10. The report.
 RUN_SECS=$(($(date +%s) - RUN_START))
 HOST=$(hostname -s 2>/dev/null || hostname)
 DATE=$(date +%F)
@@ -786,7 +837,7 @@ meta = {
     "nginx": """$("$NGINX" -v 2>&1 | head -1)""",
     "node": "$(node --version)",
     "chp": "configurable-http-proxy $(python3 -c "import json; print(json.load(open('$CHP_DIR/node_modules/configurable-http-proxy/package.json'))['version'])")",
-    "hubgate": """$("$HUBGATE" --version 2>&1 | head -1), git $COMMIT; log lines with ERROR or panicked (load/table/websocket/auth process): ${HG_ERRLINES:-?}/${HGA_ERRLINES:-?}; CHP's (load/table/websocket): ${CHP_ERRLINES:-?}""",
+    "hubgate": """$("$HUBGATE" --version 2>&1 | head -1), git $COMMIT; log lines with ERROR or panicked (load/table/websocket/auth/redis replicas): ${HG_ERRLINES:-?}/${HGA_ERRLINES:-?}/${HGR_ERRLINES:-?}; CHP's (load/table/websocket): ${CHP_ERRLINES:-?}""",
     "python": "$(python3 --version 2>&1)",
     "loadavg_before": "$LOADAVG_BEFORE",
     "loadavg_after": "$(cut -d' ' -f1-3 /proc/loadavg)",

@@ -1,0 +1,756 @@
+//! The Redis store: one route table shared by several hubgate replicas.
+//!
+//! What lives in Redis (every key under one hash tag, `{prefix}`, so that a Redis Cluster would
+//! keep them in one slot, as Lua scripts need):
+//! - `{p}:routes`: a hash of route key → the posted data, as JSON;
+//! - `{p}:activity`: a hash of route key → `last_activity` in milliseconds, only ever raised;
+//! - `{p}:version`: the table version, one more per batch, shared by every replica;
+//! - `{p}:log`: a stream of what happened, in order: small batches in full, large ones as a
+//!   `reload` marker, raised activity and revocations; trimmed to about [`LOG_LENGTH`] entries;
+//! - `{p}:synced`: present once the hub has synced the table.
+//!
+//! Every write is a Lua script, so a batch is applied whole or not at all, and only if the table
+//! is still at the version the writing replica computed it on (optimistic concurrency). A replica
+//! that is behind gets [`StoreError::Conflict`]; the control plane catches up and tries again.
+//! Each replica reads the log from where it was ([`StoreEvent`]s to the control plane), so a
+//! replica that lost its connection resumes from its last entry, and one that missed entries
+//! (trimmed while it was away) reloads the whole table.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, RedisError, Script};
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, Notify};
+
+use super::{
+    Batch, Loaded, Revocation, Store, StoreError, StoreEvent, StoreHealth, StoredChange,
+    StoredRoute,
+};
+use crate::config::RedisSettings;
+
+/// About how many entries the log keeps (`XADD MAXLEN ~`). A replica away for longer than this
+/// many changes reloads the whole table when it comes back.
+pub const LOG_LENGTH: usize = 10_000;
+
+/// Batches with more changes than this go into the log as a `reload` marker rather than in
+/// full: the other replicas read the table instead, and the log stays small.
+const LOG_BATCH_MAX: usize = 1_000;
+
+/// How long one blocking read of the log waits for news before asking again.
+const LOG_BLOCK: Duration = Duration::from_secs(1);
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Applies batches if the table is still at `ARGV[1]`; answers `{1, version}` or, on a
+/// conflict, `{0, version}`.
+const COMMIT: &str = r"
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if cur ~= tonumber(ARGV[1]) then return {0, cur} end
+local i = 4
+for _ = 1, tonumber(ARGV[3]) do
+  local v, payload, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  i = i + 3
+  for _ = 1, n do
+    if ARGV[i] == 'p' then
+      redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2])
+      redis.call('HSET', KEYS[3], ARGV[i + 1], ARGV[i + 3])
+      i = i + 4
+    else
+      redis.call('HDEL', KEYS[2], ARGV[i + 1])
+      redis.call('HDEL', KEYS[3], ARGV[i + 1])
+      i = i + 2
+    end
+  end
+  redis.call('SET', KEYS[1], v)
+  if payload == '' then
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'kind', 'reload', 'v', v)
+  else
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'kind', 'batch', 'v', v, 'changes', payload)
+  end
+end
+return {1, cur}
+";
+
+/// Raises `last_activity` of existing routes (the latest wins) and logs the values that rose.
+const ACTIVITY: &str = r"
+local raised = {}
+for i = 2, #ARGV, 2 do
+  local k, ms = ARGV[i], tonumber(ARGV[i + 1])
+  if redis.call('HEXISTS', KEYS[1], k) == 1 then
+    local old = tonumber(redis.call('HGET', KEYS[2], k) or '0')
+    if ms > old then
+      redis.call('HSET', KEYS[2], k, ARGV[i + 1])
+      raised[#raised + 1] = k
+      raised[#raised + 1] = ARGV[i + 1]
+    end
+  end
+end
+if #raised > 0 then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '*', 'kind', 'activity', 'raised', cjson.encode(raised))
+end
+return #raised / 2
+";
+
+/// Writes a whole table into a store that has none (the version key is missing).
+const REFILL: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('DEL', KEYS[2], KEYS[3])
+for i = 3, #ARGV, 3 do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 2])
+end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[1], '*', 'kind', 'reload', 'v', ARGV[2])
+return 1
+";
+
+struct Keys {
+    routes: String,
+    activity: String,
+    version: String,
+    log: String,
+    synced: String,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Self {
+        let key = |name: &str| format!("{{{prefix}}}:{name}");
+        Keys {
+            routes: key("routes"),
+            activity: key("activity"),
+            version: key("version"),
+            log: key("log"),
+            synced: key("synced"),
+        }
+    }
+}
+
+/// What the store's handle and its log reader share.
+struct Shared {
+    client: Client,
+    keys: Keys,
+    /// The connection for commands, made again after a failure.
+    conn: Mutex<Option<MultiplexedConnection>>,
+    reachable: AtomicBool,
+    /// Why the store is unreachable (the last error), for readiness and `/api/status`.
+    detail: Mutex<Option<String>>,
+    /// Where the log reader starts: the log's last entry when the table was first loaded.
+    start: Mutex<Option<String>>,
+    loaded: Notify,
+    commit: Script,
+    activity: Script,
+    refill: Script,
+}
+
+/// Routes in Redis, shared by every replica with the same URL and prefix.
+pub struct RedisStore {
+    shared: Arc<Shared>,
+    events: Mutex<Option<mpsc::Receiver<StoreEvent>>>,
+}
+
+impl RedisStore {
+    /// Prepares the client (nothing is connected yet) and starts the log reader, which waits
+    /// for the first load.
+    ///
+    /// # Errors
+    /// When the URL cannot be used or the CA file cannot be read.
+    pub fn open(settings: &RedisSettings) -> Result<RedisStore, StoreError> {
+        let client = match &settings.ca {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    StoreError::Unavailable(format!("--redis-ca {}: {e}", path.display()))
+                })?;
+                Client::build_with_tls(
+                    settings.url.as_str(),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem),
+                    },
+                )
+            }
+            None => Client::open(settings.url.as_str()),
+        }
+        .map_err(|e| StoreError::Unavailable(describe(&e)))?;
+        let shared = Arc::new(Shared {
+            client,
+            keys: Keys::new(&settings.prefix),
+            conn: Mutex::new(None),
+            reachable: AtomicBool::new(false),
+            detail: Mutex::new(Some("not connected yet".to_owned())),
+            start: Mutex::new(None),
+            loaded: Notify::new(),
+            commit: Script::new(COMMIT),
+            activity: Script::new(ACTIVITY),
+            refill: Script::new(REFILL),
+        });
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(read_log(shared.clone(), tx));
+        Ok(RedisStore {
+            shared,
+            events: Mutex::new(Some(rx)),
+        })
+    }
+}
+
+impl Shared {
+    fn config() -> AsyncConnectionConfig {
+        AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+    }
+
+    /// The command connection, connecting if there is none. Two tasks may both connect after
+    /// a failure; the later one's connection is kept, and the other is dropped when done.
+    async fn conn(&self) -> Result<MultiplexedConnection, StoreError> {
+        if let Some(c) = lock(&self.conn).clone() {
+            return Ok(c);
+        }
+        match self
+            .client
+            .get_multiplexed_async_connection_with_config(&Self::config())
+            .await
+        {
+            Ok(c) => {
+                *lock(&self.conn) = Some(c.clone());
+                Ok(c)
+            }
+            Err(e) => {
+                self.down(&e);
+                Err(StoreError::Unavailable(describe(&e)))
+            }
+        }
+    }
+
+    fn up(&self) {
+        if !self.reachable.swap(true, Ordering::Relaxed) {
+            tracing::info!("route store redis is reachable");
+        }
+        *lock(&self.detail) = None;
+    }
+
+    fn down(&self, e: &RedisError) {
+        let why = describe(e);
+        if self.reachable.swap(false, Ordering::Relaxed) {
+            tracing::warn!(error = %why, "route store redis is unreachable");
+        }
+        *lock(&self.detail) = Some(why);
+    }
+
+    /// Runs a command with the shared connection, keeping track of reachability. A failure
+    /// after the command may have been sent is [`StoreError::Indeterminate`] when `writes`.
+    async fn run<T, F, Fut>(&self, writes: bool, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        let conn = self.conn().await?;
+        match f(conn).await {
+            Ok(v) => {
+                self.up();
+                Ok(v)
+            }
+            Err(e) if e.is_io_error() || e.is_timeout() || e.is_unrecoverable_error() => {
+                *lock(&self.conn) = None;
+                self.down(&e);
+                Err(if writes {
+                    StoreError::Indeterminate(describe(&e))
+                } else {
+                    StoreError::Unavailable(describe(&e))
+                })
+            }
+            // Redis answered with an error: it is reachable, and nothing was applied.
+            Err(e) => Err(StoreError::Corrupt(describe(&e))),
+        }
+    }
+}
+
+impl Store for RedisStore {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn retries_load(&self) -> bool {
+        true
+    }
+
+    fn events(&self) -> Option<mpsc::Receiver<StoreEvent>> {
+        lock(&self.events).take()
+    }
+
+    fn health(&self) -> StoreHealth {
+        StoreHealth {
+            reachable: self.shared.reachable.load(Ordering::Relaxed),
+            detail: lock(&self.shared.detail).clone(),
+        }
+    }
+
+    fn load(&self) -> BoxFuture<'_, Result<Loaded, StoreError>> {
+        Box::pin(async move {
+            let k = &self.shared.keys;
+            type Reply = (
+                Option<u64>,
+                HashMap<String, String>,
+                HashMap<String, i64>,
+                bool,
+                Vec<(String, HashMap<String, String>)>,
+            );
+            // One MULTI, so the table, its version and the log position agree.
+            let (version, routes, activity, synced, last): Reply = self
+                .shared
+                .run(false, |mut c| async move {
+                    redis::pipe()
+                        .atomic()
+                        .cmd("GET")
+                        .arg(&k.version)
+                        .cmd("HGETALL")
+                        .arg(&k.routes)
+                        .cmd("HGETALL")
+                        .arg(&k.activity)
+                        .cmd("EXISTS")
+                        .arg(&k.synced)
+                        .cmd("XREVRANGE")
+                        .arg(&k.log)
+                        .arg("+")
+                        .arg("-")
+                        .arg("COUNT")
+                        .arg(1)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            let mut stored = Vec::with_capacity(routes.len());
+            for (key, data) in routes {
+                match serde_json::from_str::<Map<String, Value>>(&data) {
+                    Ok(data) => stored.push(StoredRoute {
+                        last_activity: activity.get(&key).copied().unwrap_or(0),
+                        key,
+                        data,
+                    }),
+                    Err(e) => {
+                        tracing::warn!(route = %key, error = %e, "route in redis is not a JSON object; skipped")
+                    }
+                }
+            }
+            let position = last
+                .into_iter()
+                .next()
+                .map_or_else(|| "0-0".to_owned(), |(id, _)| id);
+            let first = lock(&self.shared.start).replace(position).is_none();
+            if first {
+                self.shared.loaded.notify_one();
+            }
+            Ok(Loaded {
+                routes: stored,
+                version: version.unwrap_or(0),
+                trusted: synced,
+            })
+        })
+    }
+
+    fn write(&self, batches: Vec<Batch>) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let Some(first) = batches.first() else {
+                return Ok(());
+            };
+            let base = first.version - 1;
+            let k = &self.shared.keys;
+            let mut invocation = self.shared.commit.prepare_invoke();
+            invocation
+                .key(&k.version)
+                .key(&k.routes)
+                .key(&k.activity)
+                .key(&k.log)
+                .arg(base)
+                .arg(LOG_LENGTH)
+                .arg(batches.len());
+            for batch in &batches {
+                let payload = if batch.changes.len() <= LOG_BATCH_MAX {
+                    serde_json::to_string(&batch.changes)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?
+                } else {
+                    String::new()
+                };
+                invocation
+                    .arg(batch.version)
+                    .arg(payload)
+                    .arg(batch.changes.len());
+                for change in &batch.changes {
+                    match change {
+                        StoredChange::Put(r) => {
+                            let data = serde_json::to_string(&r.data)
+                                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                            invocation
+                                .arg("p")
+                                .arg(&r.key)
+                                .arg(data)
+                                .arg(r.last_activity);
+                        }
+                        StoredChange::Del { key } => {
+                            invocation.arg("d").arg(key);
+                        }
+                    }
+                }
+            }
+            let (applied, current): (i64, u64) = self
+                .shared
+                .run(true, |mut c| async move {
+                    invocation.invoke_async(&mut c).await
+                })
+                .await?;
+            if applied == 1 {
+                Ok(())
+            } else {
+                Err(StoreError::Conflict { current })
+            }
+        })
+    }
+
+    fn write_activity(
+        &self,
+        activity: HashMap<String, i64>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let k = &self.shared.keys;
+            let mut invocation = self.shared.activity.prepare_invoke();
+            invocation
+                .key(&k.routes)
+                .key(&k.activity)
+                .key(&k.log)
+                .arg(LOG_LENGTH);
+            for (key, ms) in &activity {
+                invocation.arg(key).arg(*ms);
+            }
+            let _raised: i64 = self
+                .shared
+                .run(true, |mut c| async move {
+                    invocation.invoke_async(&mut c).await
+                })
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn mark_synced(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let key = &self.shared.keys.synced;
+            self.shared
+                .run(true, |mut c| async move {
+                    redis::cmd("SET")
+                        .arg(key)
+                        .arg(crate::routes::now_ms())
+                        .query_async::<()>(&mut c)
+                        .await
+                })
+                .await
+        })
+    }
+
+    fn publish_revocation(&self, revocation: Revocation) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let log = &self.shared.keys.log;
+            let body = serde_json::to_string(&revocation)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            self.shared
+                .run(true, |mut c| async move {
+                    redis::cmd("XADD")
+                        .arg(log)
+                        .arg("MAXLEN")
+                        .arg("~")
+                        .arg(LOG_LENGTH)
+                        .arg("*")
+                        .arg("kind")
+                        .arg("revoke")
+                        .arg("revocation")
+                        .arg(body)
+                        .query_async::<String>(&mut c)
+                        .await
+                })
+                .await
+                .map(drop)
+        })
+    }
+
+    fn refill(
+        &self,
+        routes: Vec<StoredRoute>,
+        version: u64,
+    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let k = &self.shared.keys;
+            let mut invocation = self.shared.refill.prepare_invoke();
+            invocation
+                .key(&k.version)
+                .key(&k.routes)
+                .key(&k.activity)
+                .key(&k.log)
+                .arg(LOG_LENGTH)
+                .arg(version);
+            for r in &routes {
+                let data = serde_json::to_string(&r.data)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                invocation.arg(&r.key).arg(data).arg(r.last_activity);
+            }
+            let wrote: i64 = self
+                .shared
+                .run(true, |mut c| async move {
+                    invocation.invoke_async(&mut c).await
+                })
+                .await?;
+            Ok(wrote == 1)
+        })
+    }
+}
+
+/// A log entry: its id and fields.
+type Entry = (String, HashMap<String, String>);
+/// What `XREAD` answers: per stream, its entries; nothing when the block timed out.
+type Streams = Option<Vec<(String, Vec<Entry>)>>;
+
+/// Follows the log from where the first load left it, on a connection of its own (a blocking
+/// read would hold up commands on a shared one), and hands what it reads to the control plane.
+async fn read_log(shared: Arc<Shared>, tx: mpsc::Sender<StoreEvent>) {
+    let mut position = loop {
+        if let Some(p) = lock(&shared.start).clone() {
+            break p;
+        }
+        shared.loaded.notified().await;
+    };
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(LOG_BLOCK + RESPONSE_TIMEOUT));
+    let mut retry = Duration::from_millis(100);
+    let mut reconnecting = false;
+    loop {
+        let mut conn = match shared
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                shared.down(&e);
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(RETRY_MAX);
+                continue;
+            }
+        };
+        if reconnecting {
+            match catch_up_check(&shared, &mut conn, &position).await {
+                Ok(events) => {
+                    for event in events {
+                        if tx.send(event).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    shared.down(&e);
+                    tokio::time::sleep(retry).await;
+                    continue;
+                }
+            }
+        }
+        reconnecting = true;
+        retry = Duration::from_millis(100);
+        loop {
+            let read: Result<Streams, RedisError> = redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(512)
+                .arg("BLOCK")
+                .arg(LOG_BLOCK.as_millis() as u64)
+                .arg("STREAMS")
+                .arg(&shared.keys.log)
+                .arg(&position)
+                .query_async(&mut conn)
+                .await;
+            let streams = match read {
+                Ok(s) => {
+                    shared.up();
+                    s.unwrap_or_default()
+                }
+                Err(e) => {
+                    shared.down(&e);
+                    break;
+                }
+            };
+            for (_, entries) in streams {
+                for (id, fields) in entries {
+                    position = id;
+                    if let Some(event) = event_of(&fields) {
+                        if tx.send(event).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(retry).await;
+    }
+}
+
+/// After a lost connection: the store's version (a store without one lost its data), and
+/// whether entries this replica had not read yet were trimmed from the log meanwhile (then it
+/// must reload, and revocations may have been missed).
+async fn catch_up_check(
+    shared: &Shared,
+    conn: &mut MultiplexedConnection,
+    position: &str,
+) -> Result<Vec<StoreEvent>, RedisError> {
+    let (version, first): (Option<u64>, Vec<Entry>) = redis::pipe()
+        .cmd("GET")
+        .arg(&shared.keys.version)
+        .cmd("XRANGE")
+        .arg(&shared.keys.log)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await?;
+    let mut events = vec![StoreEvent::Reconnected { version }];
+    if let Some((oldest, _)) = first.first() {
+        if position != "0-0" && stream_id_less(position, oldest) {
+            tracing::warn!(
+                "entries this replica had not read are gone from the route log (it was away too long, or redis lost its data); reloading the table and voiding cached credentials"
+            );
+            events.push(StoreEvent::Reload);
+            events.push(StoreEvent::Revoke(Revocation {
+                user: None,
+                at_ms: crate::routes::now_ms(),
+            }));
+        }
+    }
+    Ok(events)
+}
+
+/// Whether stream id `a` (`ms-seq`) comes before `b`.
+fn stream_id_less(a: &str, b: &str) -> bool {
+    let parse = |id: &str| {
+        let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+        (
+            ms.parse::<u64>().unwrap_or(0),
+            seq.parse::<u64>().unwrap_or(0),
+        )
+    };
+    parse(a) < parse(b)
+}
+
+/// One log entry as an event; an entry that cannot be read is logged and skipped, except a
+/// batch, which becomes a reload (skipping it would leave this replica's table behind).
+fn event_of(fields: &HashMap<String, String>) -> Option<StoreEvent> {
+    let field = |name: &str| fields.get(name).map(String::as_str);
+    match field("kind") {
+        Some("batch") => {
+            let parsed = field("v")
+                .and_then(|v| v.parse::<u64>().ok())
+                .zip(field("changes").and_then(|c| serde_json::from_str(c).ok()));
+            Some(match parsed {
+                Some((version, changes)) => StoreEvent::Batch(Batch { version, changes }),
+                None => {
+                    tracing::warn!("unreadable batch in the route log; reloading the table");
+                    StoreEvent::Reload
+                }
+            })
+        }
+        Some("reload") => Some(StoreEvent::Reload),
+        Some("activity") => {
+            let pairs: Vec<String> = field("raised")
+                .and_then(|a| serde_json::from_str(a).ok())
+                .unwrap_or_default();
+            let raised = pairs
+                .chunks_exact(2)
+                .filter_map(|kv| Some((kv[0].clone(), kv[1].parse().ok()?)))
+                .collect();
+            Some(StoreEvent::Activity(raised))
+        }
+        Some("revoke") => match field("revocation").and_then(|r| serde_json::from_str(r).ok()) {
+            Some(r) => Some(StoreEvent::Revoke(r)),
+            None => {
+                tracing::warn!(
+                    "unreadable revocation in the route log; voiding every cached credential"
+                );
+                Some(StoreEvent::Revoke(Revocation {
+                    user: None,
+                    at_ms: crate::routes::now_ms(),
+                }))
+            }
+        },
+        other => {
+            tracing::warn!(kind = ?other, "unknown entry in the route log; skipped");
+            None
+        }
+    }
+}
+
+/// A Redis error in words, without the URL (which may hold a password).
+fn describe(e: &RedisError) -> String {
+    e.to_string()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_one_hash_tag() {
+        let k = Keys::new("hg");
+        assert_eq!(k.routes, "{hg}:routes");
+        assert_eq!(k.log, "{hg}:log");
+    }
+
+    #[test]
+    fn stream_ids_compare_by_time_then_sequence() {
+        assert!(stream_id_less("1-5", "2-0"));
+        assert!(stream_id_less("2-1", "2-10"));
+        assert!(!stream_id_less("10-0", "9-99"));
+        assert!(!stream_id_less("3-3", "3-3"));
+    }
+
+    #[test]
+    fn log_entries_become_events() {
+        let entry = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<HashMap<_, _>>()
+        };
+        assert_eq!(
+            event_of(&entry(&[
+                ("kind", "batch"),
+                ("v", "7"),
+                ("changes", r#"[{"op":"del","key":"/a"}]"#)
+            ])),
+            Some(StoreEvent::Batch(Batch {
+                version: 7,
+                changes: vec![StoredChange::Del { key: "/a".into() }]
+            }))
+        );
+        assert_eq!(
+            event_of(&entry(&[("kind", "batch"), ("v", "x")])),
+            Some(StoreEvent::Reload)
+        );
+        assert_eq!(
+            event_of(&entry(&[
+                ("kind", "activity"),
+                ("raised", r#"["/a","12"]"#)
+            ])),
+            Some(StoreEvent::Activity(HashMap::from([("/a".into(), 12)])))
+        );
+        assert!(matches!(
+            event_of(&entry(&[("kind", "revoke"), ("revocation", "{")])),
+            Some(StoreEvent::Revoke(Revocation { user: None, .. }))
+        ));
+        assert_eq!(event_of(&entry(&[("kind", "nope")])), None);
+    }
+}
