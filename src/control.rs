@@ -541,7 +541,9 @@ impl Writer {
             StoreEvent::Revoke(revocation) => {
                 let _ = self.revocations.send(revocation);
             }
-            StoreEvent::Reload => self.resync().await,
+            // This replica's own large batch comes back as a marker: nothing to read.
+            StoreEvent::Reload { version: Some(v) } if v <= local => {}
+            StoreEvent::Reload { .. } => self.resync().await,
             StoreEvent::Reconnected { version } => match version {
                 None if local > 0 => self.resync().await,
                 Some(v) if v < local => self.resync().await,

@@ -63,6 +63,9 @@ pub enum Exit {
 /// # Errors
 /// When a listener cannot be bound or the pid file cannot be written.
 pub async fn run(config: Config) -> anyhow::Result<Exit> {
+    // hubgate's own TLS names its provider; the Redis client's takes the process default.
+    // Another caller (a test) may have installed one already: that one stays.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     // The table is loaded before any listener exists, so the public port never answers from a
     // half-loaded table.
     let store: Arc<dyn Store> = match &config.storage {

@@ -28,6 +28,10 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("route store is corrupt: {0}")]
     Corrupt(String),
+    /// The store answered with an error (out of memory, read-only, a script error): nothing
+    /// was applied.
+    #[error("route store refused the change: {0}")]
+    Refused(String),
     /// The store could not be reached: nothing was applied.
     #[error("route store is unreachable: {0}")]
     Unavailable(String),
@@ -51,9 +55,10 @@ pub enum StoreEvent {
     Activity(HashMap<String, i64>),
     /// Credentials revoked through some replica's API.
     Revoke(Revocation),
-    /// The table must be read again from the store: a change was too large to send, history
-    /// was missed, or the store lost its data and was refilled.
-    Reload,
+    /// The table must be read again from the store, if this replica's is older than
+    /// `version`: a change was too large to send, or the store lost its data and was refilled.
+    /// `None` (history was missed, or an entry was unreadable) reloads in any case.
+    Reload { version: Option<u64> },
     /// The connection to the store came back; `version` is the store's (`None` when the store
     /// has no table at all, as after a restart without persistence).
     Reconnected { version: Option<u64> },

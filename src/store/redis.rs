@@ -266,7 +266,7 @@ impl Shared {
                 })
             }
             // Redis answered with an error: it is reachable, and nothing was applied.
-            Err(e) => Err(StoreError::Corrupt(describe(&e))),
+            Err(e) => Err(StoreError::Refused(describe(&e))),
         }
     }
 }
@@ -620,7 +620,7 @@ async fn catch_up_check(
             tracing::warn!(
                 "entries this replica had not read are gone from the route log (it was away too long, or redis lost its data); reloading the table and voiding cached credentials"
             );
-            events.push(StoreEvent::Reload);
+            events.push(StoreEvent::Reload { version: None });
             events.push(StoreEvent::Revoke(Revocation {
                 user: None,
                 at_ms: crate::routes::now_ms(),
@@ -655,11 +655,13 @@ fn event_of(fields: &HashMap<String, String>) -> Option<StoreEvent> {
                 Some((version, changes)) => StoreEvent::Batch(Batch { version, changes }),
                 None => {
                     tracing::warn!("unreadable batch in the route log; reloading the table");
-                    StoreEvent::Reload
+                    StoreEvent::Reload { version: None }
                 }
             })
         }
-        Some("reload") => Some(StoreEvent::Reload),
+        Some("reload") => Some(StoreEvent::Reload {
+            version: field("v").and_then(|v| v.parse().ok()),
+        }),
         Some("activity") => {
             let pairs: Vec<String> = field("raised")
                 .and_then(|a| serde_json::from_str(a).ok())
@@ -738,7 +740,11 @@ mod tests {
         );
         assert_eq!(
             event_of(&entry(&[("kind", "batch"), ("v", "x")])),
-            Some(StoreEvent::Reload)
+            Some(StoreEvent::Reload { version: None })
+        );
+        assert_eq!(
+            event_of(&entry(&[("kind", "reload"), ("v", "3")])),
+            Some(StoreEvent::Reload { version: Some(3) })
         );
         assert_eq!(
             event_of(&entry(&[
