@@ -1,7 +1,5 @@
 //! The REST API on the API address: authentication, the route table, and bad requests.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use http::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio::{
@@ -10,8 +8,8 @@ use tokio::{
 };
 
 use crate::support::{
-    dead_port, eventually, format_timestamp, parse_raw_response, parse_timestamp, Backend, Hubgate,
-    Resp, WAIT,
+    assert_json_error, dead_port, eventually, format_timestamp, now_millis, parse_raw_response,
+    parse_timestamp, Backend, Hubgate, WAIT,
 };
 
 const TARGET: &str = "http://127.0.0.1:9";
@@ -20,11 +18,6 @@ fn keys(table: &serde_json::Map<String, Value>) -> Vec<String> {
     let mut keys: Vec<String> = table.keys().cloned().collect();
     keys.sort();
     keys
-}
-
-fn now_millis() -> i64 {
-    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    i64::try_from(since.as_millis()).unwrap()
 }
 
 #[tokio::test]
@@ -84,9 +77,8 @@ async fn requests_without_the_right_token_are_403_with_empty_body() {
     assert_eq!(resp.status, StatusCode::OK, "right token: {resp:?}");
 }
 
-#[tokio::test]
-async fn api_is_open_when_token_is_unset() {
-    let hg = Hubgate::builder().open_api().start().await;
+/// Reading and adding routes without a token works.
+async fn assert_api_is_open(hg: &Hubgate) {
     let resp = hg.api_with(Method::GET, "/api/routes", &[], "").await;
     assert_eq!(resp.status, StatusCode::OK, "{resp:?}");
     let body = json!({ "target": TARGET }).to_string();
@@ -98,16 +90,13 @@ async fn api_is_open_when_token_is_unset() {
 }
 
 #[tokio::test]
+async fn api_is_open_when_token_is_unset() {
+    assert_api_is_open(&Hubgate::builder().open_api().start().await).await;
+}
+
+#[tokio::test]
 async fn api_is_open_when_token_is_empty() {
-    let hg = Hubgate::builder().token("").start().await;
-    let resp = hg.api_with(Method::GET, "/api/routes", &[], "").await;
-    assert_eq!(resp.status, StatusCode::OK, "{resp:?}");
-    let body = json!({ "target": TARGET }).to_string();
-    let resp = hg
-        .api_with(Method::POST, "/api/routes/open", &[], body)
-        .await;
-    assert_eq!(resp.status, StatusCode::CREATED, "{resp:?}");
-    assert!(hg.route("/open").await.is_some());
+    assert_api_is_open(&Hubgate::builder().token("").start().await).await;
 }
 
 #[tokio::test]
@@ -333,21 +322,6 @@ async fn accepted_target_schemes() {
     }
 }
 
-fn assert_json_400(resp: &Resp, what: &str) -> String {
-    assert_eq!(resp.status, StatusCode::BAD_REQUEST, "{what}: {resp:?}");
-    assert!(
-        resp.content_type().starts_with("application/json"),
-        "{what}: content type {:?}",
-        resp.content_type()
-    );
-    let body = resp.json();
-    assert_eq!(body["status"], 400, "{what}: {body}");
-    body["message"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{what}: no string message: {body}"))
-        .to_owned()
-}
-
 #[tokio::test]
 async fn bad_posts_are_400_and_leave_the_table_unchanged() {
     let hg = Hubgate::start(&[]).await;
@@ -412,7 +386,7 @@ async fn bad_posts_are_400_and_leave_the_table_unchanged() {
         for key in ["/keep", "/new"] {
             let what = format!("POST {key} with body {body:?}");
             let resp = hg.api_post(&format!("/api/routes{key}"), &body).await;
-            let message = assert_json_400(&resp, &what);
+            let message = assert_json_error(&resp, StatusCode::BAD_REQUEST, &what);
             match expect {
                 Prefix(prefix) => assert!(
                     message.starts_with(prefix),
@@ -511,7 +485,7 @@ async fn bad_json_with_bad_token_is_400_but_good_json_is_403() {
             "{not json",
         )
         .await;
-    let message = assert_json_400(&resp, "bad JSON with a bad token");
+    let message = assert_json_error(&resp, StatusCode::BAD_REQUEST, "bad JSON with a bad token");
     assert!(message.starts_with("Body not valid JSON"), "{message:?}");
 
     let resp = hg
@@ -623,7 +597,7 @@ async fn inactive_since_keeps_routes_idle_since_the_date() {
         }
         let path = format!("/api/routes?{param}=endoftime");
         let resp = hg.api_get(&path).await;
-        let message = assert_json_400(&resp, &format!("GET {path}"));
+        let message = assert_json_error(&resp, StatusCode::BAD_REQUEST, &format!("GET {path}"));
         assert!(
             message.contains("Invalid datestamp"),
             "GET {path}: message {message:?}"

@@ -2,21 +2,16 @@
 //! request and lets it reach a user's server only when the hub's answer allows it.
 //!
 //! Routes are added the way JupyterHub adds them (`{"user", "server_name", "jupyterhub": true}`)
-//! and the backends are echo servers, so what a server receives can be checked. hubgate needs
-//! `JUPYTERHUB_API_TOKEN` (and some tests `HUBGATE_SESSION_SECRETS`) in its environment, which the
-//! harness's `Hubgate` cannot set, so this module starts hubgate itself (`Gate`), reading its
-//! addresses from the same `listening` log lines.
+//! and the backends are echo servers, so what a server receives can be checked. hubgate is
+//! started with the hub's URL and `JUPYTERHUB_API_TOKEN` (`with_hub`), and some tests add
+//! `HUBGATE_SESSION_SECRETS` to its environment.
 
 use std::{
     collections::HashMap,
-    io::{BufRead, BufReader},
-    net::SocketAddr,
-    process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Arc, Mutex,
+        Arc,
     },
-    thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -31,8 +26,8 @@ use tokio_tungstenite::{connect_async, tungstenite};
 
 use crate::fakehub::{Endpoint, FakeHub, Mode, LOGIN_COOKIE};
 use crate::support::{
-    empty, eventually, full, http_client, parse_raw_response, random_token, raw_http, send,
-    Backend, HttpClient, Resp, WsEvent, WsPeer, STARTUP_TIMEOUT, WAIT,
+    empty, eventually, http_client, parse_raw_response, random_token, raw_http, send, Backend,
+    Builder, Hubgate, Resp, WsEvent, WsPeer, WAIT,
 };
 
 /// What a browser sends as `Accept` when it navigates.
@@ -49,195 +44,32 @@ const SECRET_3: &str = "unrelated-session-secret-of-another-deployment";
 // ---------------------------------------------------------------------------------------------
 // Starting hubgate with a hub
 
-/// A hubgate process started with `--hub-api-url` and `JUPYTERHUB_API_TOKEN`; killed on drop.
-struct Gate {
-    child: Child,
-    log: Arc<Mutex<String>>,
-    proxy: SocketAddr,
-    api: SocketAddr,
-    token: String,
-    client: HttpClient,
+/// hubgate in front of `hub`: `--hub-api-url` and the hub's service token in
+/// `JUPYTERHUB_API_TOKEN`.
+fn with_hub(hub: &FakeHub) -> Builder {
+    Hubgate::builder()
+        .args(["--hub-api-url", &hub.api_url()])
+        .env("JUPYTERHUB_API_TOKEN", hub.service_token())
 }
 
-impl Drop for Gate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts `gate` and puts alice's default server, an echo backend, behind it.
+async fn start_with_alice(gate: Builder) -> (Hubgate, Backend) {
+    let gate = gate.start().await;
+    let backend = Backend::echo().await;
+    gate.add_route_data("/user/alice", server_route(&backend.url(""), "alice", ""))
+        .await;
+    (gate, backend)
 }
 
-impl Gate {
-    async fn start(hub: &FakeHub, args: &[&str]) -> Gate {
-        Gate::start_with_env(hub, args, &[]).await
-    }
-
-    /// Starts hubgate on `127.0.0.1:0` against `hub`, with a fresh `CONFIGPROXY_AUTH_TOKEN`,
-    /// `JUPYTERHUB_API_TOKEN` set to the hub's service token, and `env` on top.
-    async fn start_with_env(hub: &FakeHub, args: &[&str], env: &[(&str, &str)]) -> Gate {
-        let token = random_token();
-        let hub_url = hub.api_url();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hubgate"));
-        cmd.args([
-            "--ip",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--api-ip",
-            "127.0.0.1",
-            "--api-port",
-            "0",
-            "--hub-api-url",
-            &hub_url,
-        ])
-        .args(args)
-        .env("CONFIGPROXY_AUTH_TOKEN", &token)
-        .env("JUPYTERHUB_API_TOKEN", hub.service_token());
-        for name in [
-            "JUPYTERHUB_API_URL",
-            "JUPYTERHUB_CLIENT_ID",
-            "JUPYTERHUB_OAUTH_CALLBACK_URL",
-            "HUBGATE_SESSION_SECRETS",
-            "HUBGATE_CONFIG",
-            "HUBGATE_STORAGE_PATH",
-            "RUST_LOG",
-        ] {
-            cmd.env_remove(name);
-        }
-        for (name, value) in env {
-            cmd.env(name, value);
-        }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn hubgate");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let sink = log.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        let (proxy, api) = loop {
-            let text = log.lock().unwrap().clone();
-            if let (Some(proxy), Some(api)) =
-                (listen_addr(&text, "proxy"), listen_addr(&text, "api"))
-            {
-                break (proxy, api);
-            }
-            if let Some(status) = child.try_wait().expect("poll hubgate") {
-                panic!("hubgate {args:?} exited with {status} before listening:\n{text}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "hubgate {args:?} did not log both listening addresses within \
-                 {STARTUP_TIMEOUT:?}:\n{text}"
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        };
-        Gate {
-            child,
-            log,
-            proxy,
-            api,
-            token,
-            client: http_client(),
-        }
-    }
-
-    fn logs(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.proxy)
-    }
-
-    /// `POST /api/routes<path>` with `data`, asserting 201.
-    async fn add_route(&self, path: &str, data: Value) {
-        let req = Request::builder()
-            .method(Method::POST)
-            .uri(format!("http://{}/api/routes{path}", self.api))
-            .header("authorization", format!("token {}", self.token))
-            .body(full(data.to_string()))
-            .unwrap();
-        let resp = send(&self.client, req).await;
-        assert_eq!(
-            resp.status,
-            StatusCode::CREATED,
-            "adding route {path} with {data}: {resp:?}\nhubgate stderr:\n{}",
-            self.logs()
-        );
-    }
-
-    /// A bodiless request to the API, with the API token when `token` is given.
-    async fn api(&self, method: Method, path: &str, token: Option<&str>) -> Resp {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(format!("http://{}{path}", self.api));
-        if let Some(token) = token {
-            req = req.header("authorization", format!("token {token}"));
-        }
-        send(&self.client, req.body(empty()).unwrap()).await
-    }
-
-    /// `DELETE path` on the API with the right token, asserting 204.
-    async fn revoke(&self, path: &str) {
-        let resp = self.api(Method::DELETE, path, Some(&self.token)).await;
-        assert_eq!(
-            resp.status,
-            StatusCode::NO_CONTENT,
-            "DELETE {path}: {resp:?}\nhubgate stderr:\n{}",
-            self.logs()
-        );
-    }
-
-    /// `GET path` on the public address with these headers.
-    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Resp {
-        self.request(Method::GET, path, headers).await
-    }
-
-    async fn request(&self, method: Method, path: &str, headers: &[(&str, &str)]) -> Resp {
-        let mut req = Request::builder().method(method).uri(self.url(path));
-        for (name, value) in headers {
-            req = req.header(*name, *value);
-        }
-        send(&self.client, req.body(empty()).unwrap()).await
-    }
-
-    /// `GET path` with `Authorization: token <token>`.
-    async fn get_as(&self, path: &str, token: &str) -> Resp {
-        let auth = format!("token {token}");
-        self.get(path, &[("authorization", &auth)]).await
-    }
-
-    /// `GET path` with only this cookie header.
-    async fn get_with_cookie(&self, path: &str, cookie: &str) -> Resp {
-        self.get(path, &[("cookie", cookie)]).await
-    }
-}
-
-/// The address of a `listening listener=<which> addr=<ip:port>` log line.
-fn listen_addr(log: &str, which: &str) -> Option<SocketAddr> {
-    let plain = format!("listener={which}");
-    let quoted = format!("listener=\"{which}\"");
-    log.lines()
-        .filter(|line| line.contains("listening"))
-        .filter(|line| {
-            line.split_whitespace()
-                .any(|word| word == plain || word == quoted)
-        })
-        .find_map(|line| {
-            line.split_whitespace()
-                .find_map(|word| word.strip_prefix("addr="))
-                .and_then(|addr| addr.trim_matches('"').parse().ok())
-        })
+/// `DELETE path` on the API with the right token, asserting 204.
+async fn revoke(gate: &Hubgate, path: &str) {
+    let resp = gate.api_delete(path).await;
+    assert_eq!(
+        resp.status,
+        StatusCode::NO_CONTENT,
+        "DELETE {path}: {resp:?}\nhubgate stderr:\n{}",
+        gate.logs()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -342,8 +174,10 @@ fn assert_json_refusal(resp: &Resp, status: StatusCode, secrets: &[&str], what: 
 
 /// Asks for a session cookie the `?token=` way (`--allow-token-in-url`): a browser GET with the
 /// token in the URL is redirected to the same URL without it, with `hubgate-session` set.
-async fn session_via_url_token(gate: &Gate, path: &str, token: &str) -> String {
-    let resp = gate.get(&format!("{path}?token={token}"), &[BROWSER]).await;
+async fn session_via_url_token(gate: &Hubgate, path: &str, token: &str) -> String {
+    let resp = gate
+        .get_with(&format!("{path}?token={token}"), &[BROWSER])
+        .await;
     let to = location(&resp, "browser GET with ?token=");
     assert_eq!(to, path, "the redirect drops the token and keeps the path");
     let line = set_cookie(&resp, "hubgate-session")
@@ -408,13 +242,13 @@ impl Jar {
 }
 
 /// A browser GET on hubgate with the jar's cookies; stores what it sets.
-async fn browse(gate: &Gate, jar: &mut Jar, path: &str) -> Resp {
+async fn browse(gate: &Hubgate, jar: &mut Jar, path: &str) -> Resp {
     let mut headers = vec![BROWSER];
     let cookie = jar.header(path);
     if let Some(c) = &cookie {
         headers.push(("cookie", c));
     }
-    let resp = gate.get(path, &headers).await;
+    let resp = gate.get_with(path, &headers).await;
     jar.store(&resp);
     resp
 }
@@ -441,7 +275,7 @@ async fn hub_authorize(hub: &FakeHub, authorize: &str, login: &str) -> String {
 
 /// hubgate and a hub set up for OAuth, alice's default server behind it, and alice's hub login
 /// cookie (what a logged-in browser holds for the hub).
-async fn oauth_setup(extra: &[&str]) -> (FakeHub, Gate, Backend, String) {
+async fn oauth_setup(extra: &[&str]) -> (FakeHub, Hubgate, Backend, String) {
     let hub = hub().await;
     hub.register_client(CLIENT_ID, CALLBACK);
     let login = random_token();
@@ -453,15 +287,12 @@ async fn oauth_setup(extra: &[&str]) -> (FakeHub, Gate, Backend, String) {
         CALLBACK,
     ];
     args.extend_from_slice(extra);
-    let gate = Gate::start(&hub, &args).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
+    let (gate, backend) = start_with_alice(with_hub(&hub).args(args)).await;
     (hub, gate, backend, login)
 }
 
 /// Starts a login for `path` in `jar`'s browser and returns the authorize URL it is sent to.
-async fn start_login(gate: &Gate, jar: &mut Jar, path: &str) -> String {
+async fn start_login(gate: &Hubgate, jar: &mut Jar, path: &str) -> String {
     let resp = browse(gate, jar, path).await;
     let to = location(&resp, &format!("browser GET {path} without credentials"));
     assert!(
@@ -507,15 +338,12 @@ fn flip_char(s: &str, index: usize) -> String {
 #[tokio::test]
 async fn the_owner_is_let_in_with_a_token_or_bearer_header_in_any_case() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &[]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
+    let (gate, backend) = start_with_alice(with_hub(&hub)).await;
     let token = own_token(&hub, "alice");
     for scheme in ["token", "Bearer", "TOKEN", "bearer", "Token"] {
         let auth = format!("{scheme} {token}");
         let resp = gate
-            .get("/user/alice/api/status", &[("authorization", &auth)])
+            .get_with("/user/alice/api/status", &[("authorization", &auth)])
             .await;
         let doc = echoed(&resp, &format!("Authorization: {scheme} <token>"));
         assert_eq!(doc["path"], "/user/alice/api/status");
@@ -526,10 +354,7 @@ async fn the_owner_is_let_in_with_a_token_or_bearer_header_in_any_case() {
 #[tokio::test]
 async fn another_user_is_refused_with_403_json_that_holds_no_secret() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &[]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
+    let (gate, backend) = start_with_alice(with_hub(&hub)).await;
     let bob = own_token(&hub, "bob");
     let resp = gate.get_as("/user/alice/api/status", &bob).await;
     assert_json_refusal(
@@ -540,7 +365,7 @@ async fn another_user_is_refused_with_403_json_that_holds_no_secret() {
     );
     let auth = format!("Bearer {bob}");
     let resp = gate
-        .get("/user/alice/", &[("authorization", &auth), BROWSER])
+        .get_with("/user/alice/", &[("authorization", &auth), BROWSER])
         .await;
     assert_eq!(resp.status, StatusCode::FORBIDDEN, "as a browser: {resp:?}");
     assert!(!resp.text().contains(&bob), "{}", resp.text());
@@ -550,16 +375,13 @@ async fn another_user_is_refused_with_403_json_that_holds_no_secret() {
 #[tokio::test]
 async fn requests_without_credentials_get_401_json_with_www_authenticate() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &[]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
+    let (gate, backend) = start_with_alice(with_hub(&hub)).await;
     for headers in [
         vec![],
         vec![("accept", "application/json")],
         vec![("authorization", "Basic YWxpY2U6c2VjcmV0")],
     ] {
-        let resp = gate.get("/user/alice/api/status", &headers).await;
+        let resp = gate.get_with("/user/alice/api/status", &headers).await;
         assert_json_refusal(
             &resp,
             StatusCode::UNAUTHORIZED,
@@ -578,11 +400,8 @@ async fn requests_without_credentials_get_401_json_with_www_authenticate() {
 #[tokio::test]
 async fn browsers_without_credentials_are_sent_to_the_hub_login() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &[]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
-    let resp = gate.get("/user/alice/lab?x=1", &[BROWSER]).await;
+    let (gate, backend) = start_with_alice(with_hub(&hub)).await;
+    let resp = gate.get_with("/user/alice/lab?x=1", &[BROWSER]).await;
     let to = location(&resp, "browser without credentials");
     assert!(to.starts_with("/hub/login?next="), "redirected to {to}");
     assert_eq!(query_of(&to)["next"], "/user/alice/lab?x=1");
@@ -592,7 +411,7 @@ async fn browsers_without_credentials_are_sent_to_the_hub_login() {
 #[tokio::test]
 async fn browsers_are_sent_to_the_hub_authorize_endpoint_with_oauth() {
     let (hub, gate, backend, _) = oauth_setup(&[]).await;
-    let resp = gate.get("/user/alice/lab", &[BROWSER]).await;
+    let resp = gate.get_with("/user/alice/lab", &[BROWSER]).await;
     let to = location(&resp, "browser without credentials");
     assert!(
         to.starts_with("/hub/api/oauth2/authorize?"),
@@ -614,7 +433,7 @@ async fn browsers_are_sent_to_the_hub_authorize_endpoint_with_oauth() {
         "{state_cookie}"
     );
     // API clients still get a 401, not a login page.
-    let resp = gate.get("/user/alice/lab", &[]).await;
+    let resp = gate.get_with("/user/alice/lab", &[]).await;
     assert_eq!(resp.status, StatusCode::UNAUTHORIZED, "{resp:?}");
     assert!(backend.seen().is_empty());
     assert_eq!(
@@ -627,10 +446,7 @@ async fn browsers_are_sent_to_the_hub_authorize_endpoint_with_oauth() {
 #[tokio::test]
 async fn each_scope_form_grants_alices_default_server() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &[]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
+    let (gate, backend) = start_with_alice(with_hub(&hub)).await;
     for scope in [
         "access:servers",
         "access:servers!user=alice",
@@ -660,12 +476,12 @@ async fn each_scope_form_grants_alices_default_server() {
 #[tokio::test]
 async fn a_named_server_needs_its_own_server_scope() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &[]).await;
+    let gate = with_hub(&hub).start().await;
     let default = Backend::echo().await;
     let gpu = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&default.url(""), "alice", ""))
+    gate.add_route_data("/user/alice", server_route(&default.url(""), "alice", ""))
         .await;
-    gate.add_route(
+    gate.add_route_data(
         "/user/alice/gpu",
         server_route(&gpu.url(""), "alice", "gpu"),
     )
@@ -707,10 +523,7 @@ async fn a_named_server_needs_its_own_server_scope() {
 #[tokio::test]
 async fn group_scopes_grant_by_the_owners_groups_asked_with_the_service_token() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &[]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
+    let (gate, backend) = start_with_alice(with_hub(&hub)).await;
 
     let in_group = hub.issue_token("carol", Some(&["access:servers!group=g"]));
     echoed(
@@ -742,10 +555,7 @@ async fn group_scopes_grant_by_the_owners_groups_asked_with_the_service_token() 
 async fn admins_of_hubs_without_scopes_may_use_every_server() {
     let hub = hub().await;
     hub.add_user("root", true, &[]);
-    let gate = Gate::start(&hub, &[]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
+    let (gate, backend) = start_with_alice(with_hub(&hub)).await;
     let admin = hub.issue_token("root", None);
     echoed(
         &gate.get_as("/user/alice/lab", &admin).await,
@@ -770,10 +580,7 @@ async fn admins_of_hubs_without_scopes_may_use_every_server() {
 async fn a_user_with_unrelated_scopes_is_refused() {
     let hub = hub().await;
     hub.add_user("root", true, &[]);
-    let gate = Gate::start(&hub, &[]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
+    let (gate, backend) = start_with_alice(with_hub(&hub)).await;
     // An admin flag does not help when the hub sends scopes: the scopes decide.
     let token = hub.issue_token(
         "root",
@@ -796,19 +603,25 @@ async fn a_user_with_unrelated_scopes_is_refused() {
 #[tokio::test]
 async fn routes_without_a_user_are_open() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &[]).await;
+    let gate = with_hub(&hub).start().await;
     let backend = Backend::echo().await;
-    gate.add_route("/hub", json!({"target": backend.url(""), "hub": true}))
+    gate.add_route_data("/hub", json!({"target": backend.url(""), "hub": true}))
         .await;
-    gate.add_route(
+    gate.add_route_data(
         "/services/announce",
         json!({"target": backend.url(""), "service": "announce"}),
     )
     .await;
-    echoed(&gate.get("/hub/login", &[]).await, "the hub's own route");
-    echoed(&gate.get("/hub/home", &[BROWSER]).await, "as a browser");
     echoed(
-        &gate.get("/services/announce/", &[]).await,
+        &gate.get_with("/hub/login", &[]).await,
+        "the hub's own route",
+    );
+    echoed(
+        &gate.get_with("/hub/home", &[BROWSER]).await,
+        "as a browser",
+    );
+    echoed(
+        &gate.get_with("/services/announce/", &[]).await,
         "a service route without auth",
     );
     assert_eq!(backend.seen().len(), 3);
@@ -823,28 +636,28 @@ async fn routes_without_a_user_are_open() {
 #[tokio::test]
 async fn auth_none_opens_a_user_route() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &[]).await;
+    let gate = with_hub(&hub).start().await;
     let backend = Backend::echo().await;
     let mut data = server_route(&backend.url(""), "alice", "");
     data["auth"] = json!("none");
-    gate.add_route("/user/alice", data).await;
-    echoed(&gate.get("/user/alice/lab", &[]).await, "auth none");
+    gate.add_route_data("/user/alice", data).await;
+    echoed(&gate.get_with("/user/alice/lab", &[]).await, "auth none");
     assert_eq!(hub.auth_calls(), 0);
 }
 
 #[tokio::test]
 async fn a_service_route_with_auth_required_needs_credentials() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &[]).await;
+    let gate = with_hub(&hub).start().await;
     let backend = Backend::echo().await;
-    gate.add_route(
+    gate.add_route_data(
         "/services/svc",
         json!({"target": backend.url(""), "service": "svc", "auth": "required"}),
     )
     .await;
-    let resp = gate.get("/services/svc/", &[]).await;
+    let resp = gate.get_with("/services/svc/", &[]).await;
     assert_json_refusal(&resp, StatusCode::UNAUTHORIZED, &[], "no credentials");
-    let resp = gate.get("/services/svc/", &[BROWSER]).await;
+    let resp = gate.get_with("/services/svc/", &[BROWSER]).await;
     assert_eq!(resp.status, StatusCode::FOUND, "browser: {resp:?}");
     assert!(backend.seen().is_empty());
     let token = hub.issue_token("alice", Some(&["access:services!service=svc"]));
@@ -857,13 +670,13 @@ async fn a_service_route_with_auth_required_needs_credentials() {
 #[tokio::test]
 async fn auth_mode_off_behaves_as_without_auth() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &["--auth-mode", "off"]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
-    echoed(&gate.get("/user/alice/lab", &[]).await, "no credentials");
+    let (gate, backend) = start_with_alice(with_hub(&hub).args(["--auth-mode", "off"])).await;
     echoed(
-        &gate.get("/user/alice/lab", &[BROWSER]).await,
+        &gate.get_with("/user/alice/lab", &[]).await,
+        "no credentials",
+    );
+    echoed(
+        &gate.get_with("/user/alice/lab", &[BROWSER]).await,
         "a browser without credentials",
     );
     let bob = own_token(&hub, "bob");
@@ -878,17 +691,14 @@ async fn auth_mode_off_behaves_as_without_auth() {
 #[tokio::test]
 async fn a_token_in_the_url_is_refused_for_plain_requests_by_default() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &[]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
+    let (gate, backend) = start_with_alice(with_hub(&hub)).await;
     let token = own_token(&hub, "alice");
     let resp = gate
-        .get(&format!("/user/alice/api/status?token={token}"), &[])
+        .get_with(&format!("/user/alice/api/status?token={token}"), &[])
         .await;
     assert_json_refusal(&resp, StatusCode::UNAUTHORIZED, &[&token], "?token=");
     let resp = gate
-        .get(&format!("/user/alice/lab?token={token}"), &[BROWSER])
+        .get_with(&format!("/user/alice/lab?token={token}"), &[BROWSER])
         .await;
     assert_ne!(
         resp.status,
@@ -906,9 +716,9 @@ async fn a_token_in_the_url_is_refused_for_plain_requests_by_default() {
 #[tokio::test]
 async fn a_token_in_the_url_is_accepted_for_a_websocket_handshake() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &[]).await;
+    let gate = with_hub(&hub).start().await;
     let peer = WsPeer::start().await;
-    gate.add_route(
+    gate.add_route_data(
         "/user/alice",
         server_route(&format!("http://{}", peer.addr), "alice", ""),
     )
@@ -949,13 +759,10 @@ async fn a_token_in_the_url_is_accepted_for_a_websocket_handshake() {
 #[tokio::test]
 async fn an_allowed_url_token_becomes_a_session_cookie_for_browsers() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &["--allow-token-in-url"]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
+    let (gate, backend) = start_with_alice(with_hub(&hub).args(["--allow-token-in-url"])).await;
     let token = own_token(&hub, "alice");
     let resp = gate
-        .get(
+        .get_with(
             &format!("/user/alice/lab?x=1&token={token}&y=2"),
             &[BROWSER],
         )
@@ -972,7 +779,7 @@ async fn an_allowed_url_token_becomes_a_session_cookie_for_browsers() {
     assert_eq!(hub.calls(Endpoint::User), 1);
 
     let cookie = format!("hubgate-session={}", cookie_value(&line));
-    let resp = gate.get(&to, &[BROWSER, ("cookie", &cookie)]).await;
+    let resp = gate.get_with(&to, &[BROWSER, ("cookie", &cookie)]).await;
     let doc = echoed(&resp, "following the redirect with the cookie");
     assert_eq!(doc["path"], "/user/alice/lab?x=1&y=2");
     assert_eq!(
@@ -983,7 +790,7 @@ async fn an_allowed_url_token_becomes_a_session_cookie_for_browsers() {
 
     // An API client's URL token is used, and does not travel on to the server.
     let resp = gate
-        .get(&format!("/user/alice/api/status?token={token}&a=b"), &[])
+        .get_with(&format!("/user/alice/api/status?token={token}&a=b"), &[])
         .await;
     let doc = echoed(&resp, "API client with ?token=");
     assert_eq!(doc["path"], "/user/alice/api/status?a=b");
@@ -992,10 +799,7 @@ async fn an_allowed_url_token_becomes_a_session_cookie_for_browsers() {
 #[tokio::test]
 async fn a_url_token_never_travels_on_however_its_name_is_encoded() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &["--allow-token-in-url"]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
+    let (gate, backend) = start_with_alice(with_hub(&hub).args(["--allow-token-in-url"])).await;
     let token = own_token(&hub, "alice");
     for query in [
         format!("token={token}"),
@@ -1004,7 +808,7 @@ async fn a_url_token_never_travels_on_however_its_name_is_encoded() {
         format!("token={token}&token={token}"),
     ] {
         let path = format!("/user/alice/api/status?{query}");
-        let resp = gate.get(&path, &[]).await;
+        let resp = gate.get_with(&path, &[]).await;
         if resp.status == StatusCode::OK {
             let doc = echoed(&resp, &path);
             let forwarded = doc["path"].as_str().unwrap_or_default().to_owned();
@@ -1013,7 +817,7 @@ async fn a_url_token_never_travels_on_however_its_name_is_encoded() {
                 "GET {path}: the token reached the server in {forwarded}"
             );
         }
-        let resp = gate.get(&path, &[BROWSER]).await;
+        let resp = gate.get_with(&path, &[BROWSER]).await;
         if resp.status == StatusCode::FOUND {
             let to = location(&resp, &path);
             assert!(
@@ -1034,9 +838,9 @@ async fn a_url_token_never_travels_on_however_its_name_is_encoded() {
 #[tokio::test]
 async fn a_websocket_url_token_never_travels_on_however_its_name_is_encoded() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &[]).await;
+    let gate = with_hub(&hub).start().await;
     let peer = WsPeer::start().await;
-    gate.add_route(
+    gate.add_route_data(
         "/user/alice",
         server_route(&format!("http://{}", peer.addr), "alice", ""),
     )
@@ -1064,13 +868,12 @@ async fn a_websocket_url_token_never_travels_on_however_its_name_is_encoded() {
 #[tokio::test]
 async fn session_cookies_use_the_configured_cookie_path() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &["--allow-token-in-url", "--cookie-path", "/user/"]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
+    let (gate, _backend) =
+        start_with_alice(with_hub(&hub).args(["--allow-token-in-url", "--cookie-path", "/user/"]))
+            .await;
     let token = own_token(&hub, "alice");
     let resp = gate
-        .get(&format!("/user/alice/lab?token={token}"), &[BROWSER])
+        .get_with(&format!("/user/alice/lab?token={token}"), &[BROWSER])
         .await;
     location(&resp, "browser GET with ?token=");
     let line = set_cookie(&resp, "hubgate-session")
@@ -1146,7 +949,7 @@ async fn the_oauth_callback_refuses_a_browser_without_the_state_cookie() {
     let mut jar = Jar::default();
     let authorize = start_login(&gate, &mut jar, "/user/alice/lab").await;
     let callback = hub_authorize(&hub, &authorize, &login).await;
-    let resp = gate.get(&callback, &[BROWSER]).await;
+    let resp = gate.get_with(&callback, &[BROWSER]).await;
     assert_eq!(resp.status, StatusCode::BAD_REQUEST, "{resp:?}");
     assert!(set_cookie(&resp, "hubgate-session").is_none());
     assert_eq!(hub.calls(Endpoint::Token), 0, "the code was not traded");
@@ -1176,7 +979,7 @@ async fn the_oauth_callback_refuses_another_browsers_state_cookie() {
 async fn the_oauth_next_never_leaves_the_site() {
     let (hub, gate, _backend, login) = oauth_setup(&[]).await;
     let evil = Backend::echo().await;
-    gate.add_route("/evil.example", server_route(&evil.url(""), "alice", ""))
+    gate.add_route_data("/evil.example", server_route(&evil.url(""), "alice", ""))
         .await;
     let mut jar = Jar::default();
     let authorize = start_login(&gate, &mut jar, "//evil.example").await;
@@ -1194,9 +997,13 @@ async fn the_oauth_next_never_leaves_the_site() {
 // Session cookies
 
 /// A hubgate with these session secrets and alice's server at `target`.
-async fn replica(hub: &FakeHub, target: &str, secrets: &str, args: &[&str]) -> Gate {
-    let gate = Gate::start_with_env(hub, args, &[("HUBGATE_SESSION_SECRETS", secrets)]).await;
-    gate.add_route("/user/alice", server_route(target, "alice", ""))
+async fn replica(hub: &FakeHub, target: &str, secrets: &str, args: &[&str]) -> Hubgate {
+    let gate = with_hub(hub)
+        .args(args)
+        .env("HUBGATE_SESSION_SECRETS", secrets)
+        .start()
+        .await;
+    gate.add_route_data("/user/alice", server_route(target, "alice", ""))
         .await;
     gate
 }
@@ -1218,16 +1025,22 @@ async fn sessions_are_shared_by_replicas_with_the_same_secret_and_survive_rotati
     let calls = hub.auth_calls();
 
     echoed(
-        &replica_1.get_with_cookie("/user/alice/lab", &cookie).await,
+        &replica_1
+            .get_with("/user/alice/lab", &[("cookie", &cookie)])
+            .await,
         "a replica with the same secret",
     );
     echoed(
-        &rotated.get_with_cookie("/user/alice/lab", &cookie).await,
+        &rotated
+            .get_with("/user/alice/lab", &[("cookie", &cookie)])
+            .await,
         "a replica after rotation (new secret first, old one still listed)",
     );
     assert_eq!(hub.auth_calls(), calls, "sessions need no hub call");
 
-    let resp = stranger.get_with_cookie("/user/alice/lab", &cookie).await;
+    let resp = stranger
+        .get_with("/user/alice/lab", &[("cookie", &cookie)])
+        .await;
     assert_json_refusal(
         &resp,
         StatusCode::UNAUTHORIZED,
@@ -1235,7 +1048,7 @@ async fn sessions_are_shared_by_replicas_with_the_same_secret_and_survive_rotati
         "a hubgate with another secret",
     );
     let resp = stranger
-        .get("/user/alice/lab", &[BROWSER, ("cookie", &cookie)])
+        .get_with("/user/alice/lab", &[BROWSER, ("cookie", &cookie)])
         .await;
     assert!(
         location(&resp, "browser at a hubgate with another secret").starts_with("/hub/login"),
@@ -1247,12 +1060,12 @@ async fn sessions_are_shared_by_replicas_with_the_same_secret_and_survive_rotati
     let fresh_cookie = format!("hubgate-session={fresh}");
     echoed(
         &rotated
-            .get_with_cookie("/user/alice/lab", &fresh_cookie)
+            .get_with("/user/alice/lab", &[("cookie", &fresh_cookie)])
             .await,
         "the rotated replica's own cookie",
     );
     let resp = replica_1
-        .get_with_cookie("/user/alice/lab", &fresh_cookie)
+        .get_with("/user/alice/lab", &[("cookie", &fresh_cookie)])
         .await;
     assert_eq!(
         resp.status,
@@ -1265,15 +1078,12 @@ async fn sessions_are_shared_by_replicas_with_the_same_secret_and_survive_rotati
 #[tokio::test]
 async fn forged_or_expired_session_cookies_are_refused() {
     let hub = hub().await;
-    let backend = Backend::echo().await;
-    let gate = Gate::start_with_env(
-        &hub,
-        &["--allow-token-in-url"],
-        &[("HUBGATE_SESSION_SECRETS", SECRET_1)],
+    let (gate, backend) = start_with_alice(
+        with_hub(&hub)
+            .args(["--allow-token-in-url"])
+            .env("HUBGATE_SESSION_SECRETS", SECRET_1),
     )
     .await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
     let token = own_token(&hub, "alice");
     let session = session_via_url_token(&gate, "/user/alice/lab", &token).await;
     let claims = jwt_claims(&session);
@@ -1283,7 +1093,10 @@ async fn forged_or_expired_session_cookies_are_refused() {
     let resigned = sign_hs256(&claims, SECRET_1);
     echoed(
         &gate
-            .get_with_cookie("/user/alice/lab", &format!("hubgate-session={resigned}"))
+            .get_with(
+                "/user/alice/lab",
+                &[("cookie", &format!("hubgate-session={resigned}"))],
+            )
             .await,
         "the same claims signed with the right secret",
     );
@@ -1313,7 +1126,10 @@ async fn forged_or_expired_session_cookies_are_refused() {
         ("not a JWT", "garbage".to_owned()),
     ] {
         let resp = gate
-            .get_with_cookie("/user/alice/lab", &format!("hubgate-session={forged}"))
+            .get_with(
+                "/user/alice/lab",
+                &[("cookie", &format!("hubgate-session={forged}"))],
+            )
             .await;
         assert_eq!(resp.status, StatusCode::UNAUTHORIZED, "{what}: {resp:?}");
     }
@@ -1323,15 +1139,12 @@ async fn forged_or_expired_session_cookies_are_refused() {
 #[tokio::test]
 async fn an_expired_session_renews_with_its_hub_token_until_the_hub_refuses_it() {
     let hub = hub().await;
-    let backend = Backend::echo().await;
-    let gate = Gate::start_with_env(
-        &hub,
-        &["--allow-token-in-url"],
-        &[("HUBGATE_SESSION_SECRETS", SECRET_1)],
+    let (gate, backend) = start_with_alice(
+        with_hub(&hub)
+            .args(["--allow-token-in-url"])
+            .env("HUBGATE_SESSION_SECRETS", SECRET_1),
     )
     .await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
     let token = own_token(&hub, "alice");
     let session = session_via_url_token(&gate, "/user/alice/lab", &token).await;
     let mut claims = jwt_claims(&session);
@@ -1346,12 +1159,12 @@ async fn an_expired_session_renews_with_its_hub_token_until_the_hub_refuses_it()
     claims["exp"] = json!(now_secs() - 60);
     let expired = format!("hubgate-session={}", sign_hs256(&claims, SECRET_1));
     let asked_before = hub.calls(Endpoint::User);
-    gate.revoke("/api/auth/cache").await;
+    revoke(&gate, "/api/auth/cache").await;
     // Clearing voided sessions issued before now: re-sign with a later issue time.
     claims["iat_ms"] = json!(now_secs() * 1000 + 5_000);
     let expired_after_clear = format!("hubgate-session={}", sign_hs256(&claims, SECRET_1));
     let resp = gate
-        .get_with_cookie("/user/alice/lab", &expired_after_clear)
+        .get_with("/user/alice/lab", &[("cookie", &expired_after_clear)])
         .await;
     echoed(&resp, "an expired session renewed with its token");
     let renewed = resp
@@ -1369,15 +1182,19 @@ async fn an_expired_session_renews_with_its_hub_token_until_the_hub_refuses_it()
     );
 
     // A session voided by the revocation is not renewed, even with a good token.
-    let resp = gate.get_with_cookie("/user/alice/lab", &expired).await;
+    let resp = gate
+        .get_with("/user/alice/lab", &[("cookie", &expired)])
+        .await;
     assert_eq!(resp.status, StatusCode::UNAUTHORIZED, "{resp:?}");
 
     // Once the hub refuses the token, the expired session is refused too.
     hub.revoke_token(&token);
-    gate.revoke("/api/auth/cache").await;
+    revoke(&gate, "/api/auth/cache").await;
     claims["iat_ms"] = json!(now_secs() * 1000 + 10_000);
     let expired = format!("hubgate-session={}", sign_hs256(&claims, SECRET_1));
-    let resp = gate.get_with_cookie("/user/alice/lab", &expired).await;
+    let resp = gate
+        .get_with("/user/alice/lab", &[("cookie", &expired)])
+        .await;
     assert_eq!(resp.status, StatusCode::UNAUTHORIZED, "{resp:?}");
     // Only the renewed request reached the server (the token-for-cookie step is a redirect).
     assert_eq!(backend.seen().len(), 1);
@@ -1386,15 +1203,14 @@ async fn an_expired_session_renews_with_its_hub_token_until_the_hub_refuses_it()
 #[tokio::test]
 async fn the_server_never_receives_hubgates_session_cookie() {
     let hub = hub().await;
-    let backend = Backend::echo().await;
-    let gate = Gate::start(&hub, &["--allow-token-in-url"]).await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
+    let (gate, _backend) = start_with_alice(with_hub(&hub).args(["--allow-token-in-url"])).await;
     let token = own_token(&hub, "alice");
     let session = session_via_url_token(&gate, "/user/alice/lab", &token).await;
     let cookie = format!("theme=dark; hubgate-session={session}; _xsrf=abc");
     let doc = echoed(
-        &gate.get_with_cookie("/user/alice/lab", &cookie).await,
+        &gate
+            .get_with("/user/alice/lab", &[("cookie", &cookie)])
+            .await,
         "with the session cookie among others",
     );
     let forwarded = echoed_header(&doc, "cookie").unwrap_or_default();
@@ -1408,7 +1224,7 @@ async fn the_server_never_receives_hubgates_session_cookie() {
     let auth = format!("token {token}");
     let doc = echoed(
         &gate
-            .get(
+            .get_with(
                 "/user/alice/lab",
                 &[("authorization", &auth), ("cookie", &cookie)],
             )
@@ -1425,17 +1241,14 @@ async fn the_server_never_receives_hubgates_session_cookie() {
 #[tokio::test]
 async fn a_forged_x_forwarded_user_never_reaches_the_server() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &[]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
-    gate.add_route("/hub", json!({"target": backend.url(""), "hub": true}))
+    let (gate, backend) = start_with_alice(with_hub(&hub)).await;
+    gate.add_route_data("/hub", json!({"target": backend.url(""), "hub": true}))
         .await;
     let token = own_token(&hub, "alice");
     let auth = format!("token {token}");
     let doc = echoed(
         &gate
-            .get(
+            .get_with(
                 "/user/alice/lab",
                 &[("authorization", &auth), ("x-forwarded-user", "mallory")],
             )
@@ -1445,7 +1258,7 @@ async fn a_forged_x_forwarded_user_never_reaches_the_server() {
     assert_eq!(echoed_header(&doc, "x-forwarded-user"), None, "{doc}");
     let doc = echoed(
         &gate
-            .get("/hub/home", &[("x-forwarded-user", "mallory")])
+            .get_with("/hub/home", &[("x-forwarded-user", "mallory")])
             .await,
         "anonymous posing as mallory on an open route",
     );
@@ -1455,17 +1268,15 @@ async fn a_forged_x_forwarded_user_never_reaches_the_server() {
 #[tokio::test]
 async fn the_identity_header_carries_the_user_the_hub_vouched_for() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &["--identity-header", "X-Forwarded-User"]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
-    gate.add_route("/hub", json!({"target": backend.url(""), "hub": true}))
+    let (gate, backend) =
+        start_with_alice(with_hub(&hub).args(["--identity-header", "X-Forwarded-User"])).await;
+    gate.add_route_data("/hub", json!({"target": backend.url(""), "hub": true}))
         .await;
     let token = own_token(&hub, "alice");
     let auth = format!("token {token}");
     let doc = echoed(
         &gate
-            .get(
+            .get_with(
                 "/user/alice/lab",
                 &[("authorization", &auth), ("x-forwarded-user", "mallory")],
             )
@@ -1485,7 +1296,7 @@ async fn the_identity_header_carries_the_user_the_hub_vouched_for() {
     );
     let doc = echoed(
         &gate
-            .get("/hub/home", &[("x-forwarded-user", "mallory")])
+            .get_with("/hub/home", &[("x-forwarded-user", "mallory")])
             .await,
         "anonymous posing as mallory on an open route",
     );
@@ -1495,10 +1306,8 @@ async fn the_identity_header_carries_the_user_the_hub_vouched_for() {
 #[tokio::test]
 async fn the_hub_login_cookie_is_checked_with_the_service_token() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &["--hub-login-cookie", LOGIN_COOKIE]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
+    let (gate, backend) =
+        start_with_alice(with_hub(&hub).args(["--hub-login-cookie", LOGIN_COOKIE])).await;
     let alice = random_token();
     hub.add_login_cookie(&alice, "alice", Some(&["access:servers!user=alice"]));
     let bob = random_token();
@@ -1506,7 +1315,9 @@ async fn the_hub_login_cookie_is_checked_with_the_service_token() {
 
     let cookie = format!("{LOGIN_COOKIE}={alice}");
     echoed(
-        &gate.get_with_cookie("/user/alice/lab", &cookie).await,
+        &gate
+            .get_with("/user/alice/lab", &[("cookie", &cookie)])
+            .await,
         "alice's hub cookie",
     );
     let calls = hub.calls_to(Endpoint::Cookie);
@@ -1520,17 +1331,25 @@ async fn the_hub_login_cookie_is_checked_with_the_service_token() {
         Some(format!("token {}", hub.service_token()).as_str())
     );
     echoed(
-        &gate.get_with_cookie("/user/alice/lab", &cookie).await,
+        &gate
+            .get_with("/user/alice/lab", &[("cookie", &cookie)])
+            .await,
         "again",
     );
     assert_eq!(hub.calls(Endpoint::Cookie), 1, "the answer is cached");
 
     let resp = gate
-        .get_with_cookie("/user/alice/lab", &format!("{LOGIN_COOKIE}={bob}"))
+        .get_with(
+            "/user/alice/lab",
+            &[("cookie", &format!("{LOGIN_COOKIE}={bob}"))],
+        )
         .await;
     assert_eq!(resp.status, StatusCode::FORBIDDEN, "bob's cookie: {resp:?}");
     let resp = gate
-        .get_with_cookie("/user/alice/lab", &format!("{LOGIN_COOKIE}=not-a-login"))
+        .get_with(
+            "/user/alice/lab",
+            &[("cookie", &format!("{LOGIN_COOKIE}=not-a-login"))],
+        )
         .await;
     assert_eq!(resp.status, StatusCode::UNAUTHORIZED, "unknown: {resp:?}");
     assert_eq!(backend.seen().len(), 2);
@@ -1539,10 +1358,8 @@ async fn the_hub_login_cookie_is_checked_with_the_service_token() {
 #[tokio::test]
 async fn the_legacy_token_endpoint_is_asked_with_the_service_token() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &["--auth-legacy-token-endpoint"]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
+    let (gate, _backend) =
+        start_with_alice(with_hub(&hub).args(["--auth-legacy-token-endpoint"])).await;
     let alice = hub.issue_token("alice", None);
     echoed(&gate.get_as("/user/alice/lab", &alice).await, "alice");
     let calls = hub.calls_to(Endpoint::LegacyToken);
@@ -1573,10 +1390,7 @@ async fn the_legacy_token_endpoint_is_asked_with_the_service_token() {
 #[tokio::test]
 async fn a_second_request_with_the_same_token_makes_no_hub_call() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &[]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
+    let (gate, _backend) = start_with_alice(with_hub(&hub)).await;
     let token = own_token(&hub, "alice");
     for i in 0..5 {
         echoed(
@@ -1597,10 +1411,8 @@ async fn a_second_request_with_the_same_token_makes_no_hub_call() {
 #[tokio::test]
 async fn a_refused_token_is_not_asked_again_within_the_negative_ttl() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &["--auth-negative-ttl", "300"]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
+    let (gate, backend) =
+        start_with_alice(with_hub(&hub).args(["--auth-negative-ttl", "300"])).await;
     let bad = random_token();
     for i in 0..5 {
         let resp = gate.get_as("/user/alice/lab", &bad).await;
@@ -1613,10 +1425,8 @@ async fn a_refused_token_is_not_asked_again_within_the_negative_ttl() {
 #[tokio::test]
 async fn a_refused_token_is_asked_again_after_the_negative_ttl() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &["--auth-negative-ttl", "1"]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
+    let (gate, _backend) =
+        start_with_alice(with_hub(&hub).args(["--auth-negative-ttl", "1"])).await;
     let token = random_token();
     let resp = gate.get_as("/user/alice/lab", &token).await;
     assert_eq!(resp.status, StatusCode::UNAUTHORIZED, "{resp:?}");
@@ -1643,10 +1453,7 @@ async fn a_refused_token_is_asked_again_after_the_negative_ttl() {
 async fn a_thousand_concurrent_requests_with_a_new_token_make_one_hub_call() {
     const N: usize = 1000;
     let hub = hub().await;
-    let gate = Gate::start(&hub, &[]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
+    let (gate, backend) = start_with_alice(with_hub(&hub)).await;
     let token = own_token(&hub, "alice");
     hub.hold();
     let request = format!(
@@ -1686,9 +1493,7 @@ async fn a_thousand_concurrent_requests_with_a_new_token_make_one_hub_call() {
     }
     assert_eq!(statuses, HashMap::from([(Some(200), N)]));
     // hubgate's own cache counters, for the failure message only.
-    let stats = gate
-        .api(Method::GET, "/api/status", Some(&gate.token))
-        .await;
+    let stats = gate.api(Method::GET, "/api/status", "").await;
     assert_eq!(
         hub.calls(Endpoint::User),
         1,
@@ -1701,15 +1506,15 @@ async fn a_thousand_concurrent_requests_with_a_new_token_make_one_hub_call() {
 #[tokio::test]
 async fn revoking_a_user_asks_the_hub_again_and_voids_their_sessions() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &["--allow-token-in-url"]).await;
+    let gate = with_hub(&hub).args(["--allow-token-in-url"]).start().await;
     let alice_server = Backend::echo().await;
     let bob_server = Backend::echo().await;
-    gate.add_route(
+    gate.add_route_data(
         "/user/alice",
         server_route(&alice_server.url(""), "alice", ""),
     )
     .await;
-    gate.add_route("/user/bob", server_route(&bob_server.url(""), "bob", ""))
+    gate.add_route_data("/user/bob", server_route(&bob_server.url(""), "bob", ""))
         .await;
     let alice = own_token(&hub, "alice");
     let bob = own_token(&hub, "bob");
@@ -1720,17 +1525,24 @@ async fn revoking_a_user_asks_the_hub_again_and_voids_their_sessions() {
     echoed(&gate.get_as("/user/alice/lab", &alice).await, "alice");
     echoed(&gate.get_as("/user/bob/lab", &bob).await, "bob");
     echoed(
-        &gate.get_with_cookie("/user/alice/lab", &alice_cookie).await,
+        &gate
+            .get_with("/user/alice/lab", &[("cookie", &alice_cookie)])
+            .await,
         "alice's session",
     );
     assert_eq!(hub.calls(Endpoint::User), 2);
 
     let resp = gate
-        .api(Method::DELETE, "/api/auth/cache/users/alice", None)
+        .api_with(Method::DELETE, "/api/auth/cache/users/alice", &[], "")
         .await;
     assert_eq!(resp.status, StatusCode::FORBIDDEN, "without the API token");
     let resp = gate
-        .api(Method::DELETE, "/api/auth/cache/users/alice", Some("wrong"))
+        .api_with(
+            Method::DELETE,
+            "/api/auth/cache/users/alice",
+            &[("authorization", "token wrong")],
+            "",
+        )
         .await;
     assert_eq!(resp.status, StatusCode::FORBIDDEN, "with a wrong token");
     echoed(&gate.get_as("/user/alice/lab", &alice).await, "alice");
@@ -1744,7 +1556,7 @@ async fn revoking_a_user_asks_the_hub_again_and_voids_their_sessions() {
     );
     assert_eq!(hub.calls(Endpoint::User), 2);
 
-    gate.revoke("/api/auth/cache/users/alice").await;
+    revoke(&gate, "/api/auth/cache/users/alice").await;
     let resp = gate.get_as("/user/alice/lab", &alice).await;
     assert_eq!(
         resp.status,
@@ -1758,17 +1570,23 @@ async fn revoking_a_user_asks_the_hub_again_and_voids_their_sessions() {
     );
     echoed(&gate.get_as("/user/bob/lab", &bob).await, "bob");
     assert_eq!(hub.calls(Endpoint::User), 3, "bob's answer is still cached");
-    let resp = gate.get_with_cookie("/user/alice/lab", &alice_cookie).await;
+    let resp = gate
+        .get_with("/user/alice/lab", &[("cookie", &alice_cookie)])
+        .await;
     assert_eq!(
         resp.status,
         StatusCode::UNAUTHORIZED,
         "alice's session is void: {resp:?}"
     );
     echoed(
-        &gate.get_with_cookie("/user/bob/lab", &bob_cookie).await,
+        &gate
+            .get_with("/user/bob/lab", &[("cookie", &bob_cookie)])
+            .await,
         "bob's session still works",
     );
-    let resp = gate.get_with_cookie("/user/alice/lab", &bob_cookie).await;
+    let resp = gate
+        .get_with("/user/alice/lab", &[("cookie", &bob_cookie)])
+        .await;
     assert_eq!(
         resp.status,
         StatusCode::FORBIDDEN,
@@ -1779,11 +1597,8 @@ async fn revoking_a_user_asks_the_hub_again_and_voids_their_sessions() {
 #[tokio::test]
 async fn clearing_the_cache_asks_the_hub_again_for_everyone() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &["--allow-token-in-url"]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
-    gate.add_route("/user/bob", server_route(&backend.url(""), "bob", ""))
+    let (gate, backend) = start_with_alice(with_hub(&hub).args(["--allow-token-in-url"])).await;
+    gate.add_route_data("/user/bob", server_route(&backend.url(""), "bob", ""))
         .await;
     let alice = own_token(&hub, "alice");
     let bob = own_token(&hub, "bob");
@@ -1796,20 +1611,24 @@ async fn clearing_the_cache_asks_the_hub_again_for_everyone() {
         session_via_url_token(&gate, "/user/bob/lab", &bob).await
     );
     assert_eq!(hub.calls(Endpoint::User), 2);
-    let resp = gate.api(Method::DELETE, "/api/auth/cache", None).await;
+    let resp = gate
+        .api_with(Method::DELETE, "/api/auth/cache", &[], "")
+        .await;
     assert_eq!(resp.status, StatusCode::FORBIDDEN, "without the API token");
     echoed(
-        &gate.get_with_cookie("/user/bob/lab", &bob_cookie).await,
+        &gate
+            .get_with("/user/bob/lab", &[("cookie", &bob_cookie)])
+            .await,
         "bob's session before the clear",
     );
 
-    gate.revoke("/api/auth/cache").await;
+    revoke(&gate, "/api/auth/cache").await;
     echoed(&gate.get_as("/user/alice/lab", &alice).await, "alice");
     echoed(&gate.get_as("/user/bob/lab", &bob).await, "bob");
     assert_eq!(hub.calls(Endpoint::User), 4, "both tokens were asked again");
     for (who, cookie) in [("alice", &alice_cookie), ("bob", &bob_cookie)] {
         let resp = gate
-            .get_with_cookie(&format!("/user/{who}/lab"), cookie)
+            .get_with(&format!("/user/{who}/lab"), &[("cookie", cookie)])
             .await;
         assert_eq!(
             resp.status,
@@ -1834,10 +1653,9 @@ async fn handshake_done(hub: &FakeHub) {
 #[tokio::test]
 async fn a_cached_token_keeps_working_past_its_ttl_while_the_hub_is_down() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &["--auth-cache-ttl", "1", "--auth-grace", "300"]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
+    let (gate, _backend) =
+        start_with_alice(with_hub(&hub).args(["--auth-cache-ttl", "1", "--auth-grace", "300"]))
+            .await;
     handshake_done(&hub).await;
     let token = own_token(&hub, "alice");
     echoed(&gate.get_as("/user/alice/lab", &token).await, "hub up");
@@ -1862,10 +1680,7 @@ async fn a_cached_token_keeps_working_past_its_ttl_while_the_hub_is_down() {
 #[tokio::test]
 async fn an_uncached_token_gets_503_while_the_hub_is_down() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &[]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
+    let (gate, backend) = start_with_alice(with_hub(&hub)).await;
     handshake_done(&hub).await;
     let cached = own_token(&hub, "alice");
     echoed(&gate.get_as("/user/alice/lab", &cached).await, "hub up");
@@ -1880,7 +1695,7 @@ async fn an_uncached_token_gets_503_while_the_hub_is_down() {
     );
     let auth = format!("token {fresh}");
     let resp = gate
-        .get("/user/alice/lab", &[("authorization", &auth), BROWSER])
+        .get_with("/user/alice/lab", &[("authorization", &auth), BROWSER])
         .await;
     assert_eq!(resp.status, StatusCode::SERVICE_UNAVAILABLE, "browser");
     echoed(
@@ -1899,10 +1714,7 @@ async fn an_uncached_token_gets_503_while_the_hub_is_down() {
 #[tokio::test]
 async fn hub_errors_and_malformed_answers_mean_503_never_access() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &[]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
+    let (gate, backend) = start_with_alice(with_hub(&hub)).await;
     let alice = own_token(&hub, "alice");
     let bob = own_token(&hub, "bob");
     for mode in [Mode::Failing, Mode::Malformed] {
@@ -1930,10 +1742,7 @@ async fn hub_errors_and_malformed_answers_mean_503_never_access() {
 #[tokio::test]
 async fn a_slow_hub_delays_but_does_not_break_a_check() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &[]).await;
-    let backend = Backend::echo().await;
-    gate.add_route("/user/alice", server_route(&backend.url(""), "alice", ""))
-        .await;
+    let (gate, _backend) = start_with_alice(with_hub(&hub)).await;
     hub.set_delay(Duration::from_millis(300));
     let token = own_token(&hub, "alice");
     let (a, b) = tokio::join!(
@@ -1951,15 +1760,15 @@ async fn a_slow_hub_delays_but_does_not_break_a_check() {
 #[tokio::test]
 async fn path_tricks_never_reach_another_users_server() {
     let hub = hub().await;
-    let gate = Gate::start(&hub, &[]).await;
+    let gate = with_hub(&hub).start().await;
     let alice_server = Backend::echo().await;
     let bob_server = Backend::echo().await;
-    gate.add_route(
+    gate.add_route_data(
         "/user/alice",
         server_route(&alice_server.url(""), "alice", ""),
     )
     .await;
-    gate.add_route("/user/bob", server_route(&bob_server.url(""), "bob", ""))
+    gate.add_route_data("/user/bob", server_route(&bob_server.url(""), "bob", ""))
         .await;
     let bob = own_token(&hub, "bob");
     for path in [

@@ -33,7 +33,7 @@ use tokio::{
 };
 use tokio_rustls::{client::TlsStream, TlsAcceptor, TlsConnector};
 
-use crate::support::{full, Body, Resp, WAIT};
+use crate::support::{collect, full, Body, Resp, WAIT};
 
 /// The server name every test client asks for.
 pub const SERVER_NAME: &str = "localhost";
@@ -247,30 +247,6 @@ where
         let _ = conn.await;
     });
     Ok(sender)
-}
-
-/// Reads a whole response; an error (or `WAIT` passing) is the error's debug text.
-pub async fn collect<F>(response: F) -> Result<Resp, String>
-where
-    F: std::future::Future<Output = hyper::Result<Response<Incoming>>>,
-{
-    let exchange = async {
-        let resp = response.await.map_err(|e| format!("{e:?}"))?;
-        let (parts, body) = resp.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e| format!("body: {e:?}"))?
-            .to_bytes();
-        Ok(Resp {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        })
-    };
-    tokio::time::timeout(WAIT, exchange)
-        .await
-        .unwrap_or_else(|_| Err(format!("no response within {WAIT:?}")))
 }
 
 /// `GET path` with `Host: localhost` over a fresh HTTP/1.1 TLS connection.

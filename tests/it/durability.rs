@@ -8,7 +8,6 @@ use std::{
     io::Write,
     net::SocketAddr,
     path::Path,
-    process::Command,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -19,67 +18,14 @@ use std::{
 use http::{Method, Request, StatusCode};
 use serde_json::{json, Map, Value};
 
-use crate::support::{eventually, full, Backend, HttpClient, Hubgate, Resp, WAIT};
+use crate::support::{eventually, full, posted, Backend, HttpClient, Hubgate, WAIT};
 use crate::sync::{big_api, user_table};
 
 const TARGET: &str = "http://127.0.0.1:9";
-const VERSION: &str = "x-hubgate-version";
-
-fn file_args(dir: &Path) -> Vec<String> {
-    vec![
-        "--storage-backend".into(),
-        "file".into(),
-        "--storage-path".into(),
-        dir.display().to_string(),
-    ]
-}
 
 /// Starts hubgate on the file store in `dir`.
 async fn start_on(dir: &Path) -> Hubgate {
-    Hubgate::builder().args(file_args(dir)).start().await
-}
-
-/// Sends `signal` (a name such as `TERM` or `KILL`) to hubgate and waits until it has exited.
-async fn stop(hg: &mut Hubgate, signal: &str) {
-    let pid = hg.pid().to_string();
-    let status = Command::new("kill")
-        .args(["-s", signal, &pid])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -s {signal} {pid} failed");
-    eventually(WAIT, &format!("hubgate to exit after SIG{signal}"), || {
-        let gone = !hg.is_running();
-        async move { gone }
-    })
-    .await;
-}
-
-fn version_of(resp: &Resp) -> u64 {
-    resp.headers
-        .get(VERSION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no integer {VERSION} header: {resp:?}"))
-}
-
-async fn version(hg: &Hubgate) -> u64 {
-    let resp = hg.api_get("/api/routes").await;
-    assert_eq!(resp.status, StatusCode::OK, "{resp:?}");
-    version_of(&resp)
-}
-
-/// A route listing without `last_activity`: what was posted.
-fn posted(table: &Map<String, Value>) -> Map<String, Value> {
-    table
-        .iter()
-        .map(|(k, v)| {
-            let mut v = v.clone();
-            if let Value::Object(o) = &mut v {
-                o.remove("last_activity");
-            }
-            (k.clone(), v)
-        })
-        .collect()
+    Hubgate::builder().file_store(dir).start().await
 }
 
 /// Asserts that `after` is `before`: posted data first, then `last_activity`.
@@ -111,28 +57,32 @@ async fn routes_survive_a_clean_restart_and_a_kill_9() {
     hg.add_route_data("/hub", json!({"target": TARGET, "replaced": true}))
         .await;
     let before = hg.routes().await;
-    let v = version(&hg).await;
+    let v = hg.table_version().await;
     assert_eq!(v, 5);
 
-    stop(&mut hg, "TERM").await;
+    hg.stop("TERM").await;
     let mut hg = start_on(dir.path()).await;
     assert_same_table(&before, &hg.routes().await, "after SIGTERM and restart");
-    assert_eq!(version(&hg).await, v, "the version after a clean restart");
+    assert_eq!(
+        hg.table_version().await,
+        v,
+        "the version after a clean restart"
+    );
 
     hg.add_route_data("/user/bob", json!({"target": TARGET, "user": "bob"}))
         .await;
     assert_eq!(
-        version(&hg).await,
+        hg.table_version().await,
         v + 1,
         "the version continues after a restart"
     );
     let before = hg.routes().await;
     assert_eq!(before.len(), 3);
 
-    stop(&mut hg, "KILL").await;
+    hg.stop("KILL").await;
     let hg = start_on(dir.path()).await;
     assert_same_table(&before, &hg.routes().await, "after SIGKILL and restart");
-    assert_eq!(version(&hg).await, v + 1, "the version after SIGKILL");
+    assert_eq!(hg.table_version().await, v + 1, "the version after SIGKILL");
 
     // The restored table routes requests.
     let resp = hg.get("/user/alice/lab").await;
@@ -172,12 +122,12 @@ async fn a_large_table_survives_log_compaction_and_a_kill_9() {
     assert_eq!(resp.status, StatusCode::OK);
     let before = resp.json();
     assert_eq!(before.as_object().unwrap().len(), COUNT);
-    let v = version(&hg).await;
+    let v = hg.table_version().await;
     assert_eq!(v, 3);
 
-    stop(&mut hg, "KILL").await;
+    hg.stop("KILL").await;
     let hg = start_on(dir.path()).await;
-    assert_eq!(version(&hg).await, v, "the version after restart");
+    assert_eq!(hg.table_version().await, v, "the version after restart");
     let resp = big_api(&hg, Method::GET, "/api/routes", String::new()).await;
     assert_eq!(resp.status, StatusCode::OK);
     let after = resp.json();
@@ -201,11 +151,11 @@ async fn since_before_the_loaded_version_is_410_after_a_restart() {
     let mut hg = start_on(dir.path()).await;
     hg.add_route("/a", TARGET).await;
     hg.add_route("/b", TARGET).await;
-    assert_eq!(version(&hg).await, 2);
-    stop(&mut hg, "TERM").await;
+    assert_eq!(hg.table_version().await, 2);
+    hg.stop("TERM").await;
 
     let hg = start_on(dir.path()).await;
-    assert_eq!(version(&hg).await, 2);
+    assert_eq!(hg.table_version().await, 2);
     for endpoint in ["/api/routes", "/api/proxy"] {
         for since in [0, 1] {
             let resp = hg.api_get(&format!("{endpoint}?since={since}")).await;
@@ -239,7 +189,7 @@ async fn since_before_the_loaded_version_is_410_after_a_restart() {
     for endpoint in ["/api/routes", "/api/proxy"] {
         let resp = hg.api_get(&format!("{endpoint}?since=2")).await;
         assert_eq!(resp.status, StatusCode::OK, "{endpoint}: {resp:?}");
-        assert_eq!(version_of(&resp), 4);
+        assert_eq!(resp.table_version(), 4);
         let changes = resp.json();
         let keys: BTreeSet<&String> = changes.as_object().unwrap().keys().collect();
         assert_eq!(
@@ -331,7 +281,7 @@ async fn acknowledged_routes_survive_sigkill_at_random_moments() {
     let mut hg = start_on(dir.path()).await;
 
     for round in 1..=5 {
-        let start_version = version(&hg).await;
+        let start_version = hg.table_version().await;
         let posted = Arc::new(Mutex::new(Posted::default()));
         let clients: Vec<_> = (0..2)
             .map(|_| {
@@ -351,7 +301,7 @@ async fn acknowledged_routes_survive_sigkill_at_random_moments() {
         .await;
         let delay = 50 + rng.below(451);
         tokio::time::sleep(Duration::from_millis(delay)).await;
-        stop(&mut hg, "KILL").await;
+        hg.stop("KILL").await;
         for client in clients {
             tokio::time::timeout(WAIT, client)
                 .await
@@ -399,7 +349,7 @@ async fn acknowledged_routes_survive_sigkill_at_random_moments() {
             phantom.is_empty(),
             "round {round}: routes never posted: {phantom:?}"
         );
-        let restarted_version = version(&hg).await;
+        let restarted_version = hg.table_version().await;
         assert!(
             restarted_version >= start_version + round_acked.len() as u64,
             "round {round}: version {restarted_version} after restart, but it was \
@@ -429,7 +379,7 @@ async fn a_torn_log_tail_is_ignored_at_start() {
         .await;
     hg.add_route("/b", TARGET).await;
     let before = hg.routes().await;
-    stop(&mut hg, "TERM").await;
+    hg.stop("TERM").await;
 
     let log = dir.path().join("routes.log");
     assert!(log.exists(), "no routes.log in the storage directory");
@@ -442,19 +392,23 @@ async fn a_torn_log_tail_is_ignored_at_start() {
 
     let mut hg = start_on(dir.path()).await;
     assert_same_table(&before, &hg.routes().await, "after a torn tail");
-    assert_eq!(version(&hg).await, 2, "the torn record is not a version");
+    assert_eq!(
+        hg.table_version().await,
+        2,
+        "the torn record is not a version"
+    );
 
     // Appends after the torn tail are read back: the garbage did not swallow them.
     hg.add_route("/c", TARGET).await;
     let before = hg.routes().await;
-    stop(&mut hg, "TERM").await;
+    hg.stop("TERM").await;
     let hg = start_on(dir.path()).await;
     assert_same_table(
         &before,
         &hg.routes().await,
         "a route added after the torn tail",
     );
-    assert_eq!(version(&hg).await, 3);
+    assert_eq!(hg.table_version().await, 3);
 }
 
 #[tokio::test]
@@ -464,7 +418,7 @@ async fn a_second_hubgate_on_the_same_directory_refuses_to_start() {
     first.add_route("/a", TARGET).await;
 
     let out = Hubgate::builder()
-        .args(file_args(dir.path()))
+        .file_store(dir.path())
         .run_to_exit()
         .await;
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -482,7 +436,7 @@ async fn a_second_hubgate_on_the_same_directory_refuses_to_start() {
     assert!(first.is_running(), "the first hubgate stopped");
     first.add_route("/b", TARGET).await;
     let before = first.routes().await;
-    stop(&mut first, "TERM").await;
+    first.stop("TERM").await;
     let hg = start_on(dir.path()).await;
     assert_same_table(&before, &hg.routes().await, "the first hubgate's table");
 }
@@ -493,12 +447,12 @@ async fn the_memory_backend_starts_empty_after_a_restart() {
         let mut hg = Hubgate::start(&args).await;
         hg.add_route("/a", TARGET).await;
         assert_eq!(hg.routes().await.len(), 1);
-        stop(&mut hg, "TERM").await;
+        hg.stop("TERM").await;
         let hg = Hubgate::start(&args).await;
         assert!(
             hg.routes().await.is_empty(),
             "{args:?}: routes survived a restart"
         );
-        assert_eq!(version(&hg).await, 0, "{args:?}");
+        assert_eq!(hg.table_version().await, 0, "{args:?}");
     }
 }

@@ -3,24 +3,18 @@
 //! its table does not, `--notify-hub` announces the API (`PATCH /hub/api/proxy`), failures are
 //! retried while the proxy keeps serving, and `POST /api/handshake` asks on demand.
 //!
-//! The harness's `Hubgate` cannot put `JUPYTERHUB_API_TOKEN` in the child's environment, so this
-//! module starts hubgate itself (`Gate`), reading its addresses from the same log lines.
+//! hubgate is started with the hub's URL and a hub token in `JUPYTERHUB_API_TOKEN` (`with_hub`).
 
 use std::{
     convert::Infallible,
-    io::{BufRead, BufReader},
     net::SocketAddr,
-    path::Path,
-    process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
     },
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -29,8 +23,7 @@ use serde_json::{json, Value};
 use tokio::{net::TcpListener, sync::Notify, task::JoinHandle};
 
 use crate::support::{
-    dead_addr, eventually, full, http_client, random_token, send, Backend, Body, HttpClient,
-    Hubgate, Resp, STARTUP_TIMEOUT, WAIT,
+    dead_addr, eventually, full, random_token, Backend, Body, Builder, Hubgate, WAIT,
 };
 
 /// Bound for a retry that backs off (0.5 s, 1 s, 2 s, ... up to 30 s between attempts).
@@ -174,175 +167,12 @@ async fn hub_answer(req: Request<Incoming>, state: Arc<HubState>) -> Response<Bo
         .unwrap()
 }
 
-/// A hubgate child process started with a hub token in its environment; killed on drop.
-struct Gate {
-    child: Child,
-    log: Arc<Mutex<String>>,
-    proxy: SocketAddr,
-    api: SocketAddr,
-    token: String,
-    client: HttpClient,
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Gate {
-    /// Starts hubgate with `args` after the listening flags, `CONFIGPROXY_AUTH_TOKEN` set to a
-    /// fresh token and `JUPYTERHUB_API_TOKEN` to `hub_token`.
-    async fn start(args: &[&str], hub_token: &str) -> Gate {
-        let token = random_token();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hubgate"))
-            .args([
-                "--ip",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--api-ip",
-                "127.0.0.1",
-                "--api-port",
-                "0",
-            ])
-            .args(args)
-            .env("CONFIGPROXY_AUTH_TOKEN", &token)
-            .env("JUPYTERHUB_API_TOKEN", hub_token)
-            .env_remove("JUPYTERHUB_API_URL")
-            .env_remove("HUBGATE_CONFIG")
-            .env_remove("HUBGATE_STORAGE_PATH")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn hubgate");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let sink = log.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        let (proxy, api) = loop {
-            let text = log.lock().unwrap().clone();
-            if let (Some(proxy), Some(api)) =
-                (listen_addr(&text, "proxy"), listen_addr(&text, "api"))
-            {
-                break (proxy, api);
-            }
-            if let Some(status) = child.try_wait().expect("poll hubgate") {
-                panic!("hubgate {args:?} exited with {status} before listening:\n{text}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "hubgate {args:?} did not log both listening addresses within \
-                 {STARTUP_TIMEOUT:?}:\n{text}"
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        };
-        Gate {
-            child,
-            log,
-            proxy,
-            api,
-            token,
-            client: http_client(),
-        }
-    }
-
-    fn logs(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    async fn api(&self, method: Method, path: &str, body: &str) -> Resp {
-        let req = Request::builder()
-            .method(method)
-            .uri(format!("http://{}{path}", self.api))
-            .header("authorization", format!("token {}", self.token))
-            .body(full(body.to_owned()))
-            .unwrap();
-        send(&self.client, req).await
-    }
-
-    async fn api_unauthenticated(&self, method: Method, path: &str) -> Resp {
-        let req = Request::builder()
-            .method(method)
-            .uri(format!("http://{}{path}", self.api))
-            .body(full(Bytes::new()))
-            .unwrap();
-        send(&self.client, req).await
-    }
-
-    async fn add_route(&self, path: &str, target: &str) {
-        let body = json!({ "target": target }).to_string();
-        let resp = self
-            .api(Method::POST, &format!("/api/routes{path}"), &body)
-            .await;
-        assert_eq!(resp.status, StatusCode::CREATED, "adding {path}: {resp:?}");
-    }
-
-    async fn routes(&self) -> Value {
-        let resp = self.api(Method::GET, "/api/routes", "").await;
-        assert_eq!(resp.status, StatusCode::OK, "{resp:?}");
-        resp.json()
-    }
-
-    async fn get(&self, path: &str) -> Resp {
-        let req = Request::builder()
-            .uri(format!("http://{}{path}", self.proxy))
-            .body(full(Bytes::new()))
-            .unwrap();
-        send(&self.client, req).await
-    }
-
-    /// SIGTERM, then wait for the exit.
-    async fn terminate(&mut self) {
-        let pid = self.child.id().to_string();
-        let status = Command::new("kill")
-            .args(["-s", "TERM", &pid])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -s TERM {pid} failed");
-        eventually(WAIT, "hubgate to exit after SIGTERM", || {
-            let gone = self.child.try_wait().expect("poll hubgate").is_some();
-            async move { gone }
-        })
-        .await;
-    }
-}
-
-/// The address of a `listening listener=<which> addr=<ip:port>` log line.
-fn listen_addr(log: &str, which: &str) -> Option<SocketAddr> {
-    let plain = format!("listener={which}");
-    let quoted = format!("listener=\"{which}\"");
-    log.lines()
-        .filter(|line| line.contains("listening"))
-        .filter(|line| {
-            line.split_whitespace()
-                .any(|word| word == plain || word == quoted)
-        })
-        .find_map(|line| {
-            line.split_whitespace()
-                .find_map(|word| word.strip_prefix("addr="))
-                .and_then(|addr| addr.trim_matches('"').parse().ok())
-        })
-}
-
-fn file_args(dir: &Path) -> [String; 4] {
-    [
-        "--storage-backend".into(),
-        "file".into(),
-        "--storage-path".into(),
-        dir.display().to_string(),
-    ]
+/// hubgate that knows the hub at `hub_url` (`--hub-api-url`) and holds `hub_token` as its
+/// `JUPYTERHUB_API_TOKEN`.
+fn with_hub(hub_url: &str, hub_token: &str) -> Builder {
+    Hubgate::builder()
+        .args(["--hub-api-url", hub_url])
+        .env("JUPYTERHUB_API_TOKEN", hub_token)
 }
 
 fn assert_hub_token(calls: &[HubCall], hub_token: &str) {
@@ -359,7 +189,7 @@ fn assert_hub_token(calls: &[HubCall], hub_token: &str) {
 async fn a_fresh_hubgate_asks_the_hub_to_sync() {
     let hub = FakeHub::start().await;
     let hub_token = random_token();
-    let gate = Gate::start(&["--hub-api-url", &hub.api_url()], &hub_token).await;
+    let gate = with_hub(&hub.api_url(), &hub_token).start().await;
     hub.wait_for_calls(Method::POST, 1, WAIT).await;
     let calls = hub.proxy_calls(Method::POST);
     assert_eq!(
@@ -382,18 +212,21 @@ async fn a_restarted_file_store_with_its_routes_does_not_ask_the_hub() {
     let hub = FakeHub::start().await;
     let hub_token = random_token();
     let url = hub.api_url();
-    let storage = file_args(dir.path());
-    let mut args: Vec<&str> = storage.iter().map(String::as_str).collect();
-    args.extend(["--hub-api-url", url.as_str()]);
 
-    let mut gate = Gate::start(&args, &hub_token).await;
+    let mut gate = with_hub(&url, &hub_token)
+        .file_store(dir.path())
+        .start()
+        .await;
     hub.wait_for_calls(Method::POST, 1, WAIT).await;
     assert_hub_token(&hub.proxy_calls(Method::POST), &hub_token);
     gate.add_route("/user/a", "http://127.0.0.1:9").await;
     let before = gate.routes().await;
-    gate.terminate().await;
+    gate.stop("TERM").await;
 
-    let gate = Gate::start(&args, &hub_token).await;
+    let gate = with_hub(&url, &hub_token)
+        .file_store(dir.path())
+        .start()
+        .await;
     assert_eq!(gate.routes().await, before, "the file store lost the table");
     // A call of our own as a barrier: had hubgate started a handshake of its own when it came
     // up, that call would have reached the hub first.
@@ -416,20 +249,27 @@ async fn an_empty_file_store_asks_again_when_the_first_run_never_reached_the_hub
     hub.state.fail_always.store(true, Ordering::SeqCst);
     let hub_token = random_token();
     let url = hub.api_url();
-    let storage = file_args(dir.path());
-    let mut args: Vec<&str> = storage.iter().map(String::as_str).collect();
-    args.extend(["--hub-api-url", url.as_str()]);
 
     // First run: the hub only fails, and hubgate is stopped before any handshake succeeded.
-    let mut gate = Gate::start(&args, &hub_token).await;
+    let mut gate = with_hub(&url, &hub_token)
+        .file_store(dir.path())
+        .start()
+        .await;
     hub.wait_for_calls(Method::POST, 1, WAIT).await;
-    gate.terminate().await;
+    gate.stop("TERM").await;
     let failed = hub.proxy_calls(Method::POST).len();
 
     // Second run: the store is still empty and was never synced; the hub now answers.
     hub.state.fail_always.store(false, Ordering::SeqCst);
-    let gate = Gate::start(&args, &hub_token).await;
-    assert_eq!(gate.routes().await, json!({}), "the store should be empty");
+    let gate = with_hub(&url, &hub_token)
+        .file_store(dir.path())
+        .start()
+        .await;
+    assert_eq!(
+        Value::Object(gate.routes().await),
+        json!({}),
+        "the store should be empty"
+    );
     eventually(
         WAIT,
         "a POST /hub/api/proxy from the restarted hubgate (its empty table was never synced)",
@@ -447,14 +287,14 @@ async fn a_damaged_log_asks_the_hub_to_sync() {
     let hub = FakeHub::start().await;
     let hub_token = random_token();
     let url = hub.api_url();
-    let storage = file_args(dir.path());
-    let mut args: Vec<&str> = storage.iter().map(String::as_str).collect();
-    args.extend(["--hub-api-url", url.as_str()]);
 
-    let mut gate = Gate::start(&args, &hub_token).await;
+    let mut gate = with_hub(&url, &hub_token)
+        .file_store(dir.path())
+        .start()
+        .await;
     hub.wait_for_calls(Method::POST, 1, WAIT).await;
     gate.add_route("/user/a", "http://127.0.0.1:9").await;
-    gate.terminate().await;
+    gate.stop("TERM").await;
     let mut log = std::fs::OpenOptions::new()
         .append(true)
         .open(dir.path().join("routes.log"))
@@ -462,8 +302,11 @@ async fn a_damaged_log_asks_the_hub_to_sync() {
     std::io::Write::write_all(&mut log, b"deadbeef {\"batch\":{\"vers").unwrap();
     drop(log);
 
-    let gate = Gate::start(&args, &hub_token).await;
-    let routes = gate.routes().await;
+    let gate = with_hub(&url, &hub_token)
+        .file_store(dir.path())
+        .start()
+        .await;
+    let routes = Value::Object(gate.routes().await);
     assert_eq!(
         routes["/user/a"]["target"], "http://127.0.0.1:9",
         "{routes}"
@@ -480,7 +323,7 @@ async fn a_failing_hub_is_retried_while_the_proxy_serves() {
     // The fourth call succeeds, but only once the test has checked the proxy in the meantime.
     hub.state.hold.store(true, Ordering::SeqCst);
     let hub_token = random_token();
-    let gate = Gate::start(&["--hub-api-url", &hub.api_url()], &hub_token).await;
+    let gate = with_hub(&hub.api_url(), &hub_token).start().await;
 
     hub.wait_for_calls(Method::POST, 4, RETRY_WAIT).await;
     assert!(
@@ -521,7 +364,7 @@ async fn a_hub_that_is_not_listening_yet_is_retried_until_it_is() {
     let addr = dead_addr().await;
     let hub_token = random_token();
     let url = format!("http://{addr}/hub/api");
-    let gate = Gate::start(&["--hub-api-url", &url], &hub_token).await;
+    let gate = with_hub(&url, &hub_token).start().await;
 
     eventually(WAIT, "a failed handshake in the log", || {
         let failed = gate.logs().contains("hub handshake failed");
@@ -550,11 +393,10 @@ async fn a_hub_that_is_not_listening_yet_is_retried_until_it_is() {
 async fn notify_hub_announces_the_api_with_patch() {
     let hub = FakeHub::start().await;
     let hub_token = random_token();
-    let gate = Gate::start(
-        &["--hub-api-url", &hub.api_url(), "--notify-hub"],
-        &hub_token,
-    )
-    .await;
+    let gate = with_hub(&hub.api_url(), &hub_token)
+        .args(["--notify-hub"])
+        .start()
+        .await;
     hub.wait_for_calls(Method::PATCH, 1, WAIT).await;
     let calls = hub.proxy_calls(Method::PATCH);
     assert_hub_token(&calls, &hub_token);
@@ -565,7 +407,7 @@ async fn notify_hub_announces_the_api_with_patch() {
         format!("http://127.0.0.1:{}", gate.api.port()),
         "{body}"
     );
-    assert_eq!(body["auth_token"], gate.token.as_str(), "{body}");
+    assert_eq!(body["auth_token"], gate.token(), "{body}");
     assert_eq!(body["ip"], "127.0.0.1", "{body}");
     assert_eq!(body["port"], gate.api.port(), "{body}");
     assert_eq!(body["protocol"], "http", "{body}");
@@ -575,7 +417,7 @@ async fn notify_hub_announces_the_api_with_patch() {
 async fn post_handshake_calls_the_hub_once() {
     let hub = FakeHub::start().await;
     let hub_token = random_token();
-    let gate = Gate::start(&["--hub-api-url", &hub.api_url()], &hub_token).await;
+    let gate = with_hub(&hub.api_url(), &hub_token).start().await;
     hub.wait_for_calls(Method::POST, 1, WAIT).await;
     assert_eq!(hub.proxy_calls(Method::POST).len(), 1);
 
@@ -593,9 +435,7 @@ async fn post_handshake_calls_the_hub_once() {
     );
     assert_hub_token(&calls, &hub_token);
 
-    let wrong = gate
-        .api_unauthenticated(Method::POST, "/api/handshake")
-        .await;
+    let wrong = gate.api_with(Method::POST, "/api/handshake", &[], "").await;
     assert_eq!(wrong.status, StatusCode::FORBIDDEN, "{wrong:?}");
     assert_eq!(
         hub.proxy_calls(Method::POST).len(),
@@ -609,7 +449,7 @@ async fn post_handshake_with_a_failing_hub_is_502() {
     let hub = FakeHub::start().await;
     hub.state.fail_always.store(true, Ordering::SeqCst);
     let hub_token = random_token();
-    let gate = Gate::start(&["--hub-api-url", &hub.api_url()], &hub_token).await;
+    let gate = with_hub(&hub.api_url(), &hub_token).start().await;
     let resp = gate.api(Method::POST, "/api/handshake", "").await;
     assert_eq!(resp.status, StatusCode::BAD_GATEWAY, "{resp:?}");
     let body = resp.json();

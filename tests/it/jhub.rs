@@ -448,8 +448,37 @@ pub async fn start_server(http: &Http, hub: &Hub, user: &str) -> Result<()> {
     Ok(())
 }
 
-/// Waits until the hub answers through the proxy, and checks it is JupyterHub 6.
-pub async fn hub_answers(http: &Http, hub: &Hub) -> Result<()> {
+/// Stops a user's server through the hub's REST API (admin token).
+pub async fn stop_server(http: &Http, hub: &Hub, user: &str) -> Result<()> {
+    let (status, _, body) = http
+        .send(
+            Method::DELETE,
+            &hub.public_url(&format!("hub/api/users/{user}/server")),
+            Some(ADMIN_TOKEN),
+        )
+        .await?;
+    ensure!(
+        status == StatusCode::NO_CONTENT || status == StatusCode::ACCEPTED,
+        "stopping {user}'s server: {status} {}",
+        text(&body)
+    );
+    Ok(())
+}
+
+/// Waits until the hub has checked its proxy's routes (every 2 s) once more after now.
+pub async fn hub_reconciles_again(hub: &Hub) -> Result<()> {
+    let checks = hub.log().matches("Checking routes").count();
+    eventually(hub, "the hub reconciles routes again", || async {
+        let now = hub.log().matches("Checking routes").count();
+        ensure!(now > checks, "no new route check yet");
+        Ok(())
+    })
+    .await
+}
+
+/// Waits until the hub answers through the proxy, checks it is JupyterHub 6, and returns its
+/// version.
+pub async fn hub_answers(http: &Http, hub: &Hub) -> Result<String> {
     let version = eventually(hub, "the hub answers through the proxy", || async {
         let (status, _, body) = http.get(&hub.public_url("hub/api"), None).await?;
         ensure!(
@@ -465,7 +494,7 @@ pub async fn hub_answers(http: &Http, hub: &Hub) -> Result<()> {
         version.starts_with("6."),
         "expected JupyterHub 6, got {version:?}"
     );
-    Ok(())
+    Ok(version)
 }
 
 pub fn text(body: &[u8]) -> String {

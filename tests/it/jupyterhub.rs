@@ -25,12 +25,13 @@ use std::path::PathBuf;
 
 use anyhow::{ensure, Context, Result};
 use hyper::header::LOCATION;
-use hyper::{Method, StatusCode};
+use hyper::StatusCode;
 use serde_json::Value;
 
 use crate::jhub::{
-    alice_answers, eventually, hubgate_binary, proxy_routes, signal, text, venv, Http, Hub,
-    HubSpec, Ports, ADMIN_TOKEN, BASE_KEY, BASE_URL,
+    alice_answers, eventually, hub_answers, hub_reconciles_again, hubgate_binary, proxy_routes,
+    signal, start_server, stop_server, text, venv, Http, Hub, HubSpec, Ports, ADMIN_TOKEN,
+    BASE_KEY, BASE_URL,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,50 +62,12 @@ async fn jupyterhub_runs_on_hubgate_and_restarts_it() {
 async fn scenario(hub: &Hub) -> Result<()> {
     let http = Http::new();
 
-    let version = eventually(hub, "the hub answers through hubgate", || async {
-        let (status, _, body) = http.get(&hub.public_url("hub/api"), None).await?;
-        ensure!(
-            status == StatusCode::OK,
-            "GET hub/api: {status} {}",
-            text(&body)
-        );
-        let info: Value = serde_json::from_slice(&body).context("hub/api is not JSON")?;
-        Ok(info["version"].as_str().unwrap_or_default().to_owned())
-    })
-    .await?;
-    ensure!(
-        version.starts_with("6."),
-        "expected JupyterHub 6, got {version:?}"
-    );
+    let version = hub_answers(&http, hub).await?;
     eprintln!(
         "JupyterHub {version} is up behind {}",
         hub.proxy_command.display()
     );
-
-    let (status, _, body) = http
-        .send(
-            Method::POST,
-            &hub.public_url("hub/api/users/alice"),
-            Some(ADMIN_TOKEN),
-        )
-        .await?;
-    ensure!(
-        status == StatusCode::CREATED,
-        "creating alice: {status} {}",
-        text(&body)
-    );
-    let (status, _, body) = http
-        .send(
-            Method::POST,
-            &hub.public_url("hub/api/users/alice/server"),
-            Some(ADMIN_TOKEN),
-        )
-        .await?;
-    ensure!(
-        status == StatusCode::CREATED || status == StatusCode::ACCEPTED,
-        "starting alice's server: {status} {}",
-        text(&body)
-    );
+    start_server(&http, hub, "alice").await?;
 
     eventually(hub, "alice's server answers through hubgate", || {
         alice_answers(&http, hub)
@@ -141,29 +104,12 @@ async fn scenario(hub: &Hub) -> Result<()> {
     check_proxy_routes(&http, hub).await?;
 
     // Let the hub reconcile its table against the new proxy at least once more (every 2 s).
-    let checks = hub.log().matches("Checking routes").count();
-    eventually(hub, "the hub reconciles routes again", || async {
-        let now = hub.log().matches("Checking routes").count();
-        ensure!(now > checks, "no new route check yet");
-        Ok(())
-    })
-    .await?;
+    hub_reconciles_again(hub).await?;
     check_hub_view(&http, hub, true).await?;
 
     // Stopping the server: the hub DELETEs the route by its encoded key, and requests for alice
     // fall through to the hub's route, where the hub redirects them to its own pages.
-    let (status, _, body) = http
-        .send(
-            Method::DELETE,
-            &hub.public_url("hub/api/users/alice/server"),
-            Some(ADMIN_TOKEN),
-        )
-        .await?;
-    ensure!(
-        status == StatusCode::NO_CONTENT || status == StatusCode::ACCEPTED,
-        "stopping alice's server: {status} {}",
-        text(&body)
-    );
+    stop_server(&http, hub, "alice").await?;
     eventually(hub, "alice's route is gone from hubgate", || async {
         let alice_key = format!("{BASE_KEY}/user/alice");
         let routes = proxy_routes(&http, hub).await?;

@@ -31,11 +31,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use hyper::{Method, StatusCode};
 
 use crate::jhub::{
     alice_answers, eventually, eventually_within, hub_answers, hubgate_binary, proxy_routes,
-    start_server, tail, text, venv, Http, Hub, HubSpec, Ports, ADMIN_TOKEN, BASE_KEY, BASE_URL,
+    start_server, stop_server, tail, venv, Http, Hub, HubSpec, Ports, BASE_KEY, BASE_URL,
     PROXY_TOKEN,
 };
 
@@ -310,18 +309,7 @@ async fn file_store(setup: &mut Setup) -> Result<()> {
 
     // The hub drives the restarted hubgate as before: stopping alice's server deletes her route
     // (by the key the hub added it under: a DELETE that finds nothing is logged by the hub).
-    let (status, _, body) = http
-        .send(
-            Method::DELETE,
-            &hub.public_url("hub/api/users/alice/server"),
-            Some(ADMIN_TOKEN),
-        )
-        .await?;
-    ensure!(
-        status == StatusCode::NO_CONTENT || status == StatusCode::ACCEPTED,
-        "stopping alice's server: {status} {}",
-        text(&body)
-    );
+    stop_server(&http, hub, "alice").await?;
     eventually(hub, "alice's route is gone from hubgate", || async {
         let alice_key = format!("{BASE_KEY}/user/alice");
         let routes = proxy_routes(&http, hub).await?;

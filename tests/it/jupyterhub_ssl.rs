@@ -31,7 +31,7 @@ use anyhow::{anyhow, ensure, Context, Result};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
-use hyper::{Method, Request, StatusCode};
+use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -41,8 +41,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::jhub::{
-    alice_answers, eventually, hub_answers, hubgate_binary, start_server, text, venv, Http, Hub,
-    HubSpec, Ports, ADMIN_TOKEN, BASE_KEY, BASE_URL, PROXY_TOKEN,
+    alice_answers, eventually, hub_answers, hub_reconciles_again, hubgate_binary, start_server,
+    stop_server, text, venv, Http, Hub, HubSpec, Ports, BASE_KEY, BASE_URL, PROXY_TOKEN,
 };
 
 /// Every flag JupyterHub 6 adds with internal_ssl (jupyterhub/proxy.py, `_get_ssl_options`).
@@ -202,25 +202,8 @@ async fn scenario(hub: &Hub) -> Result<()> {
     );
 
     // 5. The hub reconciles over mutual TLS (every 2 s) and finds nothing to repair.
-    let checks = hub.log().matches("Checking routes").count();
-    eventually(hub, "the hub reconciles routes again", || async {
-        let now = hub.log().matches("Checking routes").count();
-        ensure!(now > checks, "no new route check yet");
-        Ok(())
-    })
-    .await?;
-    let (status, _, body) = http
-        .send(
-            Method::DELETE,
-            &hub.public_url("hub/api/users/alice/server"),
-            Some(ADMIN_TOKEN),
-        )
-        .await?;
-    ensure!(
-        status == StatusCode::NO_CONTENT || status == StatusCode::ACCEPTED,
-        "stopping alice's server: {status} {}",
-        text(&body)
-    );
+    hub_reconciles_again(hub).await?;
+    stop_server(&http, hub, "alice").await?;
     eventually(hub, "alice's route is gone from hubgate", || async {
         let routes = api.routes(Some(&hub_pair)).await?;
         ensure!(

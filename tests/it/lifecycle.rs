@@ -3,26 +3,21 @@
 //! (`SO_REUSEPORT`) while one stops under load, the access log, JSON logs, and the log level
 //! changed through the API.
 //!
-//! Also the process helpers that `tls` and `limits` share: [`Proc`] (a hubgate child whose exit
-//! code, signals and non-TCP listeners a test can reach) and raw HTTP exchanges that keep the
-//! response headers.
+//! Also helpers that `tls` and `limits` share: raw HTTP exchanges that keep the response headers,
+//! and a free port.
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader},
     net::SocketAddr,
-    process::{Child, Command, ExitStatus, Stdio},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex,
     },
-    thread,
-    time::{Duration, Instant},
 };
 
 use futures_util::{SinkExt, StreamExt};
 use http::{header, Method, Request, StatusCode};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -31,202 +26,9 @@ use tokio::{
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::{
-    empty, eventually, full, http_client, random_token, send, serve, Backend, HttpClient, Hubgate,
-    Resp, Server, WsEvent, WsPeer, STARTUP_TIMEOUT, WAIT,
+    collect, empty, eventually, full, http_client, send, serve, Backend, Hubgate, Resp, Server,
+    WsEvent, WsPeer, WAIT,
 };
-
-/// `--ip 127.0.0.1 --port 0 --api-ip 127.0.0.1 --api-port 0`.
-pub const LOCAL: [&str; 8] = [
-    "--ip",
-    "127.0.0.1",
-    "--port",
-    "0",
-    "--api-ip",
-    "127.0.0.1",
-    "--api-port",
-    "0",
-];
-
-/// A hubgate child process started with exactly the given arguments and a fresh API token;
-/// killed on drop. Unlike `support::Hubgate` it reports its exit status, takes signals, and
-/// finds listeners on Unix sockets and in JSON logs.
-pub struct Proc {
-    child: Child,
-    log: Arc<Mutex<String>>,
-    token: String,
-    args: Vec<String>,
-    client: HttpClient,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    pub fn spawn(args: &[&str]) -> Proc {
-        let token = random_token();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hubgate"))
-            .args(args)
-            .env("CONFIGPROXY_AUTH_TOKEN", &token)
-            .env_remove("RUST_LOG")
-            .env_remove("HUBGATE_CONFIG")
-            .env_remove("HUBGATE_LOG_FORMAT")
-            .env_remove("HUBGATE_ACCESS_LOG")
-            .env_remove("JUPYTERHUB_API_URL")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn hubgate");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let sink = log.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        Proc {
-            child,
-            log,
-            token,
-            args: args.iter().map(|a| a.to_string()).collect(),
-            client: http_client(),
-        }
-    }
-
-    /// Spawns and waits until the proxy and API listeners are logged.
-    pub async fn start(args: &[&str]) -> Proc {
-        let mut proc = Proc::spawn(args);
-        proc.listening("proxy").await;
-        proc.listening("api").await;
-        proc
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn token(&self) -> &str {
-        &self.token
-    }
-
-    /// Everything hubgate wrote to stderr so far.
-    pub fn logs(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// The address listener `which` logged (`127.0.0.1:PORT` or `unix:/path`), waiting for it.
-    pub async fn listening(&mut self, which: &str) -> String {
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        loop {
-            if let Some(addr) = listen_addr(&self.logs(), which) {
-                return addr;
-            }
-            if let Some(status) = self.child.try_wait().expect("poll hubgate") {
-                panic!(
-                    "hubgate {:?} exited with {status} before listener {which} was up:\n{}",
-                    self.args,
-                    self.logs()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "hubgate {:?} did not log listener {which} within {STARTUP_TIMEOUT:?}:\n{}",
-                self.args,
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    /// The TCP address of a listener that is already up.
-    pub fn tcp(&self, which: &str) -> SocketAddr {
-        let addr = listen_addr(&self.logs(), which)
-            .unwrap_or_else(|| panic!("listener {which} is not up:\n{}", self.logs()));
-        addr.parse()
-            .unwrap_or_else(|_| panic!("listener {which} is not on TCP: {addr}"))
-    }
-
-    /// Sends `signal` (`TERM`, `HUP`, ...).
-    pub fn signal(&self, signal: &str) {
-        send_signal(self.pid(), signal);
-    }
-
-    /// Waits (at most `WAIT`) for the process to exit.
-    pub async fn exit_status(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("poll hubgate") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "hubgate did not exit within {WAIT:?}; stderr:\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    /// A request to the TCP API with the token.
-    pub async fn api(&self, method: Method, path: &str, body: &str) -> Resp {
-        let req = Request::builder()
-            .method(method)
-            .uri(format!("http://{}{path}", self.tcp("api")))
-            .header(header::AUTHORIZATION, format!("token {}", self.token))
-            .body(full(body.to_owned()))
-            .unwrap();
-        send(&self.client, req).await
-    }
-
-    pub async fn add_route(&self, path: &str, target: &str) {
-        let body = json!({ "target": target }).to_string();
-        let resp = self
-            .api(Method::POST, &format!("/api/routes{path}"), &body)
-            .await;
-        assert_eq!(resp.status, StatusCode::CREATED, "adding {path}: {resp:?}");
-    }
-}
-
-/// `kill -s <signal> <pid>`.
-pub fn send_signal(pid: u32, signal: &str) {
-    let status = Command::new("kill")
-        .args(["-s", signal, &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -s {signal} {pid} failed");
-}
-
-/// The `addr` of the `listening` line of `which`, in the plain or the JSON log format.
-fn listen_addr(log: &str, which: &str) -> Option<String> {
-    let plain = format!("listener={which}");
-    let quoted = format!("listener=\"{which}\"");
-    log.lines()
-        .filter(|line| line.contains("listening"))
-        .find_map(|line| {
-            if let Ok(doc) = serde_json::from_str::<Value>(line) {
-                let fields = &doc["fields"];
-                return (fields["message"] == "listening" && fields["listener"] == which)
-                    .then(|| fields["addr"].as_str().map(str::to_owned))
-                    .flatten();
-            }
-            let words: Vec<&str> = line.split_whitespace().collect();
-            if !words.iter().any(|w| *w == plain || *w == quoted) {
-                return None;
-            }
-            words
-                .iter()
-                .find_map(|w| w.strip_prefix("addr="))
-                .map(|a| a.trim_matches('"').to_owned())
-        })
-}
 
 /// A response read from a raw exchange, headers included (names lowercased).
 #[derive(Debug)]
@@ -339,32 +141,16 @@ impl HeldBackend {
 
 /// `GET url` from a client of its own; the error's debug text when no response came.
 async fn try_get(url: String) -> Result<Resp, String> {
-    let client = http_client();
     let req = Request::get(url).body(empty()).unwrap();
-    let resp = tokio::time::timeout(WAIT, client.request(req))
-        .await
-        .map_err(|_| "no response".to_owned())?
-        .map_err(|e| format!("{e:?}"))?;
-    let (parts, body) = resp.into_parts();
-    let body = http_body_util::BodyExt::collect(body)
-        .await
-        .map_err(|e| format!("body: {e:?}"))?
-        .to_bytes();
-    Ok(Resp {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    })
+    collect(http_client().request(req)).await
 }
 
 #[tokio::test]
 async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     let backend = HeldBackend::start().await;
-    let mut args = LOCAL.to_vec();
     let target = backend.url();
-    args.extend(["--default-target", &target]);
-    let mut hg = Proc::start(&args).await;
-    let proxy = hg.tcp("proxy");
+    let mut hg = Hubgate::start(&["--default-target", &target]).await;
+    let proxy = hg.proxy;
 
     let in_flight = tokio::spawn(try_get(format!("http://{proxy}/slow")));
     backend.wait_arrived(1).await;
@@ -408,11 +194,9 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
 #[tokio::test]
 async fn shutdown_timeout_cuts_a_slow_request_and_exits_1() {
     let backend = HeldBackend::start().await;
-    let mut args = LOCAL.to_vec();
     let target = backend.url();
-    args.extend(["--default-target", &target, "--shutdown-timeout", "1"]);
-    let mut hg = Proc::start(&args).await;
-    let proxy = hg.tcp("proxy");
+    let mut hg = Hubgate::start(&["--default-target", &target, "--shutdown-timeout", "1"]).await;
+    let proxy = hg.proxy;
 
     let in_flight = tokio::spawn(try_get(format!("http://{proxy}/slow")));
     backend.wait_arrived(1).await;
@@ -439,9 +223,9 @@ async fn shutdown_timeout_cuts_a_slow_request_and_exits_1() {
 #[tokio::test]
 async fn open_websocket_is_closed_when_hubgate_stops() {
     let peer = WsPeer::start().await;
-    let mut hg = Proc::start(&LOCAL).await;
+    let mut hg = Hubgate::start(&[]).await;
     hg.add_route("/ws", &format!("http://{}", peer.addr)).await;
-    let url = format!("ws://{}/ws/x", hg.tcp("proxy"));
+    let url = format!("ws://{}/ws/x", hg.proxy);
     let (mut ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
         .await
         .expect("websocket handshake timed out")
@@ -556,16 +340,18 @@ async fn two_replicas_share_a_port_and_one_stops_without_a_failed_request() {
         .collect();
         args
     };
-    let args_a = replica("a");
-    let mut a = Proc::start(&args_a.iter().map(String::as_str).collect::<Vec<_>>()).await;
-    let args_b = replica("b");
-    let b = Proc::start(&args_b.iter().map(String::as_str).collect::<Vec<_>>()).await;
-    let addr = a.tcp("proxy");
-    assert_eq!(
-        addr,
-        b.tcp("proxy"),
-        "both replicas must bind the same port"
-    );
+    let mut a = Hubgate::builder()
+        .without_listen_args()
+        .args(replica("a"))
+        .start()
+        .await;
+    let b = Hubgate::builder()
+        .without_listen_args()
+        .args(replica("b"))
+        .start()
+        .await;
+    let addr = a.proxy;
+    assert_eq!(addr, b.proxy, "both replicas must bind the same port");
 
     // Both serve: the kernel spreads new connections over the two sockets.
     let mut seen = BTreeMap::<String, usize>::new();
@@ -615,8 +401,7 @@ async fn two_replicas_share_a_port_and_one_stops_without_a_failed_request() {
         async move { n >= TOTAL / 3 }
     })
     .await;
-    a.signal("TERM");
-    let status = a.exit_status().await;
+    let status = a.stop("TERM").await;
     stopped.store(true, Ordering::SeqCst);
     for worker in workers {
         tokio::time::timeout(WAIT * 3, worker)
@@ -721,13 +506,11 @@ async fn access_log_has_one_line_per_request_without_paths_or_secrets() {
 #[tokio::test]
 async fn json_log_format_makes_every_line_json() {
     let backend = Backend::echo().await;
-    let mut args = LOCAL.to_vec();
-    args.extend(["--log-format", "json", "--access-log"]);
-    let mut hg = Proc::start(&args).await;
+    let mut hg = Hubgate::start(&["--log-format", "json", "--access-log"]).await;
     hg.add_route("/app", &backend.url("")).await;
     let resp = send(
         &http_client(),
-        Request::get(format!("http://{}/app/x", hg.tcp("proxy")))
+        Request::get(format!("http://{}/app/x", hg.proxy))
             .body(empty())
             .unwrap(),
     )
@@ -738,8 +521,7 @@ async fn json_log_format_makes_every_line_json() {
         async move { found }
     })
     .await;
-    hg.signal("TERM");
-    let status = hg.exit_status().await;
+    let status = hg.stop("TERM").await;
     assert!(status.success(), "{status}\n{}", hg.logs());
 
     let logs = hg.logs();

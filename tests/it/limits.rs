@@ -19,10 +19,10 @@ use tokio::{
 };
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use crate::certs::{collect, echo_versioned, h1};
-use crate::lifecycle::{raw_exchange, Proc};
+use crate::certs::{echo_versioned, h1};
+use crate::lifecycle::raw_exchange;
 use crate::support::{
-    empty, eventually, full, http_client, silent_backend, Backend, Hubgate, WAIT,
+    collect, empty, eventually, full, http_client, silent_backend, Backend, Hubgate, WAIT,
 };
 
 /// Reads from `stream` until it ends (EOF or error), on a task of its own; returns what came.
@@ -493,14 +493,17 @@ async fn socket_api_socket_and_metrics_socket_listeners_serve() {
     let api_sock = dir.path().join("api.sock");
     let metrics_sock = dir.path().join("metrics.sock");
     let backend = Backend::echo().await;
-    let mut hg = Proc::spawn(&[
-        "--socket",
-        proxy_sock.to_str().unwrap(),
-        "--api-socket",
-        api_sock.to_str().unwrap(),
-        "--metrics-socket",
-        metrics_sock.to_str().unwrap(),
-    ]);
+    let mut hg = Hubgate::builder()
+        .without_listen_args()
+        .args([
+            "--socket",
+            proxy_sock.to_str().unwrap(),
+            "--api-socket",
+            api_sock.to_str().unwrap(),
+            "--metrics-socket",
+            metrics_sock.to_str().unwrap(),
+        ])
+        .spawn();
     for which in ["proxy", "api", "metrics"] {
         let addr = hg.listening(which).await;
         assert!(addr.starts_with("unix:"), "{which} listens on {addr}");
@@ -533,8 +536,7 @@ async fn socket_api_socket_and_metrics_socket_listeners_serve() {
         metrics.text()
     );
 
-    hg.signal("TERM");
-    let status = hg.exit_status().await;
+    let status = hg.stop("TERM").await;
     assert!(status.success(), "{status}\n{}", hg.logs());
     for sock in [&proxy_sock, &api_sock, &metrics_sock] {
         assert!(

@@ -17,9 +17,9 @@ use http::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio_tungstenite::{connect_async, tungstenite::Message};
 
-use crate::metrics_support::{assert_delta, wait_for, Gate, Scrape, TinyHub};
+use crate::metrics_support::{assert_delta, scrape, start_with_metrics, wait_for, Scrape, TinyHub};
 use crate::support::{
-    dead_port, parse_timestamp, random_token, silent_backend, Backend, Resp, WsPeer, WAIT,
+    dead_port, parse_timestamp, random_token, silent_backend, Backend, Hubgate, Resp, WsPeer, WAIT,
 };
 
 /// hubgate's version, as `hubgate_build_info` and `/api/status` must report it.
@@ -55,11 +55,12 @@ fn user_route(target: &str, user: &str) -> Value {
 
 /// A tiny hub (whose handshake answers 200 when `handshake_ok`, else 500) and a hubgate started
 /// with `--hub-api-url` and `JUPYTERHUB_API_TOKEN` for it, so authentication is on.
-async fn gate_with_hub(handshake_ok: bool, args: &[&str]) -> (TinyHub, Gate) {
+async fn gate_with_hub(handshake_ok: bool, args: &[&str]) -> (TinyHub, Hubgate) {
     let service = random_token();
     let hub = TinyHub::start(&service, handshake_ok).await;
-    let gate = Gate::builder()
-        .args(&["--hub-api-url", &hub.api_url()])
+    let gate = Hubgate::builder()
+        .metrics()
+        .args(["--hub-api-url", &hub.api_url()])
         .args(args)
         .env("JUPYTERHUB_API_TOKEN", &service)
         .start()
@@ -67,7 +68,7 @@ async fn gate_with_hub(handshake_ok: bool, args: &[&str]) -> (TinyHub, Gate) {
     (hub, gate)
 }
 
-fn assert_status(resp: &Resp, status: StatusCode, what: &str, gate: &Gate) {
+fn assert_status(resp: &Resp, status: StatusCode, what: &str, gate: &Hubgate) {
     assert_eq!(
         resp.status,
         status,
@@ -77,14 +78,14 @@ fn assert_status(resp: &Resp, status: StatusCode, what: &str, gate: &Gate) {
 }
 
 /// `GET /api/status` with the API token, as JSON.
-async fn status_report(gate: &Gate) -> Value {
+async fn status_report(gate: &Hubgate) -> Value {
     let resp = gate.api(Method::GET, "/api/status", "").await;
     assert_status(&resp, StatusCode::OK, "GET /api/status", gate);
     resp.json()
 }
 
 /// The `x-hubgate-version` header and the number of routes of `GET /api/routes`.
-async fn listing(gate: &Gate) -> (f64, f64) {
+async fn listing(gate: &Hubgate) -> (f64, f64) {
     let resp = gate.api(Method::GET, "/api/routes", "").await;
     assert_status(&resp, StatusCode::OK, "GET /api/routes", gate);
     let version = resp
@@ -126,15 +127,15 @@ fn now_secs() -> f64 {
 #[tokio::test]
 async fn a_proxied_request_counts_once_in_every_family_and_its_bytes_exactly() {
     let backend = Backend::echo().await;
-    let gate = Gate::start(&[]).await;
-    gate.add_route("/user/alice", user_route(&backend.url(""), "alice"))
+    let gate = start_with_metrics(&[]).await;
+    gate.add_route_data("/user/alice", user_route(&backend.url(""), "alice"))
         .await;
     let user = [("kind", "user")];
 
-    let before = gate.scrape().await;
-    let resp = gate.get("/user/alice/tree", &[]).await;
+    let before = scrape(&gate).await;
+    let resp = gate.get_with("/user/alice/tree", &[]).await;
     assert_status(&resp, StatusCode::OK, "GET /user/alice/tree", &gate);
-    let after = gate.scrape().await;
+    let after = scrape(&gate).await;
 
     let get_2xx = [("kind", "user"), ("method", "GET"), ("status_class", "2xx")];
     assert_delta(&before, &after, "hubgate_requests_total", &get_2xx, 1.0);
@@ -198,7 +199,7 @@ async fn a_proxied_request_counts_once_in_every_family_and_its_bytes_exactly() {
         json!(upload.len()),
         "the target did not get the whole upload"
     );
-    let after = gate.scrape().await;
+    let after = scrape(&gate).await;
     let post_2xx = [
         ("kind", "user"),
         ("method", "POST"),
@@ -233,11 +234,11 @@ async fn a_proxied_request_counts_once_in_every_family_and_its_bytes_exactly() {
 
 #[tokio::test]
 async fn a_request_no_route_matches_counts_as_kind_none_and_no_route() {
-    let gate = Gate::start(&[]).await;
-    let before = gate.scrape().await;
-    let resp = gate.get("/nowhere/at/all", &[]).await;
+    let gate = start_with_metrics(&[]).await;
+    let before = scrape(&gate).await;
+    let resp = gate.get_with("/nowhere/at/all", &[]).await;
     assert_status(&resp, StatusCode::NOT_FOUND, "GET without a route", &gate);
-    let after = gate.scrape().await;
+    let after = scrape(&gate).await;
 
     assert_delta(&before, &after, "hubgate_no_route_total", &[], 1.0);
     assert_delta(
@@ -266,25 +267,25 @@ async fn a_request_no_route_matches_counts_as_kind_none_and_no_route() {
 async fn failing_targets_count_by_cause_refused_and_timeout() {
     let down = dead_port();
     let silent = silent_backend().await;
-    let gate = Gate::start(&["--proxy-timeout", "500"]).await;
-    gate.add_route("/user/alice", user_route(&down.url(), "alice"))
+    let gate = start_with_metrics(&["--proxy-timeout", "500"]).await;
+    gate.add_route_data("/user/alice", user_route(&down.url(), "alice"))
         .await;
-    gate.add_route(
+    gate.add_route_data(
         "/user/bob",
         user_route(&format!("http://{}", silent.addr), "bob"),
     )
     .await;
     let get_5xx = [("kind", "user"), ("method", "GET"), ("status_class", "5xx")];
 
-    let before = gate.scrape().await;
-    let resp = gate.get("/user/alice/lab", &[]).await;
+    let before = scrape(&gate).await;
+    let resp = gate.get_with("/user/alice/lab", &[]).await;
     assert_status(
         &resp,
         StatusCode::SERVICE_UNAVAILABLE,
         "a refused target",
         &gate,
     );
-    let after = gate.scrape().await;
+    let after = scrape(&gate).await;
     assert_delta(
         &before,
         &after,
@@ -303,14 +304,14 @@ async fn failing_targets_count_by_cause_refused_and_timeout() {
     assert_delta(&before, &after, "requests_proxy", &[("status", "503")], 1.0);
 
     let before = after;
-    let resp = gate.get("/user/bob/lab", &[]).await;
+    let resp = gate.get_with("/user/bob/lab", &[]).await;
     assert_status(
         &resp,
         StatusCode::SERVICE_UNAVAILABLE,
         "a target slower than --proxy-timeout",
         &gate,
     );
-    let after = gate.scrape().await;
+    let after = scrape(&gate).await;
     assert_delta(
         &before,
         &after,
@@ -346,14 +347,14 @@ async fn failing_targets_count_by_cause_refused_and_timeout() {
 #[tokio::test]
 async fn a_websocket_counts_while_open_and_once_closed() {
     let peer = WsPeer::start().await;
-    let gate = Gate::start(&[]).await;
-    gate.add_route(
+    let gate = start_with_metrics(&[]).await;
+    gate.add_route_data(
         "/user/alice",
         user_route(&format!("http://{}", peer.addr), "alice"),
     )
     .await;
 
-    let before = gate.scrape().await;
+    let before = scrape(&gate).await;
     let url = format!("ws://{}/user/alice/api/kernels/k1/channels", gate.proxy);
     let (mut ws, _) = tokio::time::timeout(WAIT, connect_async(url.as_str()))
         .await
@@ -370,7 +371,7 @@ async fn a_websocket_counts_while_open_and_once_closed() {
     wait_for(WAIT, FAST_POLL, "one open websocket in the metrics", || {
         let gate = &gate;
         async move {
-            let active = gate.scrape().await.value("hubgate_active_websockets", &[]);
+            let active = scrape(gate).await.value("hubgate_active_websockets", &[]);
             if active == 1.0 {
                 Ok(())
             } else {
@@ -379,7 +380,7 @@ async fn a_websocket_counts_while_open_and_once_closed() {
         }
     })
     .await;
-    let open = gate.scrape().await;
+    let open = scrape(&gate).await;
     assert_eq!(
         open.value("hubgate_active_websockets", &[]),
         1.0,
@@ -417,7 +418,7 @@ async fn a_websocket_counts_while_open_and_once_closed() {
         let gate = &gate;
         let before = &before;
         async move {
-            let scrape = gate.scrape().await;
+            let scrape = scrape(gate).await;
             let active = scrape.value("hubgate_active_websockets", &[]);
             let closed = scrape.value("hubgate_websocket_duration_seconds_count", &[])
                 - before.value("hubgate_websocket_duration_seconds_count", &[]);
@@ -431,7 +432,7 @@ async fn a_websocket_counts_while_open_and_once_closed() {
         }
     })
     .await;
-    let after = gate.scrape().await;
+    let after = scrape(&gate).await;
     assert_delta(
         &before,
         &after,
@@ -448,10 +449,10 @@ async fn a_websocket_counts_while_open_and_once_closed() {
 #[tokio::test]
 async fn api_operations_count_by_operation_and_result_and_the_table_gauges_match_the_api() {
     let backend = Backend::echo().await;
-    let gate = Gate::start(&[]).await;
+    let gate = start_with_metrics(&[]).await;
     let op = |op: &'static str, result: &'static str| [("op", op), ("result", result)];
 
-    let s0 = gate.scrape().await;
+    let s0 = scrape(&gate).await;
     let resp = gate
         .api(
             Method::POST,
@@ -460,7 +461,7 @@ async fn api_operations_count_by_operation_and_result_and_the_table_gauges_match
         )
         .await;
     assert_status(&resp, StatusCode::CREATED, "POST a route", &gate);
-    let s1 = gate.scrape().await;
+    let s1 = scrape(&gate).await;
     assert_delta(&s0, &s1, "api_route_add", &[], 1.0);
     assert_delta(
         &s0,
@@ -479,7 +480,7 @@ async fn api_operations_count_by_operation_and_result_and_the_table_gauges_match
     );
 
     let (version, routes) = listing(&gate).await;
-    let s2 = gate.scrape().await;
+    let s2 = scrape(&gate).await;
     assert_delta(&s1, &s2, "api_route_get", &[], 1.0);
     assert_delta(
         &s1,
@@ -502,7 +503,7 @@ async fn api_operations_count_by_operation_and_result_and_the_table_gauges_match
 
     let resp = gate.api(Method::DELETE, "/api/routes/user/alice", "").await;
     assert_status(&resp, StatusCode::NO_CONTENT, "DELETE a route", &gate);
-    let s3 = gate.scrape().await;
+    let s3 = scrape(&gate).await;
     assert_delta(&s2, &s3, "api_route_delete", &[], 1.0);
     assert_delta(
         &s2,
@@ -517,7 +518,7 @@ async fn api_operations_count_by_operation_and_result_and_the_table_gauges_match
         .api(Method::POST, "/api/routes/user/bob", "{this is not json")
         .await;
     assert_status(&resp, StatusCode::BAD_REQUEST, "POST a bad body", &gate);
-    let s4 = gate.scrape().await;
+    let s4 = scrape(&gate).await;
     assert_delta(
         &s3,
         &s4,
@@ -544,7 +545,7 @@ async fn api_operations_count_by_operation_and_result_and_the_table_gauges_match
         .api(Method::POST, "/api/proxy", desired.to_string())
         .await;
     assert_status(&resp, StatusCode::OK, "POST /api/proxy (sync)", &gate);
-    let s5 = gate.scrape().await;
+    let s5 = scrape(&gate).await;
     assert_delta(
         &s4,
         &s5,
@@ -576,7 +577,7 @@ async fn api_operations_count_by_operation_and_result_and_the_table_gauges_match
 
     let (version, routes) = listing(&gate).await;
     assert_eq!(routes, 3.0, "the sync left exactly its three routes");
-    let s6 = gate.scrape().await;
+    let s6 = scrape(&gate).await;
     assert_eq!(
         s6.get("hubgate_routes", &[]),
         Some(routes),
@@ -599,20 +600,16 @@ async fn auth_decisions_cache_lookups_and_hub_calls_are_counted() {
     let (alice, bob) = (random_token(), random_token());
     hub.add_token(&alice, "alice");
     hub.add_token(&bob, "bob");
-    gate.add_route("/user/alice", user_route(&backend.url(""), "alice"))
+    gate.add_route_data("/user/alice", user_route(&backend.url(""), "alice"))
         .await;
     let outcome = |o: &'static str| [("outcome", o)];
     let cache = |r: &'static str| [("result", r)];
     let hub_user = |s: &'static str| [("endpoint", "user"), ("status", s)];
-    let as_alice = format!("token {alice}");
-    let as_bob = format!("token {bob}");
 
-    let s0 = gate.scrape().await;
-    let resp = gate
-        .get("/user/alice/tree", &[("authorization", &as_alice)])
-        .await;
+    let s0 = scrape(&gate).await;
+    let resp = gate.get_as("/user/alice/tree", &alice).await;
     assert_status(&resp, StatusCode::OK, "alice with her token", &gate);
-    let s1 = gate.scrape().await;
+    let s1 = scrape(&gate).await;
     assert_delta(
         &s0,
         &s1,
@@ -631,11 +628,9 @@ async fn auth_decisions_cache_lookups_and_hub_calls_are_counted() {
     );
     assert_eq!(hub.user_calls(), 1, "the hub saw one GET /user");
 
-    let resp = gate
-        .get("/user/alice/tree", &[("authorization", &as_alice)])
-        .await;
+    let resp = gate.get_as("/user/alice/tree", &alice).await;
     assert_status(&resp, StatusCode::OK, "alice again", &gate);
-    let s2 = gate.scrape().await;
+    let s2 = scrape(&gate).await;
     assert_delta(
         &s1,
         &s2,
@@ -654,11 +649,9 @@ async fn auth_decisions_cache_lookups_and_hub_calls_are_counted() {
     );
     assert_eq!(hub.user_calls(), 1, "a cache hit does not ask the hub");
 
-    let resp = gate
-        .get("/user/alice/tree", &[("authorization", &as_bob)])
-        .await;
+    let resp = gate.get_as("/user/alice/tree", &bob).await;
     assert_status(&resp, StatusCode::FORBIDDEN, "bob on alice's server", &gate);
-    let s3 = gate.scrape().await;
+    let s3 = scrape(&gate).await;
     assert_delta(
         &s2,
         &s3,
@@ -683,10 +676,10 @@ async fn auth_decisions_cache_lookups_and_hub_calls_are_counted() {
     );
 
     let resp = gate
-        .get("/user/alice/tree", &[("accept", "application/json")])
+        .get_with("/user/alice/tree", &[("accept", "application/json")])
         .await;
     assert_status(&resp, StatusCode::UNAUTHORIZED, "no credentials", &gate);
-    let s4 = gate.scrape().await;
+    let s4 = scrape(&gate).await;
     assert_delta(
         &s3,
         &s4,
@@ -708,19 +701,14 @@ async fn auth_decisions_cache_lookups_and_hub_calls_are_counted() {
     hub.stop();
     let carol = random_token();
     hub.add_token(&carol, "carol");
-    let resp = gate
-        .get(
-            "/user/alice/tree",
-            &[("authorization", &format!("token {carol}"))],
-        )
-        .await;
+    let resp = gate.get_as("/user/alice/tree", &carol).await;
     assert_status(
         &resp,
         StatusCode::SERVICE_UNAVAILABLE,
         "an uncached token while the hub is down",
         &gate,
     );
-    let s5 = gate.scrape().await;
+    let s5 = scrape(&gate).await;
     assert_delta(
         &s4,
         &s5,
@@ -756,8 +744,8 @@ async fn auth_decisions_cache_lookups_and_hub_calls_are_counted() {
 #[tokio::test]
 async fn process_and_build_metrics_are_exported() {
     let started = now_secs();
-    let gate = Gate::start(&[]).await;
-    let scrape = gate.scrape().await;
+    let gate = start_with_metrics(&[]).await;
+    let scrape = scrape(&gate).await;
     let scraped = now_secs();
 
     assert_eq!(
@@ -826,9 +814,9 @@ async fn no_user_name_path_token_or_cookie_reaches_a_label() {
     let peer = WsPeer::start().await;
     let (hub, gate) = gate_with_hub(true, &["--hub-login-cookie", "jupyterhub-hub-login"]).await;
     hub.add_token(TOKEN, USER);
-    gate.add_route(&format!("/user/{USER}"), user_route(&backend.url(""), USER))
+    gate.add_route_data(&format!("/user/{USER}"), user_route(&backend.url(""), USER))
         .await;
-    gate.add_route(
+    gate.add_route_data(
         &format!("/user/{USER}/ws-{PATH_PART}"),
         user_route(&format!("http://{}", peer.addr), USER),
     )
@@ -838,7 +826,7 @@ async fn no_user_name_path_token_or_cookie_reaches_a_label() {
     let auth = format!("token {TOKEN}");
     let cookies = format!("jupyterhub-hub-login={LOGIN_COOKIE}; other={OTHER_COOKIE}");
     let resp = gate
-        .get(&path, &[("authorization", &auth), ("cookie", &cookies)])
+        .get_with(&path, &[("authorization", &auth), ("cookie", &cookies)])
         .await;
     assert_status(
         &resp,
@@ -847,17 +835,17 @@ async fn no_user_name_path_token_or_cookie_reaches_a_label() {
         &gate,
     );
     let resp = gate
-        .get(&path, &[("authorization", &auth), ("cookie", &cookies)])
+        .get_with(&path, &[("authorization", &auth), ("cookie", &cookies)])
         .await;
     assert_status(&resp, StatusCode::OK, "the owner again (cached)", &gate);
     let resp = gate
-        .get(
+        .get_with(
             &format!("{path}?token={TOKEN}"),
             &[("accept", "application/json")],
         )
         .await;
     assert_status(&resp, StatusCode::UNAUTHORIZED, "a token in the URL", &gate);
-    let resp = gate.get(&path, &[("cookie", &cookies)]).await;
+    let resp = gate.get_with(&path, &[("cookie", &cookies)]).await;
     assert_status(
         &resp,
         StatusCode::UNAUTHORIZED,
@@ -874,7 +862,7 @@ async fn no_user_name_path_token_or_cookie_reaches_a_label() {
         .await;
     assert_status(&resp, StatusCode::OK, "an upload", &gate);
     let resp = gate
-        .get(&format!("/nothing/{USER}/{PATH_PART}?token={TOKEN}"), &[])
+        .get_with(&format!("/nothing/{USER}/{PATH_PART}?token={TOKEN}"), &[])
         .await;
     assert_status(&resp, StatusCode::NOT_FOUND, "no route", &gate);
 
@@ -912,7 +900,7 @@ async fn no_user_name_path_token_or_cookie_reaches_a_label() {
         &gate,
     );
 
-    let from_metrics = gate.scrape().await;
+    let from_metrics = scrape(&gate).await;
     let resp = gate.api(Method::GET, "/metrics", "").await;
     assert_status(&resp, StatusCode::OK, "GET /metrics on the API", &gate);
     let from_api = Scrape::parse(&resp.text());
@@ -959,7 +947,7 @@ async fn no_user_name_path_token_or_cookie_reaches_a_label() {
 
 #[tokio::test]
 async fn metrics_on_the_api_need_the_token_and_health_answers_on_both_ports() {
-    let gate = Gate::start(&[]).await;
+    let gate = start_with_metrics(&[]).await;
 
     let resp = gate.api_with(Method::GET, "/metrics", &[], "").await;
     assert_status(
@@ -1101,10 +1089,10 @@ async fn readiness_follows_the_hub_when_authentication_is_on() {
 #[tokio::test]
 async fn the_status_report_describes_hubgate_and_its_table() {
     let backend = Backend::echo().await;
-    let gate = Gate::start(&[]).await;
-    gate.add_route("/user/alice", user_route(&backend.url(""), "alice"))
+    let gate = start_with_metrics(&[]).await;
+    gate.add_route_data("/user/alice", user_route(&backend.url(""), "alice"))
         .await;
-    gate.add_route("/user/bob", user_route(&backend.url(""), "bob"))
+    gate.add_route_data("/user/bob", user_route(&backend.url(""), "bob"))
         .await;
 
     let resp = gate.api_with(Method::GET, "/api/status", &[], "").await;
@@ -1138,7 +1126,7 @@ async fn the_status_report_describes_hubgate_and_its_table() {
 
 #[tokio::test]
 async fn the_status_report_warns_when_the_api_is_open() {
-    let gate = Gate::builder().open_api().start().await;
+    let gate = Hubgate::builder().metrics().open_api().start().await;
     let resp = gate.api_with(Method::GET, "/api/status", &[], "").await;
     assert_status(&resp, StatusCode::OK, "/api/status on an open API", &gate);
     let report = resp.json();
@@ -1362,27 +1350,25 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
     let (hub, gate) = gate_with_hub(true, &[]).await;
     let alice = random_token();
     hub.add_token(&alice, "alice");
-    gate.add_route("/user/alice", user_route(&backend.url(""), "alice"))
+    gate.add_route_data("/user/alice", user_route(&backend.url(""), "alice"))
         .await;
-    gate.add_route("/open", json!({"target": backend.url("")}))
+    gate.add_route_data("/open", json!({"target": backend.url("")}))
         .await;
-    gate.add_route("/ws", json!({"target": format!("http://{}", peer.addr)}))
+    gate.add_route_data("/ws", json!({"target": format!("http://{}", peer.addr)}))
         .await;
-    gate.add_route("/down", json!({"target": down.url()})).await;
-    let as_alice = format!("token {alice}");
+    gate.add_route_data("/down", json!({"target": down.url()}))
+        .await;
     for _ in 0..2 {
-        let resp = gate
-            .get("/user/alice/tree", &[("authorization", &as_alice)])
-            .await;
+        let resp = gate.get_as("/user/alice/tree", &alice).await;
         assert_status(&resp, StatusCode::OK, "alice", &gate);
     }
-    let resp = gate.get("/user/alice/tree", &[]).await;
+    let resp = gate.get_with("/user/alice/tree", &[]).await;
     assert_status(&resp, StatusCode::UNAUTHORIZED, "no credentials", &gate);
     let resp = gate.request(Method::POST, "/open/x", &[], "body").await;
     assert_status(&resp, StatusCode::OK, "an open route", &gate);
-    let resp = gate.get("/nowhere", &[]).await;
+    let resp = gate.get_with("/nowhere", &[]).await;
     assert_status(&resp, StatusCode::NOT_FOUND, "no route", &gate);
-    let resp = gate.get("/down/x", &[]).await;
+    let resp = gate.get_with("/down/x", &[]).await;
     assert_status(
         &resp,
         StatusCode::SERVICE_UNAVAILABLE,
@@ -1408,7 +1394,7 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
     assert_status(&resp, StatusCode::OK, "a sync", &gate);
     let _ = gate.api(Method::GET, "/api/routes", "").await;
 
-    let scrape = gate.scrape().await;
+    let scrape = scrape(&gate).await;
     let missing: Vec<String> = used
         .iter()
         .filter(|(name, _)| {

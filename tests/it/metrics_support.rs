@@ -1,6 +1,6 @@
-//! What the metrics tests need beyond `support`: a Prometheus text-format parser, a hubgate
-//! started with a metrics listener (and, when asked, `JUPYTERHUB_API_TOKEN`), and a tiny hub
-//! whose `/proxy` handshake can fail and which can be stopped and started again on its port.
+//! What the metrics tests need beyond `support`: a Prometheus text-format parser, scraping a
+//! hubgate started with a metrics listener, and a tiny hub whose `/proxy` handshake can fail and
+//! which can be stopped and started again on its port.
 //!
 //! The shared fake hub (`fakehub`) always accepts the handshake and can only drop connections
 //! while "down", so the `/api/status` states `unregistered` and a hub that is really gone (a
@@ -10,27 +10,21 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     convert::Infallible,
     future::Future,
-    io::{BufRead, BufReader},
     net::SocketAddr,
-    process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
     },
-    thread,
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::{net::TcpSocket, task::JoinHandle};
 
-use crate::support::{
-    full, http_client, random_token, send, Body, HttpClient, Resp, STARTUP_TIMEOUT, WAIT,
-};
+use crate::support::{full, Body, Hubgate, WAIT};
 
 // ---------------------------------------------------------------------------------------------
 // The Prometheus text format
@@ -309,269 +303,27 @@ where
 // ---------------------------------------------------------------------------------------------
 // hubgate with a metrics listener
 
-/// How to start a [`Gate`].
-pub struct GateBuilder {
-    args: Vec<String>,
-    env: Vec<(String, String)>,
-    open_api: bool,
+/// Starts hubgate with a metrics listener (`Builder::metrics`), a token-protected API and these
+/// flags.
+pub async fn start_with_metrics(args: &[&str]) -> Hubgate {
+    Hubgate::builder().metrics().args(args).start().await
 }
 
-impl GateBuilder {
-    pub fn args(mut self, args: &[&str]) -> Self {
-        self.args.extend(args.iter().map(|a| (*a).to_owned()));
-        self
-    }
-
-    pub fn env(mut self, name: &str, value: &str) -> Self {
-        self.env.push((name.to_owned(), value.to_owned()));
-        self
-    }
-
-    /// No `CONFIGPROXY_AUTH_TOKEN`: the API is open.
-    pub fn open_api(mut self) -> Self {
-        self.open_api = true;
-        self
-    }
-
-    /// Starts hubgate on `127.0.0.1:0` (public, API and metrics listeners) and waits until it
-    /// logged all three addresses.
-    pub async fn start(self) -> Gate {
-        let token = (!self.open_api).then(random_token);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hubgate"));
-        cmd.args([
-            "--ip",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--api-ip",
-            "127.0.0.1",
-            "--api-port",
-            "0",
-            "--metrics-ip",
-            "127.0.0.1",
-            "--metrics-port",
-            "0",
-        ])
-        .args(&self.args);
-        for name in [
-            "CONFIGPROXY_AUTH_TOKEN",
-            "JUPYTERHUB_API_TOKEN",
-            "JUPYTERHUB_API_URL",
-            "JUPYTERHUB_CLIENT_ID",
-            "JUPYTERHUB_OAUTH_CALLBACK_URL",
-            "HUBGATE_SESSION_SECRETS",
-            "HUBGATE_CONFIG",
-            "HUBGATE_STORAGE_PATH",
-            "HUBGATE_LOG_FORMAT",
-            "RUST_LOG",
-        ] {
-            cmd.env_remove(name);
-        }
-        if let Some(token) = &token {
-            cmd.env("CONFIGPROXY_AUTH_TOKEN", token);
-        }
-        for (name, value) in &self.env {
-            cmd.env(name, value);
-        }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn hubgate");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let sink = log.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        let (proxy, api, metrics) = loop {
-            let text = log.lock().unwrap().clone();
-            if let (Some(proxy), Some(api), Some(metrics)) = (
-                listen_addr(&text, "proxy"),
-                listen_addr(&text, "api"),
-                listen_addr(&text, "metrics"),
-            ) {
-                break (proxy, api, metrics);
-            }
-            if let Some(status) = child.try_wait().expect("poll hubgate") {
-                panic!(
-                    "hubgate {:?} exited with {status} before listening:\n{text}",
-                    self.args
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "hubgate {:?} did not log its three listening addresses within \
-                 {STARTUP_TIMEOUT:?}:\n{text}",
-                self.args
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        };
-        Gate {
-            child,
-            log,
-            proxy,
-            api,
-            metrics,
-            token,
-            client: http_client(),
-        }
-    }
-}
-
-/// A hubgate process with a metrics listener; killed on drop.
-pub struct Gate {
-    child: Child,
-    log: Arc<Mutex<String>>,
-    pub proxy: SocketAddr,
-    pub api: SocketAddr,
-    pub metrics: SocketAddr,
-    token: Option<String>,
-    pub client: HttpClient,
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Gate {
-    pub fn builder() -> GateBuilder {
-        GateBuilder {
-            args: Vec::new(),
-            env: Vec::new(),
-            open_api: false,
-        }
-    }
-
-    /// Starts with a token-protected API and these flags.
-    pub async fn start(args: &[&str]) -> Gate {
-        Gate::builder().args(args).start().await
-    }
-
-    pub fn logs(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// `GET path` on the metrics listener, without credentials.
-    pub async fn metrics_get(&self, path: &str) -> Resp {
-        let req = Request::builder()
-            .uri(format!("http://{}{path}", self.metrics))
-            .body(full(Bytes::new()))
-            .unwrap();
-        send(&self.client, req).await
-    }
-
-    /// `GET /metrics` on the metrics listener, parsed.
-    pub async fn scrape(&self) -> Scrape {
-        let resp = self.metrics_get("/metrics").await;
-        assert_eq!(
-            resp.status,
-            StatusCode::OK,
-            "GET /metrics on the metrics listener: {resp:?}\nhubgate stderr:\n{}",
-            self.logs()
-        );
-        assert!(
-            resp.content_type().starts_with("text/plain"),
-            "/metrics content type {:?}",
-            resp.content_type()
-        );
-        Scrape::parse(&resp.text())
-    }
-
-    /// A request to the API with exactly these headers (no token added).
-    pub async fn api_with(
-        &self,
-        method: Method,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: impl Into<Bytes>,
-    ) -> Resp {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(format!("http://{}{path}", self.api));
-        for (name, value) in headers {
-            req = req.header(*name, *value);
-        }
-        send(&self.client, req.body(full(body)).unwrap()).await
-    }
-
-    /// A request to the API with the API token, when there is one.
-    pub async fn api(&self, method: Method, path: &str, body: impl Into<Bytes>) -> Resp {
-        match &self.token {
-            Some(token) => {
-                let auth = format!("token {token}");
-                self.api_with(method, path, &[("authorization", &auth)], body)
-                    .await
-            }
-            None => self.api_with(method, path, &[], body).await,
-        }
-    }
-
-    /// `POST /api/routes<path>` with `data`, asserting 201.
-    pub async fn add_route(&self, path: &str, data: Value) {
-        let resp = self
-            .api(
-                Method::POST,
-                &format!("/api/routes{path}"),
-                data.to_string(),
-            )
-            .await;
-        assert_eq!(
-            resp.status,
-            StatusCode::CREATED,
-            "adding route {path} with {data}: {resp:?}\nhubgate stderr:\n{}",
-            self.logs()
-        );
-    }
-
-    /// A request to the public address with these headers and body.
-    pub async fn request(
-        &self,
-        method: Method,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: impl Into<Bytes>,
-    ) -> Resp {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(format!("http://{}{path}", self.proxy));
-        for (name, value) in headers {
-            req = req.header(*name, *value);
-        }
-        send(&self.client, req.body(full(body)).unwrap()).await
-    }
-
-    /// `GET path` on the public address with these headers.
-    pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Resp {
-        self.request(Method::GET, path, headers, Bytes::new()).await
-    }
-}
-
-/// The address of a `listening listener=<which> addr=<ip:port>` log line.
-fn listen_addr(log: &str, which: &str) -> Option<SocketAddr> {
-    let plain = format!("listener={which}");
-    let quoted = format!("listener=\"{which}\"");
-    log.lines()
-        .filter(|line| line.contains("listening"))
-        .filter(|line| {
-            line.split_whitespace()
-                .any(|word| word == plain || word == quoted)
-        })
-        .find_map(|line| {
-            line.split_whitespace()
-                .find_map(|word| word.strip_prefix("addr="))
-                .and_then(|addr| addr.trim_matches('"').parse().ok())
-        })
+/// `GET /metrics` on the metrics listener, parsed.
+pub async fn scrape(gate: &Hubgate) -> Scrape {
+    let resp = gate.metrics_get("/metrics").await;
+    assert_eq!(
+        resp.status,
+        StatusCode::OK,
+        "GET /metrics on the metrics listener: {resp:?}\nhubgate stderr:\n{}",
+        gate.logs()
+    );
+    assert!(
+        resp.content_type().starts_with("text/plain"),
+        "/metrics content type {:?}",
+        resp.content_type()
+    );
+    Scrape::parse(&resp.text())
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,14 +1,22 @@
 //! The harness: start hubgate as a child process, in-process backends, and HTTP helpers.
 //!
 //! Nothing here knows hubgate's internals: hubgate is found through `CARGO_BIN_EXE_hubgate`, its
-//! addresses are read from the `listening listener=... addr=...` lines it logs to stderr, and
-//! everything else goes over TCP.
+//! addresses are read from the `listening listener=... addr=...` lines it logs to stderr (plain or
+//! JSON), and everything else goes over TCP, signals and the environment.
+//!
+//! Every test starts hubgate with `Hubgate::start(flags)` or `Hubgate::builder()`: the builder
+//! sets the environment (`env`; nothing hubgate reads is inherited), a metrics listener
+//! (`metrics`), a file store (`file_store`), the test's own listeners (`without_listen_args`),
+//! and `spawn` hands over a process that is not listening yet (Unix sockets). The process lives
+//! until the value is dropped, so a test can signal it, wait for its exit status, and start
+//! another on the same data.
 
 use std::{
     convert::Infallible,
     future::Future,
     io::{BufRead, BufReader, Read},
     net::SocketAddr,
+    path::Path,
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -92,6 +100,49 @@ where
     }
 }
 
+/// Read a whole response; an error (or `WAIT` passing) is the error's debug text.
+pub async fn collect<F, E>(response: F) -> Result<Resp, String>
+where
+    F: Future<Output = Result<Response<Incoming>, E>>,
+    E: std::fmt::Debug,
+{
+    let exchange = async {
+        let resp = response.await.map_err(|e| format!("{e:?}"))?;
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e:?}"))?
+            .to_bytes();
+        Ok(Resp {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    };
+    tokio::time::timeout(WAIT, exchange)
+        .await
+        .unwrap_or_else(|_| Err(format!("no response within {WAIT:?}")))
+}
+
+/// Asserts that `resp` is hubgate's JSON error for `status` (`{"status": N, "message": "..."}`)
+/// and returns the message.
+#[track_caller]
+pub fn assert_json_error(resp: &Resp, status: StatusCode, what: &str) -> String {
+    assert_eq!(resp.status, status, "{what}: {resp:?}");
+    assert!(
+        resp.content_type().starts_with("application/json"),
+        "{what}: content type {:?}",
+        resp.content_type()
+    );
+    let body = resp.json();
+    assert_eq!(body["status"], status.as_u16(), "{what}: {body}");
+    body["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: no string message in {body}"))
+        .to_owned()
+}
+
 /// A response read completely.
 #[derive(Debug)]
 pub struct Resp {
@@ -116,19 +167,41 @@ impl Resp {
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
             .unwrap_or_default()
     }
+
+    /// The route table version an API answer carries in `x-hubgate-version`.
+    pub fn table_version(&self) -> u64 {
+        let value = self
+            .headers
+            .get(TABLE_VERSION)
+            .unwrap_or_else(|| panic!("no {TABLE_VERSION} header: {self:?}"));
+        value
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{TABLE_VERSION} is not an integer: {value:?}"))
+    }
 }
+
+/// The header in which the API reports the route table's version.
+const TABLE_VERSION: &str = "x-hubgate-version";
 
 /// Send `req` and read the whole response, failing the test after `WAIT`.
 pub async fn send(client: &HttpClient, req: Request<Body>) -> Resp {
+    send_within(client, req, WAIT).await
+}
+
+/// Send `req` and read the whole response, failing the test when either the response or its
+/// body takes longer than `wait`.
+pub async fn send_within(client: &HttpClient, req: Request<Body>, wait: Duration) -> Resp {
     let what = format!("{} {}", req.method(), req.uri());
-    let resp = tokio::time::timeout(WAIT, client.request(req))
+    let resp = tokio::time::timeout(wait, client.request(req))
         .await
-        .unwrap_or_else(|_| panic!("{what}: no response within {WAIT:?}"))
+        .unwrap_or_else(|_| panic!("{what}: no response within {wait:?}"))
         .unwrap_or_else(|e| panic!("{what}: request failed: {e:?}"));
     let (parts, body) = resp.into_parts();
-    let body = tokio::time::timeout(WAIT, body.collect())
+    let body = tokio::time::timeout(wait, body.collect())
         .await
-        .unwrap_or_else(|_| panic!("{what}: body not complete within {WAIT:?}"))
+        .unwrap_or_else(|_| panic!("{what}: body not complete within {wait:?}"))
         .unwrap_or_else(|e| panic!("{what}: reading body failed: {e:?}"))
         .to_bytes();
     Resp {
@@ -138,20 +211,36 @@ pub async fn send(client: &HttpClient, req: Request<Body>) -> Resp {
     }
 }
 
-/// How to start hubgate. `Hubgate::builder()` gives a token-protected API and no extra flags.
+/// Variables hubgate reads besides these two: every name with one of these prefixes.
+const HUBGATE_ENV_PREFIXES: [&str; 2] = ["HUBGATE_", "JUPYTERHUB_"];
+const HUBGATE_ENV: [&str; 2] = ["CONFIGPROXY_AUTH_TOKEN", "RUST_LOG"];
+
+/// Whether hubgate reads the environment variable `name` (so a child must not inherit it).
+fn read_by_hubgate(name: &str) -> bool {
+    HUBGATE_ENV.contains(&name) || HUBGATE_ENV_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// How to start hubgate. `Hubgate::builder()` gives a token-protected API on `127.0.0.1:0`, no
+/// extra flags, and an environment without any variable hubgate reads (a test run from inside
+/// a JupyterHub session must not hand hubgate that session's `JUPYTERHUB_*`): a test sets what
+/// it needs with `env`.
 pub struct Builder {
     args: Vec<String>,
     token: Option<String>,
+    /// Set in this order, after the token.
+    env: Vec<(String, String)>,
     listen_args: bool,
+    metrics: bool,
 }
 
 impl Builder {
     pub fn args<I, S>(mut self, args: I) -> Self
     where
         I: IntoIterator<Item = S>,
-        S: Into<String>,
+        S: AsRef<str>,
     {
-        self.args.extend(args.into_iter().map(Into::into));
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
         self
     }
 
@@ -165,6 +254,28 @@ impl Builder {
     pub fn token(mut self, token: &str) -> Self {
         self.token = Some(token.to_owned());
         self
+    }
+
+    /// Set `name` to `value` in hubgate's environment (`JUPYTERHUB_API_TOKEN`,
+    /// `HUBGATE_SESSION_SECRETS`, ...). The API token is `token`'s business.
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Also serve metrics: add `--metrics-ip 127.0.0.1 --metrics-port 0` (unless
+    /// `without_listen_args`), wait for the `metrics` listener too, and report it in
+    /// `Hubgate::metrics`.
+    pub fn metrics(mut self) -> Self {
+        self.metrics = true;
+        self
+    }
+
+    /// Keep the routes in the file store in `dir` (`--storage-backend file --storage-path DIR`),
+    /// so that a hubgate started later on the same `dir` finds them.
+    pub fn file_store(self, dir: &Path) -> Self {
+        let dir = dir.display().to_string();
+        self.args(["--storage-backend", "file", "--storage-path", &dir])
     }
 
     /// Do not add `--ip 127.0.0.1 --port 0 --api-ip 127.0.0.1 --api-port 0`: the test's own
@@ -187,22 +298,31 @@ impl Builder {
                 "--api-port",
                 "0",
             ]);
+            if self.metrics {
+                cmd.args(["--metrics-ip", "127.0.0.1", "--metrics-port", "0"]);
+            }
         }
         cmd.args(&self.args)
-            .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        match &self.token {
-            Some(token) => cmd.env("CONFIGPROXY_AUTH_TOKEN", token),
-            None => cmd.env_remove("CONFIGPROXY_AUTH_TOKEN"),
-        };
+        for (name, _) in std::env::vars_os() {
+            if name.to_str().is_some_and(read_by_hubgate) {
+                cmd.env_remove(name);
+            }
+        }
+        if let Some(token) = &self.token {
+            cmd.env("CONFIGPROXY_AUTH_TOKEN", token);
+        }
+        for (name, value) in &self.env {
+            cmd.env(name, value);
+        }
         cmd
     }
 
     /// Run hubgate expecting it to exit on its own (configuration errors, `--version`).
     pub async fn run_to_exit(self) -> Output {
-        let mut child = Process::spawn(self.command());
+        let mut child = self.spawn();
         let deadline = Instant::now() + WAIT;
         let status = loop {
             if let Some(status) = child.try_wait() {
@@ -212,8 +332,8 @@ impl Builder {
                 Instant::now() < deadline,
                 "hubgate {:?} did not exit within {WAIT:?} (is this flag implemented now? \
                  then this test needs updating); stderr:\n{}",
-                self.args,
-                child.stderr()
+                child.args,
+                child.logs()
             );
             tokio::time::sleep(POLL).await;
         };
@@ -225,62 +345,60 @@ impl Builder {
         }
     }
 
-    /// Start hubgate and wait until it logged both listening addresses.
+    /// Start hubgate and wait until it logged the addresses of its proxy and API listeners (and
+    /// metrics listener, with `metrics`), which must be on TCP.
     pub async fn start(self) -> Hubgate {
-        let mut child = Process::spawn(self.command());
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        let (proxy, api) = loop {
-            let text = child.stderr();
-            if let (Some(proxy), Some(api)) =
-                (listen_addr(&text, "proxy"), listen_addr(&text, "api"))
-            {
-                break (proxy, api);
-            }
-            if let Some(status) = child.try_wait() {
-                let (_, stderr) = child.finish_output();
-                panic!(
-                    "hubgate {:?} exited with {status} before listening; stderr:\n{}",
-                    self.args,
-                    String::from_utf8_lossy(&stderr)
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "hubgate {:?} did not log both listening addresses within {STARTUP_TIMEOUT:?}; \
-                 stderr so far:\n{text}",
-                self.args
-            );
-            tokio::time::sleep(POLL).await;
+        let metrics = self.metrics;
+        let mut process = self.spawn();
+        let proxy = process.tcp_listener("proxy").await;
+        let api = process.tcp_listener("api").await;
+        let metrics = if metrics {
+            Some(process.tcp_listener("metrics").await)
+        } else {
+            None
         };
         Hubgate {
-            child,
+            process,
             proxy,
             api,
-            token: self.token.filter(|t| !t.is_empty()),
+            metrics,
             client: http_client(),
         }
     }
+
+    /// Start hubgate without waiting for anything: for listeners that are not on TCP
+    /// (`--socket`), found with `Spawned::listening`.
+    pub fn spawn(self) -> Spawned {
+        let cmd = self.command();
+        Spawned::spawn(cmd, self.args, self.token.filter(|t| !t.is_empty()))
+    }
 }
 
-/// A child process whose stdout and stderr are drained by threads into buffers, so it never
-/// blocks on a full pipe; killed and reaped on drop.
-struct Process {
+/// A hubgate child process, listening yet or not. Its stdout and stderr are drained by threads
+/// into buffers, so it never blocks on a full pipe; it is killed and reaped on drop, and lives
+/// until then: signals, exit statuses and restarts on the same data are the test's to make.
+pub struct Spawned {
     child: Child,
+    /// The test's own arguments, for messages.
+    args: Vec<String>,
+    token: Option<String>,
     stdout: Arc<Mutex<Vec<u8>>>,
     stderr: Arc<Mutex<Vec<u8>>>,
     drains: Vec<thread::JoinHandle<()>>,
 }
 
-impl Process {
-    fn spawn(mut cmd: Command) -> Process {
+impl Spawned {
+    fn spawn(mut cmd: Command, args: Vec<String>, token: Option<String>) -> Spawned {
         let mut child = cmd.spawn().expect("spawn hubgate");
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let out = child.stdout.take().expect("stdout is piped");
         let err = child.stderr.take().expect("stderr is piped");
         let drains = vec![drain(out, stdout.clone()), drain(err, stderr.clone())];
-        Process {
+        Spawned {
             child,
+            args,
+            token,
             stdout,
             stderr,
             drains,
@@ -291,11 +409,88 @@ impl Process {
         self.child.try_wait().expect("poll hubgate")
     }
 
-    fn stderr(&self) -> String {
+    /// The API token, when the API is protected.
+    pub fn token(&self) -> &str {
+        self.token.as_deref().expect("this hubgate has an open API")
+    }
+
+    /// Everything hubgate wrote to stderr so far.
+    pub fn logs(&self) -> String {
         String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
     }
 
-    /// After exit: wait for both pipes to close, then take what they carried.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.try_wait().is_none()
+    }
+
+    /// The address listener `which` (`proxy`, `api`, `metrics`) logged, `IP:PORT` or
+    /// `unix:PATH`, waiting for it at most `STARTUP_TIMEOUT`.
+    pub async fn listening(&mut self, which: &str) -> String {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            let logs = self.logs();
+            if let Some(addr) = listen_addr(&logs, which) {
+                return addr;
+            }
+            if let Some(status) = self.try_wait() {
+                let (_, stderr) = self.finish_output();
+                panic!(
+                    "hubgate {:?} exited with {status} before listener {which} was up; \
+                     stderr:\n{}",
+                    self.args,
+                    String::from_utf8_lossy(&stderr)
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hubgate {:?} did not log listener {which} within {STARTUP_TIMEOUT:?}; \
+                 stderr so far:\n{logs}",
+                self.args
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn tcp_listener(&mut self, which: &str) -> SocketAddr {
+        let addr = self.listening(which).await;
+        addr.parse()
+            .unwrap_or_else(|_| panic!("listener {which} is not on TCP: {addr}"))
+    }
+
+    /// Send signal `name` (`TERM`, `HUP`, `KILL`, ...).
+    pub fn signal(&self, name: &str) {
+        send_signal(self.pid(), name);
+    }
+
+    /// Wait (at most `WAIT`) for the process to exit; its logs are complete then.
+    pub async fn exit_status(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.try_wait() {
+                self.finish_output();
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hubgate {:?} did not exit within {WAIT:?}; stderr:\n{}",
+                self.args,
+                self.logs()
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Send signal `name` and wait (at most `WAIT`) for the process to exit.
+    pub async fn stop(&mut self, name: &str) -> ExitStatus {
+        self.signal(name);
+        self.exit_status().await
+    }
+
+    /// After exit: wait for both pipes to close, then take stdout and a copy of stderr.
     fn finish_output(&mut self) -> (Vec<u8>, Vec<u8>) {
         for drain in self.drains.drain(..) {
             let _ = drain.join();
@@ -307,11 +502,20 @@ impl Process {
     }
 }
 
-impl Drop for Process {
+impl Drop for Spawned {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `kill -s <name> <pid>`: this crate forbids `unsafe`, so no libc.
+pub fn send_signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args(["-s", name, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -s {name} {pid} failed");
 }
 
 /// Copy `reader` line by line into `buffer` until EOF, on a thread of its own.
@@ -332,29 +536,37 @@ fn drain<R: Read + Send + 'static>(
     })
 }
 
-/// The address of a `listening listener=<which> addr=<ip:port>` log line.
-fn listen_addr(log: &str, which: &str) -> Option<SocketAddr> {
-    let listener = format!("listener={which}");
+/// The `addr` of the `listening` line of listener `which`, in the plain or the JSON log format.
+fn listen_addr(log: &str, which: &str) -> Option<String> {
+    let plain = format!("listener={which}");
     let quoted = format!("listener=\"{which}\"");
     log.lines()
         .filter(|line| line.contains("listening"))
-        .filter(|line| {
-            line.split_whitespace()
-                .any(|word| word == listener || word == quoted)
-        })
         .find_map(|line| {
-            line.split_whitespace()
-                .find_map(|word| word.strip_prefix("addr="))
-                .and_then(|addr| addr.trim_matches('"').parse().ok())
+            if let Ok(doc) = serde_json::from_str::<Value>(line) {
+                let fields = &doc["fields"];
+                return (fields["message"] == "listening" && fields["listener"] == which)
+                    .then(|| fields["addr"].as_str().map(str::to_owned))
+                    .flatten();
+            }
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if !words.iter().any(|w| *w == plain || *w == quoted) {
+                return None;
+            }
+            words
+                .iter()
+                .find_map(|w| w.strip_prefix("addr="))
+                .map(|a| a.trim_matches('"').to_owned())
         })
 }
 
 /// A running hubgate process, killed on drop.
 pub struct Hubgate {
-    child: Process,
+    process: Spawned,
     pub proxy: SocketAddr,
     pub api: SocketAddr,
-    token: Option<String>,
+    /// The metrics listener, when started with `Builder::metrics`.
+    pub metrics: Option<SocketAddr>,
     pub client: HttpClient,
 }
 
@@ -363,31 +575,48 @@ impl Hubgate {
         Builder {
             args: Vec::new(),
             token: Some(random_token()),
+            env: Vec::new(),
             listen_args: true,
+            metrics: false,
         }
     }
 
     /// Start with a token-protected API and these extra flags.
     pub async fn start(args: &[&str]) -> Hubgate {
-        Hubgate::builder().args(args.iter().copied()).start().await
+        Hubgate::builder().args(args).start().await
     }
 
     /// The API token, when the API is protected.
     pub fn token(&self) -> &str {
-        self.token.as_deref().expect("this hubgate has an open API")
+        self.process.token()
     }
 
     /// Everything hubgate wrote to stderr so far.
     pub fn logs(&self) -> String {
-        self.child.stderr()
+        self.process.logs()
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.child.id()
+        self.process.pid()
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child.try_wait().is_none()
+        self.process.is_running()
+    }
+
+    /// Send signal `name` (`TERM`, `HUP`, `KILL`, ...).
+    pub fn signal(&self, name: &str) {
+        self.process.signal(name);
+    }
+
+    /// Wait (at most `WAIT`) for the process to exit; its logs are complete then.
+    pub async fn exit_status(&mut self) -> ExitStatus {
+        self.process.exit_status().await
+    }
+
+    /// Send signal `name` and wait (at most `WAIT`) for the process to exit.
+    pub async fn stop(&mut self, name: &str) -> ExitStatus {
+        self.process.stop(name).await
     }
 
     /// Resident set size of the hubgate process, in bytes.
@@ -418,11 +647,49 @@ impl Hubgate {
         self.proxy_send(req).await
     }
 
+    /// `GET path` on the public address with exactly these headers.
+    pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Resp {
+        self.request(Method::GET, path, headers, Bytes::new()).await
+    }
+
+    /// `GET path` on the public address as the holder of `token`: `Authorization: token <token>`
+    /// and no other header.
+    pub async fn get_as(&self, path: &str, token: &str) -> Resp {
+        let auth = format!("token {token}");
+        self.get_with(path, &[("authorization", &auth)]).await
+    }
+
+    /// A request to the public address with exactly these headers.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Resp {
+        let req = with_headers(self.proxy_request(method, path), headers);
+        self.proxy_send(req.body(full(body)).unwrap()).await
+    }
+
+    /// A URL on the metrics listener (see `Builder::metrics`).
+    pub fn metrics_url(&self, path: &str) -> String {
+        let addr = self
+            .metrics
+            .expect("this hubgate was started without Builder::metrics");
+        format!("http://{addr}{path}")
+    }
+
+    /// `GET path` on the metrics listener, without credentials.
+    pub async fn metrics_get(&self, path: &str) -> Resp {
+        let req = Request::get(self.metrics_url(path)).body(empty()).unwrap();
+        send(&self.client, req).await
+    }
+
     /// A request to the API with the right token (when there is one) and no other headers.
     pub async fn api(&self, method: Method, path: &str, body: impl Into<Bytes>) -> Resp {
         let mut headers = Vec::new();
         let auth;
-        if let Some(token) = &self.token {
+        if let Some(token) = &self.process.token {
             auth = format!("token {token}");
             headers.push(("authorization", auth.as_str()));
         }
@@ -437,10 +704,8 @@ impl Hubgate {
         headers: &[(&str, &str)],
         body: impl Into<Bytes>,
     ) -> Resp {
-        let mut req = Request::builder().method(method).uri(self.api_url(path));
-        for (name, value) in headers {
-            req = req.header(*name, *value);
-        }
+        let req = Request::builder().method(method).uri(self.api_url(path));
+        let req = with_headers(req, headers);
         send(&self.client, req.body(full(body)).unwrap()).await
     }
 
@@ -475,6 +740,13 @@ impl Hubgate {
         self.add_route_data(path, json!({ "target": target })).await;
     }
 
+    /// The route table version `GET /api/routes` reports.
+    pub async fn table_version(&self) -> u64 {
+        let resp = self.api_get("/api/routes").await;
+        assert_eq!(resp.status, StatusCode::OK, "GET /api/routes: {resp:?}");
+        resp.table_version()
+    }
+
     /// The whole routing table from `GET /api/routes`.
     pub async fn routes(&self) -> serde_json::Map<String, Value> {
         let resp = self.api_get("/api/routes").await;
@@ -503,6 +775,36 @@ impl Hubgate {
             panic!("last_activity {stamp:?} of {key} is not YYYY-MM-DDTHH:MM:SS.mmmZ")
         })
     }
+}
+
+fn with_headers(
+    mut req: http::request::Builder,
+    headers: &[(&str, &str)],
+) -> http::request::Builder {
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    req
+}
+
+/// A route listing without `last_activity`: what was posted.
+pub fn posted(table: &serde_json::Map<String, Value>) -> serde_json::Map<String, Value> {
+    table
+        .iter()
+        .map(|(k, v)| {
+            let mut v = v.clone();
+            if let Value::Object(o) = &mut v {
+                o.remove("last_activity");
+            }
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+/// The wall clock, which hubgate shares, in milliseconds since the epoch.
+pub fn now_millis() -> i64 {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    i64::try_from(since.as_millis()).unwrap()
 }
 
 /// Resident set size of process `pid`, in bytes, from `/proc/<pid>/status`.

@@ -8,7 +8,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -17,11 +17,11 @@ use serde_json::{json, Map, Value};
 use tokio::task::JoinHandle;
 
 use crate::support::{
-    empty, eventually, full, parse_timestamp, Backend, HttpClient, Hubgate, Resp, WAIT,
+    assert_json_error, empty, eventually, full, now_millis, parse_timestamp, posted, send_within,
+    Backend, HttpClient, Hubgate, Resp, WAIT,
 };
 
 const PAGINATION: &str = "application/jupyterhub-pagination+json";
-const VERSION: &str = "x-hubgate-version";
 const TARGET: &str = "http://127.0.0.1:9";
 const OTHER: &str = "http://127.0.0.1:10";
 
@@ -29,44 +29,11 @@ const OTHER: &str = "http://127.0.0.1:10";
 pub(crate) const BIG_WAIT: Duration = Duration::from_secs(300);
 const BIG: usize = 100_000;
 
-fn version_of(resp: &Resp) -> u64 {
-    let value = resp
-        .headers
-        .get(VERSION)
-        .unwrap_or_else(|| panic!("no {VERSION} header: {resp:?}"));
-    value
-        .to_str()
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{VERSION} is not an integer: {value:?}"))
-}
-
-/// The version `GET /api/routes` reports.
-async fn version(hg: &Hubgate) -> u64 {
-    let resp = hg.api_get("/api/routes").await;
-    assert_eq!(resp.status, StatusCode::OK, "{resp:?}");
-    version_of(&resp)
-}
-
 fn object(resp: &Resp) -> Map<String, Value> {
     match resp.json() {
         Value::Object(map) => map,
         other => panic!("expected a JSON object, got {other}"),
     }
-}
-
-/// A route listing without `last_activity`: what was posted.
-fn posted(table: &Map<String, Value>) -> Map<String, Value> {
-    table
-        .iter()
-        .map(|(k, v)| {
-            let mut v = v.clone();
-            if let Value::Object(o) = &mut v {
-                o.remove("last_activity");
-            }
-            (k.clone(), v)
-        })
-        .collect()
 }
 
 fn keys(map: &Map<String, Value>) -> Vec<String> {
@@ -106,22 +73,7 @@ pub(crate) async fn big_api(hg: &Hubgate, method: Method, path: &str, body: Stri
         .header("authorization", format!("token {}", hg.token()))
         .body(full(body))
         .unwrap();
-    let what = format!("{} {path}", req.method());
-    let resp = tokio::time::timeout(BIG_WAIT, hg.client.request(req))
-        .await
-        .unwrap_or_else(|_| panic!("{what}: no response within {BIG_WAIT:?}"))
-        .unwrap_or_else(|e| panic!("{what}: request failed: {e:?}"));
-    let (parts, body) = resp.into_parts();
-    let body = tokio::time::timeout(BIG_WAIT, http_body_util::BodyExt::collect(body))
-        .await
-        .unwrap_or_else(|_| panic!("{what}: body not complete within {BIG_WAIT:?}"))
-        .unwrap_or_else(|e| panic!("{what}: reading body failed: {e:?}"))
-        .to_bytes();
-    Resp {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
+    send_within(&hg.client, req, BIG_WAIT).await
 }
 
 /// `{"/user/u<i>": {"target": target}}` for every `i` that `keep` accepts, plus `extra`, as
@@ -177,17 +129,7 @@ fn assert_summary(resp: &Resp, what: &str, counts: [u64; 4], version: u64, dry_r
 
 /// A 400 with hubgate's JSON error body whose message mentions `named` (when given).
 fn assert_bad_request(resp: &Resp, what: &str, named: Option<&str>) {
-    assert_eq!(resp.status, StatusCode::BAD_REQUEST, "{what}: {resp:?}");
-    assert!(
-        resp.content_type().starts_with("application/json"),
-        "{what}: content type {:?}",
-        resp.content_type()
-    );
-    let body = resp.json();
-    assert_eq!(body["status"], 400, "{what}: {body}");
-    let message = body["message"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{what}: no string message in {body}"));
+    let message = assert_json_error(resp, StatusCode::BAD_REQUEST, what);
     assert!(!message.is_empty(), "{what}: empty message");
     if let Some(named) = named {
         assert!(
@@ -195,11 +137,6 @@ fn assert_bad_request(resp: &Resp, what: &str, named: Option<&str>) {
             "{what}: message {message:?} does not name {named:?}"
         );
     }
-}
-
-fn now_millis() -> i64 {
-    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    i64::try_from(since.as_millis()).unwrap()
 }
 
 fn last_activity(table: &Map<String, Value>, key: &str) -> i64 {
@@ -255,7 +192,11 @@ async fn get_proxy_lists_the_whole_table_with_its_version() {
     let resp = hg.api_get("/api/proxy").await;
     assert_eq!(resp.status, StatusCode::OK, "{resp:?}");
     assert_eq!(resp.json(), json!({}));
-    assert_eq!(version_of(&resp), 0, "an empty table starts at version 0");
+    assert_eq!(
+        resp.table_version(),
+        0,
+        "an empty table starts at version 0"
+    );
 
     hg.add_route_data("/b", json!({"target": TARGET, "user": "bob", "n": 2}))
         .await;
@@ -270,7 +211,7 @@ async fn get_proxy_lists_the_whole_table_with_its_version() {
         "content type {:?}",
         resp.content_type()
     );
-    assert_eq!(version_of(&resp), 3, "three adds are three versions");
+    assert_eq!(resp.table_version(), 3, "three adds are three versions");
     let table = object(&resp);
     assert_eq!(keys(&table), ["/a", "/b", "/c/d"], "sorted by key");
     assert_eq!(
@@ -307,7 +248,7 @@ async fn offset_and_limit_page_the_sorted_table() {
     ] {
         let resp = hg.api_get(&format!("/api/proxy?{query}")).await;
         assert_eq!(resp.status, StatusCode::OK, "{query}: {resp:?}");
-        assert_eq!(version_of(&resp), 5, "{query}");
+        assert_eq!(resp.table_version(), 5, "{query}");
         let page = object(&resp);
         assert_eq!(keys(&page), want, "{query}");
         for (key, route) in &page {
@@ -326,7 +267,7 @@ async fn the_pagination_media_type_wraps_pages() {
     let resp = get_wrapped(&hg, "/api/proxy").await;
     assert_eq!(resp.status, StatusCode::OK, "{resp:?}");
     assert!(resp.content_type().starts_with("application/json"));
-    assert_eq!(version_of(&resp), 3);
+    assert_eq!(resp.table_version(), 3);
     let body = resp.json();
     assert_eq!(body["version"], 3, "{body}");
     assert_eq!(
@@ -424,7 +365,7 @@ async fn since_lists_only_changes_after_a_version() {
     hg.add_route("/a", TARGET).await;
     hg.add_route("/b", TARGET).await;
     hg.add_route("/gone", TARGET).await;
-    let v3 = version(&hg).await;
+    let v3 = hg.table_version().await;
     assert_eq!(v3, 3);
 
     hg.add_route("/c", TARGET).await;
@@ -440,13 +381,13 @@ async fn since_lists_only_changes_after_a_version() {
         StatusCode::NO_CONTENT
     );
     hg.add_route("/gone", OTHER).await;
-    let v8 = version(&hg).await;
+    let v8 = hg.table_version().await;
     assert_eq!(v8, 8);
 
     for endpoint in ["/api/routes", "/api/proxy"] {
         let resp = hg.api_get(&format!("{endpoint}?since={v3}")).await;
         assert_eq!(resp.status, StatusCode::OK, "{endpoint}: {resp:?}");
-        assert_eq!(version_of(&resp), v8, "{endpoint}");
+        assert_eq!(resp.table_version(), v8, "{endpoint}");
         let changes = object(&resp);
         let mut got = keys(&changes);
         got.sort();
@@ -514,7 +455,7 @@ async fn sync_makes_the_table_equal_to_the_body() {
         .await;
     hg.add_route("/dropped", TARGET).await;
     let before = hg.routes().await;
-    let v0 = version(&hg).await;
+    let v0 = hg.table_version().await;
     let newest = before
         .keys()
         .map(|k| last_activity(&before, k))
@@ -532,12 +473,16 @@ async fn sync_makes_the_table_equal_to_the_body() {
     let dry = post_proxy(&hg, "?dry_run=true", &desired).await;
     assert_summary(&dry, "dry run", [1, 2, 1, 1], v0, true);
     assert_eq!(hg.routes().await, before, "a dry run changed the table");
-    assert_eq!(version(&hg).await, v0, "a dry run changed the version");
+    assert_eq!(
+        hg.table_version().await,
+        v0,
+        "a dry run changed the version"
+    );
 
     let resp = post_proxy(&hg, "", &desired).await;
     assert_summary(&resp, "sync", [1, 2, 1, 1], v0 + 1, false);
     assert_eq!(
-        version_of(&resp),
+        resp.table_version(),
         v0 + 1,
         "version header of the sync answer"
     );
@@ -547,7 +492,7 @@ async fn sync_makes_the_table_equal_to_the_body() {
         desired,
         "the table is not the synced body"
     );
-    assert_eq!(version(&hg).await, v0 + 1, "a sync is one version");
+    assert_eq!(hg.table_version().await, v0 + 1, "a sync is one version");
     for key in ["/same", "/more-data"] {
         assert_eq!(
             after[key]["last_activity"], before[key]["last_activity"],
@@ -572,7 +517,7 @@ async fn sync_refuses_bad_input_and_changes_nothing() {
     hg.add_route_data("/keep", json!({"target": TARGET, "user": "k"}))
         .await;
     let before = hg.routes().await;
-    let v0 = version(&hg).await;
+    let v0 = hg.table_version().await;
     let good = json!({"target": OTHER});
 
     let cases: Vec<(&str, String, Option<&str>)> = vec![
@@ -630,7 +575,7 @@ async fn sync_refuses_bad_input_and_changes_nothing() {
             "sync with {what} changed the table"
         );
         assert_eq!(
-            version(&hg).await,
+            hg.table_version().await,
             v0,
             "sync with {what} changed the version"
         );
@@ -676,7 +621,7 @@ async fn patch_applies_adds_and_removes_as_one_version() {
     hg.add_route("/a", TARGET).await;
     hg.add_route("/b", TARGET).await;
     hg.add_route("/c", TARGET).await;
-    let v0 = version(&hg).await;
+    let v0 = hg.table_version().await;
 
     let resp = patch_proxy(
         &hg,
@@ -691,8 +636,8 @@ async fn patch_applies_adds_and_removes_as_one_version() {
     )
     .await;
     assert_summary(&resp, "batch", [2, 1, 2, 0], v0 + 1, false);
-    assert_eq!(version_of(&resp), v0 + 1);
-    assert_eq!(version(&hg).await, v0 + 1, "a batch is one version");
+    assert_eq!(resp.table_version(), v0 + 1);
+    assert_eq!(hg.table_version().await, v0 + 1, "a batch is one version");
     assert_eq!(
         Value::Object(posted(&hg.routes().await)),
         json!({
@@ -718,7 +663,7 @@ async fn patch_with_any_bad_entry_applies_nothing() {
     hg.add_route("/keep", TARGET).await;
     hg.add_route("/other", TARGET).await;
     let before = hg.routes().await;
-    let v0 = version(&hg).await;
+    let v0 = hg.table_version().await;
 
     let cases: Vec<(&str, Value, Option<&str>)> = vec![
         (
@@ -777,7 +722,7 @@ async fn patch_with_any_bad_entry_applies_nothing() {
             "batch with {what} changed the table"
         );
         assert_eq!(
-            version(&hg).await,
+            hg.table_version().await,
             v0,
             "batch with {what} changed the version"
         );
@@ -789,11 +734,11 @@ async fn removing_absent_paths_changes_no_version() {
     let hg = Hubgate::start(&[]).await;
     hg.add_route("/a", TARGET).await;
     let before = hg.routes().await;
-    let v0 = version(&hg).await;
+    let v0 = hg.table_version().await;
     let resp = patch_proxy(&hg, &json!({"remove": ["/nope", "/a/b", "/nada/"]})).await;
     assert_summary(&resp, "removing absent paths", [0, 0, 0, 0], v0, false);
-    assert_eq!(version_of(&resp), v0);
-    assert_eq!(version(&hg).await, v0);
+    assert_eq!(resp.table_version(), v0);
+    assert_eq!(hg.table_version().await, v0);
     assert_eq!(hg.routes().await, before);
     let resp = patch_proxy(&hg, &json!({})).await;
     assert_summary(&resp, "an empty batch", [0, 0, 0, 0], v0, false);
@@ -802,27 +747,27 @@ async fn removing_absent_paths_changes_no_version() {
 #[tokio::test]
 async fn every_change_is_one_version_and_no_op_is_none() {
     let hg = Hubgate::start(&[]).await;
-    let mut v = version(&hg).await;
+    let mut v = hg.table_version().await;
     assert_eq!(v, 0);
 
     hg.add_route("/a", TARGET).await;
     v += 1;
-    assert_eq!(version(&hg).await, v, "POST /api/routes/a");
+    assert_eq!(hg.table_version().await, v, "POST /api/routes/a");
     hg.add_route("/b", TARGET).await;
     v += 1;
-    assert_eq!(version(&hg).await, v, "POST /api/routes/b");
+    assert_eq!(hg.table_version().await, v, "POST /api/routes/b");
 
     assert_eq!(
         hg.api_delete("/api/routes/b").await.status,
         StatusCode::NO_CONTENT
     );
     v += 1;
-    assert_eq!(version(&hg).await, v, "DELETE /api/routes/b");
+    assert_eq!(hg.table_version().await, v, "DELETE /api/routes/b");
     assert_eq!(
         hg.api_delete("/api/routes/b").await.status,
         StatusCode::NOT_FOUND
     );
-    assert_eq!(version(&hg).await, v, "DELETE of an absent route");
+    assert_eq!(hg.table_version().await, v, "DELETE of an absent route");
 
     let desired = json!({
         "/a": {"target": OTHER},
@@ -833,13 +778,13 @@ async fn every_change_is_one_version_and_no_op_is_none() {
     let resp = post_proxy(&hg, "", &desired).await;
     v += 1;
     assert_summary(&resp, "sync of four changes", [3, 1, 0, 0], v, false);
-    assert_eq!(version(&hg).await, v, "a sync of four changes");
+    assert_eq!(hg.table_version().await, v, "a sync of four changes");
     let resp = post_proxy(&hg, "", &desired).await;
     assert_summary(&resp, "sync of nothing new", [0, 0, 0, 4], v, false);
-    assert_eq!(version(&hg).await, v, "a sync with nothing to do");
+    assert_eq!(hg.table_version().await, v, "a sync with nothing to do");
     let resp = post_proxy(&hg, "?dry_run=true", &json!({})).await;
     assert_summary(&resp, "dry run", [0, 0, 4, 0], v, true);
-    assert_eq!(version(&hg).await, v, "a dry run");
+    assert_eq!(hg.table_version().await, v, "a dry run");
 
     let resp = patch_proxy(
         &hg,
@@ -849,10 +794,10 @@ async fn every_change_is_one_version_and_no_op_is_none() {
     .await;
     v += 1;
     assert_summary(&resp, "batch of four changes", [2, 0, 2, 0], v, false);
-    assert_eq!(version(&hg).await, v, "a batch of four changes");
+    assert_eq!(hg.table_version().await, v, "a batch of four changes");
     let resp = patch_proxy(&hg, &json!({"remove": ["/c", "/d"]})).await;
     assert_summary(&resp, "batch of absent removals", [0, 0, 0, 0], v, false);
-    assert_eq!(version(&hg).await, v, "a batch that removes nothing");
+    assert_eq!(hg.table_version().await, v, "a batch that removes nothing");
 
     // Refused requests are not changes either.
     let resp = post_proxy(&hg, "", &json!({"/x": {"target": "nope"}})).await;
@@ -861,8 +806,8 @@ async fn every_change_is_one_version_and_no_op_is_none() {
         .api_post("/api/routes/x", &json!({"target": "nope"}).to_string())
         .await;
     assert_eq!(resp.status, StatusCode::BAD_REQUEST);
-    assert_eq!(version(&hg).await, v, "refused changes");
-    let proxy_version = version_of(&hg.api_get("/api/proxy").await);
+    assert_eq!(hg.table_version().await, v, "refused changes");
+    let proxy_version = hg.api_get("/api/proxy").await.table_version();
     assert_eq!(
         proxy_version, v,
         "GET /api/proxy and GET /api/routes disagree"

@@ -9,11 +9,11 @@ use http::{header, Request, StatusCode};
 use serde_json::Value;
 
 use crate::certs::{
-    client_config, collect, echo_versioned, h1, h2, peer_cert, replace_file, tls_connect, tls_get,
-    Ca, ClientOptions, Leaf, TlsTarget, H2_AND_HTTP1, SERVER_NAME,
+    client_config, echo_versioned, h1, h2, peer_cert, replace_file, tls_connect, tls_get, Ca,
+    ClientOptions, Leaf, TlsTarget, H2_AND_HTTP1, SERVER_NAME,
 };
-use crate::lifecycle::{free_port, raw_exchange, send_signal};
-use crate::support::{eventually, full, serve, Hubgate, Server, WAIT};
+use crate::lifecycle::{free_port, raw_exchange};
+use crate::support::{collect, eventually, full, serve, Hubgate, Server, WAIT};
 
 /// Exit code for a bad configuration (`EX_USAGE`).
 const EX_USAGE: i32 = 64;
@@ -205,6 +205,18 @@ impl MutualTarget {
             target: TlsTarget::start(config).await,
         }
     }
+
+    /// hubgate's flags for reaching the target: its client certificate and the target's CA.
+    fn client_args(&self) -> [&str; 6] {
+        [
+            "--client-ssl-key",
+            path_str(&self.client_key),
+            "--client-ssl-cert",
+            path_str(&self.client_cert),
+            "--client-ssl-ca",
+            path_str(&self.server_ca_file),
+        ]
+    }
 }
 
 #[tokio::test]
@@ -212,15 +224,7 @@ async fn https_target_requiring_a_client_certificate_is_reached_only_with_one() 
     let dir = tempfile::tempdir().unwrap();
     let mt = MutualTarget::start(dir.path()).await;
 
-    let with_cert = Hubgate::start(&[
-        "--client-ssl-key",
-        path_str(&mt.client_key),
-        "--client-ssl-cert",
-        path_str(&mt.client_cert),
-        "--client-ssl-ca",
-        path_str(&mt.server_ca_file),
-    ])
-    .await;
+    let with_cert = Hubgate::start(&mt.client_args()).await;
     with_cert.add_route("/t", &mt.target.url()).await;
     let resp = with_cert.get("/t/inside?x=1").await;
     assert_eq!(
@@ -248,15 +252,7 @@ async fn https_target_with_a_certificate_from_another_ca_is_503_and_logged() {
     ))
     .await;
 
-    let hg = Hubgate::start(&[
-        "--client-ssl-key",
-        path_str(&mt.client_key),
-        "--client-ssl-cert",
-        path_str(&mt.client_cert),
-        "--client-ssl-ca",
-        path_str(&mt.server_ca_file),
-    ])
-    .await;
+    let hg = Hubgate::start(&mt.client_args()).await;
     hg.add_route("/t", &impostor.url()).await;
     let resp = hg.get("/t/x").await;
     assert_eq!(resp.status, StatusCode::SERVICE_UNAVAILABLE, "{resp:?}");
@@ -326,7 +322,7 @@ async fn reload_keeps_open_connections(trigger: Trigger) {
     replace_file(&https.cert, &second.cert_pem);
     replace_file(&https.key, &second.key_pem);
     if let Trigger::Sighup = trigger {
-        send_signal(hg.pid(), "HUP");
+        hg.signal("HUP");
     }
     eventually(
         WAIT,
@@ -414,7 +410,7 @@ async fn a_broken_replacement_is_refused_and_the_old_certificate_stays() {
         let before = refusals(&hg.logs());
         replace_file(&https.cert, &cert);
         replace_file(&https.key, &key);
-        send_signal(hg.pid(), "HUP");
+        hg.signal("HUP");
         eventually(WAIT, &format!("a log line refusing the {what}"), || {
             let n = refusals(&hg.logs());
             async move { n > before }
