@@ -32,8 +32,10 @@ const GROUP_MAX: usize = 256;
 /// How often `last_activity` is saved to a store that keeps it.
 const ACTIVITY_FLUSH: Duration = Duration::from_secs(5);
 
-/// How many times a group is computed again after other replicas wrote first.
-const CONFLICT_ATTEMPTS: usize = 8;
+/// How long a group is computed again and again while other replicas keep writing first. A
+/// count would not do: one attempt (catching up, then writing) takes longer on a busy machine,
+/// and eight were used up in a tenth of a second with three replicas writing.
+const CONFLICT_BUDGET: Duration = Duration::from_secs(5);
 
 /// How long the writer waits for the store's events to bring it up to the store's version
 /// before it reloads the whole table instead.
@@ -366,10 +368,22 @@ impl Writer {
         let (ops, replies): (Vec<Op>, Vec<_>) =
             commands.into_iter().map(|c| (c.op, c.reply)).unzip();
         let mut outcome = Err(ControlError::Contention);
-        for _ in 0..CONFLICT_ATTEMPTS {
+        let deadline = tokio::time::Instant::now() + CONFLICT_BUDGET;
+        let mut conflicts = 0usize;
+        while tokio::time::Instant::now() < deadline {
             let (next, batches, answers) = self.prepare(&ops);
             let written = if batches.is_empty() {
-                Ok(())
+                // Nothing to write (removing an absent route, an unchanged sync, a dry run):
+                // the answer was computed on this replica's table, so with a shared store make
+                // sure no other replica changed it meanwhile: a route added through another
+                // replica a moment ago must not be answered 404 here.
+                match self.store.current_version().await {
+                    Ok(Some(current)) if current != next.version() => {
+                        Err(StoreError::Conflict { current })
+                    }
+                    // Unreachable: answer from this replica's table, which is what it serves.
+                    _ => Ok(()),
+                }
             } else {
                 let started = std::time::Instant::now();
                 let written = self.store.write(batches).await;
@@ -394,7 +408,9 @@ impl Writer {
                         local = self.table.load().version(),
                         "another replica wrote first; catching up"
                     );
+                    conflicts += 1;
                     self.catch_up(current).await;
+                    self.apply_received_events().await;
                     continue;
                 }
                 Err(e @ StoreError::Indeterminate(_)) => {
@@ -417,7 +433,8 @@ impl Writer {
             Err(e) => {
                 if matches!(e, ControlError::Contention) {
                     tracing::warn!(
-                        "gave up a write after {CONFLICT_ATTEMPTS} conflicts with other replicas"
+                        conflicts,
+                        "gave up a write: other replicas kept writing first"
                     );
                 }
                 for reply in replies {
@@ -489,6 +506,21 @@ impl Writer {
         }
         if self.table.load().version() != current {
             self.resync().await;
+        }
+    }
+
+    /// Applies the store's events that have already arrived, without waiting for more: a group
+    /// computed again after a conflict starts from the freshest table this replica can have.
+    async fn apply_received_events(&mut self) {
+        loop {
+            let event = match &mut self.events {
+                Some(events) => events.try_recv().ok(),
+                None => None,
+            };
+            match event {
+                Some(event) => self.on_event(event).await,
+                None => return,
+            }
         }
     }
 

@@ -130,6 +130,12 @@ pub trait Store: Send + Sync + 'static {
     /// Reads the whole stored table.
     fn load(&self) -> BoxFuture<'_, Result<Loaded, StoreError>>;
 
+    /// The table version in a shared store, to check that this replica is up to date;
+    /// `None` for a store only this process writes.
+    fn current_version(&self) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
+        Box::pin(async { Ok(None) })
+    }
+
     /// Whether a failed [`Store::load`] at start should be retried (the store is a service that
     /// may come up later) rather than end the start.
     fn retries_load(&self) -> bool {

@@ -217,7 +217,14 @@ impl Shared {
             .get_multiplexed_async_connection_with_config(&Self::config())
             .await
         {
-            Ok(c) => {
+            Ok(mut c) => {
+                // A server that wants a password it was not given accepts the connection and
+                // refuses every command: find out with one plain command, so the reason is
+                // NOAUTH (a MULTI refused that way makes the redis crate's connection task panic).
+                if let Err(e) = redis::cmd("PING").query_async::<()>(&mut c).await {
+                    self.down(&e);
+                    return Err(StoreError::Unavailable(describe(&e)));
+                }
                 *lock(&self.conn) = Some(c.clone());
                 Ok(c)
             }
@@ -237,6 +244,9 @@ impl Shared {
 
     fn down(&self, e: &RedisError) {
         let why = describe(e);
+        // The command connection most likely broke too (the log reader notices first): the next
+        // command connects afresh rather than failing once on the dead one.
+        *lock(&self.conn) = None;
         if self.reachable.swap(false, Ordering::Relaxed) {
             tracing::warn!(error = %why, "route store redis is unreachable");
         }
@@ -351,6 +361,19 @@ impl Store for RedisStore {
                 version: version.unwrap_or(0),
                 trusted: synced,
             })
+        })
+    }
+
+    fn current_version(&self) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
+        Box::pin(async move {
+            let key = &self.shared.keys.version;
+            let version: Option<u64> = self
+                .shared
+                .run(false, |mut c| async move {
+                    redis::cmd("GET").arg(key).query_async(&mut c).await
+                })
+                .await?;
+            Ok(Some(version.unwrap_or(0)))
         })
     }
 

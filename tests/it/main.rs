@@ -30,6 +30,7 @@ mod limits;
 mod metrics;
 mod metrics_support;
 mod proxy;
+mod redis;
 mod streaming;
 mod sync;
 mod tls;
