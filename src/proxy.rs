@@ -158,10 +158,17 @@ pub enum ProxyError {
     BadPath(#[from] path::PathError),
     #[error("bad Host header")]
     BadHost,
-    #[error("target failed ({})", .0.as_str())]
-    Upstream(FailureCause),
+    /// The cause, and the error chain that says what happened.
+    #[error("target failed ({}): {}", .0.as_str(), .1)]
+    Upstream(FailureCause, String),
     #[error("target did not answer within the proxy timeout")]
     UpstreamTimeout,
+    /// The forwarded request failed because its own body did (malformed chunks, or the client
+    /// went away in the middle): the client's fault, not the target's.
+    #[error("the request body could not be read: {0}")]
+    ClientBody(String),
+    #[error("target answered 101 Switching Protocols to a request that asked for no upgrade")]
+    UnaskedSwitch,
 }
 
 impl ProxyError {
@@ -169,10 +176,13 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::BadPath(_) | ProxyError::BadHost => StatusCode::BAD_REQUEST,
-            ProxyError::Upstream(_) | ProxyError::UpstreamTimeout | ProxyError::NotLoaded => {
-                StatusCode::SERVICE_UNAVAILABLE
+            ProxyError::BadPath(_) | ProxyError::BadHost | ProxyError::ClientBody(_) => {
+                StatusCode::BAD_REQUEST
             }
+            ProxyError::Upstream(..)
+            | ProxyError::UpstreamTimeout
+            | ProxyError::UnaskedSwitch
+            | ProxyError::NotLoaded => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -304,7 +314,7 @@ impl Proxy {
                     ProxyError::NoRoute | ProxyError::NotLoaded => {
                         tracing::debug!(%method, status = status.as_u16(), error = %err, "no route")
                     }
-                    ProxyError::BadPath(_) | ProxyError::BadHost => {
+                    ProxyError::BadPath(_) | ProxyError::BadHost | ProxyError::ClientBody(_) => {
                         tracing::info!(%method, status = status.as_u16(), error = %err, "bad request")
                     }
                     _ => tracing::error!(
@@ -314,10 +324,13 @@ impl Proxy {
                         "proxy error"
                     ),
                 }
-                if let ProxyError::Upstream(cause) = &err {
-                    metrics::get().upstream_error(*cause);
-                } else if let ProxyError::UpstreamTimeout = &err {
-                    metrics::get().upstream_error(FailureCause::Timeout);
+                match &err {
+                    ProxyError::Upstream(cause, _) => metrics::get().upstream_error(*cause),
+                    ProxyError::UpstreamTimeout => {
+                        metrics::get().upstream_error(FailureCause::Timeout)
+                    }
+                    ProxyError::UnaskedSwitch => metrics::get().upstream_error(FailureCause::Other),
+                    _ => {}
                 }
                 if websocket {
                     // A websocket client gets the bare status, as CHP sends it.
@@ -336,6 +349,11 @@ impl Proxy {
         trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let path = RequestPath::parse(req.uri().path())?;
+        // RFC 9112 §3.2: more than one Host is a 400. Forwarding them all would let hubgate route
+        // (and authenticate) by one while the target acts on another.
+        if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+            return Err(ProxyError::BadHost);
+        }
         let host = request_host(&req);
         let lookup_started = Instant::now();
         let route = {
@@ -438,7 +456,15 @@ impl Proxy {
         parts.uri = uri;
         parts.version = Version::HTTP_11;
         let counter = metrics::get().request_bytes(route.kind());
-        let body = ActivityBody::new(body, Some(route.clone()), Some(counter)).boxed();
+        let client_failed: Arc<std::sync::OnceLock<String>> = Arc::default();
+        let noted = client_failed.clone();
+        let body = Watched::new(
+            ActivityBody::new(body, Some(route.clone()), Some(counter)),
+            move |e: &hyper::Error| {
+                let _ = noted.set(e.to_string());
+            },
+        )
+        .boxed();
         let upstream_req = Request::from_parts(parts, body);
 
         tracing::debug!(route = %route.key(), target = ?route.target(), "forwarding");
@@ -451,9 +477,16 @@ impl Proxy {
             None => sent.await,
         };
         trace.upstream = Some(upstream_started.elapsed());
-        let mut resp = result.map_err(|e| ProxyError::Upstream(FailureCause::of(&e)))?;
+        let mut resp = result.map_err(|e| match client_failed.get() {
+            Some(why) => ProxyError::ClientBody(why.clone()),
+            None => ProxyError::Upstream(FailureCause::of(&e), error_chain(&e)),
+        })?;
 
         let status = resp.status();
+        if status == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_none() {
+            // Passing it on would switch a client that asked for nothing; the target is broken.
+            return Err(ProxyError::UnaskedSwitch);
+        }
         if status.as_u16() < 300 {
             route.touch();
         }
@@ -478,11 +511,22 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers, false);
         let counter = metrics::get().response_bytes(route.kind());
-        let counted = (status.as_u16() < 300).then_some(route);
-        Ok(Response::from_parts(
-            parts,
-            ActivityBody::new(body, counted, Some(counter)).boxed(),
-        ))
+        let counted = (status.as_u16() < 300).then_some(route.clone());
+        let body = Watched::new(
+            ActivityBody::new(body, counted, Some(counter)),
+            move |e: &hyper::Error| {
+                let cause = FailureCause::of(e);
+                metrics::get().upstream_error(cause);
+                tracing::error!(
+                    route = %route.key(),
+                    status = status.as_u16(),
+                    cause = %cause.as_str(),
+                    error = %error_chain(e),
+                    "target failed in the middle of a response; the client's response is cut short"
+                );
+            },
+        );
+        Ok(Response::from_parts(parts, body.boxed()))
     }
 
     /// The page for an error hubgate answers itself, from wherever the configuration says.
@@ -623,6 +667,69 @@ where
             }
             if let (Some(bytes), Some(data)) = (this.bytes, frame.data_ref()) {
                 bytes.inc_by(data.remaining() as u64);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An error and its sources, `: `-separated: what a log line needs to say why.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+pin_project! {
+    /// A body that reports its first failure to `on_error`: the client's request body (a
+    /// forwarded request that fails because of it is the client's fault) or the target's
+    /// response body (a response cut in the middle is logged and counted).
+    struct Watched<B, F> {
+        #[pin]
+        inner: B,
+        on_error: Option<F>,
+    }
+}
+
+impl<B, F> Watched<B, F> {
+    fn new(inner: B, on_error: F) -> Self {
+        Watched {
+            inner,
+            on_error: Some(on_error),
+        }
+    }
+}
+
+impl<B, F> Body for Watched<B, F>
+where
+    B: Body<Error = hyper::Error>,
+    F: FnOnce(&hyper::Error),
+{
+    type Data = B::Data;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Err(e))) = &polled {
+            if let Some(on_error) = this.on_error.take() {
+                on_error(e);
             }
         }
         polled
@@ -885,5 +992,20 @@ mod tests {
         assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.1");
         append_forwarded(&mut h, X_FORWARDED_FOR, "10.0.0.1");
         assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.1,10.0.0.1");
+    }
+
+    #[test]
+    fn error_chains_name_every_source() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("client error (SendRequest)")]
+        struct Outer(#[source] io::Error);
+        let err = Outer(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "invalid HTTP status-code parsed",
+        ));
+        assert_eq!(
+            error_chain(&err),
+            "client error (SendRequest): invalid HTTP status-code parsed"
+        );
     }
 }

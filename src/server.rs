@@ -402,6 +402,13 @@ impl<T> IdleIo<T> {
             Poll::Pending => match deadline.as_mut().poll(cx) {
                 Poll::Ready(()) => {
                     crate::metrics::get().client_timeouts.inc();
+                    if !self.fresh {
+                        // A client (or a target answering it) that stalled mid-conversation is
+                        // worth a line; a connection that never sent a byte is routine.
+                        tracing::info!(
+                            "closing a client connection that moved no byte for --timeout"
+                        );
+                    }
                     // Disarm, so the timeout is counted (and reported) once per connection.
                     self.deadline = None;
                     Poll::Ready(Err(io::Error::new(

@@ -84,6 +84,14 @@ impl FileStore {
             .read(true)
             .append(true)
             .open(dir.join(LOG))?;
+        // Anything else (a symlink to /dev/full or /dev/zero, a FIFO) would be read forever at
+        // load, or take writes that are not kept.
+        if !file.metadata()?.is_file() {
+            return Err(StoreError::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a regular file", dir.join(LOG).display()),
+            )));
+        }
         Ok(FileStore(Arc::new(Shared {
             dir: dir.to_owned(),
             log_existed,

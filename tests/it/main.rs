@@ -10,15 +10,19 @@
 //! - `cli`: command-line parsing, version, and configuration errors.
 //! - `websocket`: websocket upgrades through the proxy.
 //! - `streaming`: large and incremental bodies pass through without buffering.
+//! - `abuse`: hostile clients: smuggling, bad headers, size limits, HTTP/2 resets, floods.
+//! - `faults`: failing targets, hub and route store, and recovery once the fault is gone.
 
 mod support;
 
+mod abuse;
 mod api;
 mod auth;
 mod certs;
 mod cli;
 mod durability;
 mod fakehub;
+mod faults;
 mod handshake;
 mod jhub;
 mod jupyterhub;
