@@ -111,6 +111,20 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[1], '*', 'kind', 'reload', 'v', 
 return 1
 ";
 
+/// The whole table, its version, whether the hub synced it, and the log's last entry id.
+const LOAD: &str = r"
+local last = redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', 1)
+local position = '0-0'
+if #last > 0 then position = last[1][1] end
+return {
+  redis.call('GET', KEYS[1]) or '',
+  redis.call('HGETALL', KEYS[2]),
+  redis.call('HGETALL', KEYS[3]),
+  redis.call('EXISTS', KEYS[4]),
+  position,
+}
+";
+
 struct Keys {
     routes: String,
     activity: String,
@@ -147,6 +161,7 @@ struct Shared {
     commit: Script,
     activity: Script,
     refill: Script,
+    load: Script,
 }
 
 /// Routes in Redis, shared by every replica with the same URL and prefix.
@@ -189,6 +204,7 @@ impl RedisStore {
             commit: Script::new(COMMIT),
             activity: Script::new(ACTIVITY),
             refill: Script::new(REFILL),
+            load: Script::new(LOAD),
         });
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(read_log(shared.clone(), tx));
@@ -305,36 +321,35 @@ impl Store for RedisStore {
         Box::pin(async move {
             let k = &self.shared.keys;
             type Reply = (
-                Option<u64>,
+                String,
                 HashMap<String, String>,
                 HashMap<String, i64>,
                 bool,
-                Vec<(String, HashMap<String, String>)>,
+                String,
             );
-            // One MULTI, so the table, its version and the log position agree.
-            let (version, routes, activity, synced, last): Reply = self
+            // One script, so the table, its version and the log position agree. (Not MULTI:
+            // redis 1.8's connection task panics when a server refuses the MULTI itself.)
+            let (version, routes, activity, synced, position): Reply = self
                 .shared
                 .run(false, |mut c| async move {
-                    redis::pipe()
-                        .atomic()
-                        .cmd("GET")
-                        .arg(&k.version)
-                        .cmd("HGETALL")
-                        .arg(&k.routes)
-                        .cmd("HGETALL")
-                        .arg(&k.activity)
-                        .cmd("EXISTS")
-                        .arg(&k.synced)
-                        .cmd("XREVRANGE")
-                        .arg(&k.log)
-                        .arg("+")
-                        .arg("-")
-                        .arg("COUNT")
-                        .arg(1)
-                        .query_async(&mut c)
+                    self.shared
+                        .load
+                        .key(&k.version)
+                        .key(&k.routes)
+                        .key(&k.activity)
+                        .key(&k.synced)
+                        .key(&k.log)
+                        .invoke_async(&mut c)
                         .await
                 })
                 .await?;
+            let version = if version.is_empty() {
+                0
+            } else {
+                version.parse::<u64>().map_err(|_| {
+                    StoreError::Corrupt(format!("{} is not a version: {version:?}", k.version))
+                })?
+            };
             let mut stored = Vec::with_capacity(routes.len());
             for (key, data) in routes {
                 match serde_json::from_str::<Map<String, Value>>(&data) {
@@ -348,17 +363,13 @@ impl Store for RedisStore {
                     }
                 }
             }
-            let position = last
-                .into_iter()
-                .next()
-                .map_or_else(|| "0-0".to_owned(), |(id, _)| id);
             let first = lock(&self.shared.start).replace(position).is_none();
             if first {
                 self.shared.loaded.notify_one();
             }
             Ok(Loaded {
                 routes: stored,
-                version: version.unwrap_or(0),
+                version,
                 trusted: synced,
             })
         })
