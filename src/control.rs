@@ -409,6 +409,7 @@ impl Writer {
                         "another replica wrote first; catching up"
                     );
                     conflicts += 1;
+                    crate::metrics::get().store_conflicts.inc();
                     self.catch_up(current).await;
                     self.apply_received_events().await;
                     continue;
@@ -526,6 +527,17 @@ impl Writer {
 
     async fn on_event(&mut self, event: StoreEvent) {
         let local = self.table.load().version();
+        let kind = match &event {
+            StoreEvent::Batch(_) => "batch",
+            StoreEvent::Activity(_) => "activity",
+            StoreEvent::Revoke(_) => "revoke",
+            StoreEvent::Reload { .. } => "reload",
+            StoreEvent::Reconnected { .. } => "reconnected",
+        };
+        crate::metrics::get()
+            .store_events
+            .with_label_values(&[kind])
+            .inc();
         match event {
             StoreEvent::Batch(batch) if batch.version <= local => {}
             StoreEvent::Batch(batch) if batch.version == local + 1 => {

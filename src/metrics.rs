@@ -122,6 +122,12 @@ pub struct Metrics {
     pub store_write_seconds: Histogram,
     /// When the store last refused a write (ms since the epoch; 0: never). For `/api/status`.
     pub last_store_failure_ms: AtomicI64,
+    /// Whether the route store answers (1) or not (0); always 1 for the memory and file stores.
+    pub store_reachable: IntGauge,
+    /// Writes computed again because another replica wrote first (shared store).
+    pub store_conflicts: IntCounter,
+    /// What other replicas did, as received from a shared store, by kind.
+    pub store_events: IntCounterVec,
 
     auth_decisions: [IntCounter; 4],
     pub auth_cache: IntCounterVec,
@@ -358,6 +364,22 @@ impl Metrics {
                 LATENCY,
             ),
             last_store_failure_ms: AtomicI64::new(0),
+            store_reachable: gauge(
+                &r,
+                "hubgate_store_reachable",
+                "Whether the route store answers (1) or not (0).",
+            ),
+            store_conflicts: counter(
+                &r,
+                "hubgate_store_conflicts_total",
+                "Writes computed again because another replica changed the table first.",
+            ),
+            store_events: counter_vec(
+                &r,
+                "hubgate_store_events_total",
+                "Changes of other replicas received from the shared route store, by kind.",
+                &["kind"],
+            ),
 
             auth_decisions: {
                 let v = counter_vec(

@@ -193,6 +193,8 @@ impl Status {
         let snapshot = self.table.load();
         m.routes.set(snapshot.len() as i64);
         m.table_version.set(snapshot.version() as i64);
+        m.store_reachable
+            .set(i64::from(self.control.store_health().reachable));
         if let Some(auth) = &self.auth {
             m.auth_cache_entries.set(auth.cache_len() as i64);
         }

@@ -894,6 +894,7 @@ async fn redis_outage(persistent: bool) {
             let doc = status(hg).await;
             assert_eq!(doc["store"]["backend"], json!("redis"), "{doc}");
             assert_eq!(doc["store"]["reachable"], json!(false), "{doc}");
+            assert_eq!(store_reachable_metric(hg).await, 0, "replica {i}");
             // Reads are served from memory.
             assert_eq!(
                 posted(&hg.routes().await),
@@ -925,6 +926,7 @@ async fn redis_outage(persistent: bool) {
         redis.restart().await;
         for (i, hg) in r.iter().enumerate() {
             wait_ready(hg, &format!("replica {i} after redis came back")).await;
+            assert_eq!(store_reachable_metric(hg).await, 1, "replica {i}");
         }
         for (i, hg) in r.iter().enumerate() {
             let key = format!("/after{i}");
@@ -976,6 +978,17 @@ async fn redis_outage(persistent: bool) {
             hg.logs()
         );
     }
+}
+
+/// `hubgate_store_reachable` from the API port's `/metrics`.
+async fn store_reachable_metric(hg: &Hubgate) -> i64 {
+    let resp = hg.api_get("/metrics").await;
+    assert_eq!(resp.status, StatusCode::OK, "{resp:?}");
+    let text = resp.text();
+    text.lines()
+        .find_map(|l| l.strip_prefix("hubgate_store_reachable "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no hubgate_store_reachable in /metrics:\n{text}"))
 }
 
 #[tokio::test]
