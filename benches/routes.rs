@@ -1,6 +1,6 @@
 //! Route-table figures: lookups at 10, 10 000 and 100 000 routes, path normalisation, writes
-//! (and what they would cost with a copied std HashMap instead of imbl's persistent map), lookups
-//! while a writer churns, and serialising `GET /api/routes` at 100 000 routes.
+//! (and what they would cost with a copied std HashMap instead of the persistent hash trie),
+//! lookups while a writer churns, and serialising `GET /api/routes` at 100 000 routes.
 //!
 //! Run: `cargo bench --bench routes`.
 
@@ -86,7 +86,7 @@ fn writes(c: &mut Criterion) {
     for n in [10_000usize, 100_000] {
         let t = table(n);
         let mut i = 0u64;
-        g.bench_function(BenchmarkId::new("imbl_add_remove", n), |b| {
+        g.bench_function(BenchmarkId::new("persistent_add_remove", n), |b| {
             b.iter(|| {
                 i += 1;
                 let key = format!("/user/new{i}");

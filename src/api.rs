@@ -360,6 +360,12 @@ impl Api {
     }
 
     async fn read_json(&self, body: Incoming, limit: usize) -> Result<Value, ApiError> {
+        let bytes = self.read_body(body, limit).await?;
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::BadJson(e.to_string()))
+    }
+
+    /// The whole body, refused past `limit` bytes.
+    async fn read_body(&self, body: Incoming, limit: usize) -> Result<Bytes, ApiError> {
         let bytes = Limited::new(body, limit)
             .collect()
             .await
@@ -371,7 +377,7 @@ impl Api {
                 }
             })?
             .to_bytes();
-        serde_json::from_slice(&bytes).map_err(|e| ApiError::BadJson(e.to_string()))
+        Ok(bytes)
     }
 
     fn list(&self, query: Option<&str>) -> Result<Response<ProxyBody>, ApiError> {
@@ -408,36 +414,12 @@ impl Api {
     }
 
     async fn post(&self, raw: &str, data: Value) -> Result<Response<ProxyBody>, ApiError> {
-        let route = self.build_route(raw, data)?;
+        let route = build_route(raw, data, self.settings.host_routing)?;
         tracing::info!(route = %route.key(), target = ?route.target(), "adding route");
         self.control
             .apply(Op::Batch(vec![Change::Upsert(Arc::new(route))]))
             .await?;
         Ok(empty(StatusCode::CREATED))
-    }
-
-    /// Checks a posted route (key, JSON object, string target that is a reachable URL) and
-    /// builds it. Shared by `/api/routes` and `/api/proxy`.
-    fn build_route(&self, raw_key: &str, data: Value) -> Result<Route, ApiError> {
-        let key = path::route_key(raw_key)?;
-        let Value::Object(mut data) = data else {
-            return Err(ApiError::NoTarget);
-        };
-        let target = match data.get("target") {
-            Some(Value::String(t)) => Target::parse(t)?,
-            _ => return Err(ApiError::NoTarget),
-        };
-        data.remove("last_activity");
-        if self.settings.host_routing && key != "/" {
-            let host = key[1..].split('/').next().unwrap_or_default().to_owned();
-            data.insert("host".to_owned(), Value::String(host));
-        }
-        Ok(Route::new(
-            key.into(),
-            target,
-            data,
-            self.settings.host_routing,
-        ))
     }
 
     async fn delete(&self, raw: &str) -> Result<Response<ProxyBody>, ApiError> {
@@ -453,6 +435,25 @@ impl Api {
             Ok(empty(StatusCode::NOT_FOUND))
         }
     }
+}
+
+/// Checks a posted route (key, JSON object, string target that is a reachable URL) and builds
+/// it. Shared by `/api/routes` and `/api/proxy`.
+fn build_route(raw_key: &str, data: Value, host_routing: bool) -> Result<Route, ApiError> {
+    let key = path::route_key(raw_key)?;
+    let Value::Object(mut data) = data else {
+        return Err(ApiError::NoTarget);
+    };
+    let target = match data.get("target") {
+        Some(Value::String(t)) => Target::parse(t)?,
+        _ => return Err(ApiError::NoTarget),
+    };
+    data.remove("last_activity");
+    if host_routing && key != "/" {
+        let host = key[1..].split('/').next().unwrap_or_default().to_owned();
+        data.insert("host".to_owned(), Value::String(host));
+    }
+    Ok(Route::new(key.into(), target, data, host_routing))
 }
 
 /// A bounded label naming what an API request does.

@@ -31,6 +31,8 @@ use crate::path::{self, RequestPath};
 use crate::routes::{Route, RouteTable};
 use crate::upstream::{FailureCause, ProxyBody, UpstreamClient};
 
+mod tunnel;
+
 /// What the proxy needs to know about the connection a request came in on.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
@@ -608,7 +610,7 @@ async fn tunnel(
     m.active_websockets.inc();
     let opened = Instant::now();
     tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+        copied = tunnel::copy_both(&mut client, &mut upstream) => {
             if let Err(e) = copied {
                 tracing::debug!(error = %e, "websocket tunnel closed with an error");
             }

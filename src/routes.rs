@@ -3,9 +3,12 @@
 //!
 //! Readers take an immutable [`Snapshot`] through `arc-swap`: a lookup is one atomic load plus a
 //! few hash probes, and never waits for a writer. Writers build the next snapshot and swap it in,
-//! so a batch of changes is seen whole or not at all. The map inside a snapshot is `imbl`'s
-//! persistent hash map: a new snapshot shares all untouched nodes with the old one, so a write
+//! so a batch of changes is seen whole or not at all. The map inside a snapshot is a persistent
+//! hash trie ([`map`]): a new snapshot shares all untouched nodes with the old one, so a write
 //! costs O(log n) instead of copying 100 000 routes (the `routes` bench compares both).
+//!
+//! A table may hold 100 000 routes, so a route is kept small: its data in [`RouteData`] rather
+//! than a `serde_json::Map`, its target parsed once into offsets of one string.
 //!
 //! `last_activity` is an atomic inside each [`Route`], shared by every snapshot that holds the
 //! route, so traffic moves it without a lock and without a new snapshot.
@@ -14,38 +17,47 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::metrics::RouteKind;
 use crate::path;
 use crate::target::Target;
 
-/// The data a client posted for a route, minus `last_activity` (which hubgate owns).
-pub type RouteData = Map<String, Value>;
+mod data;
+mod map;
+
+pub use data::{DataValue, RouteData};
+use map::RouteMap;
 
 /// One route: a key, where it goes, and what the client said about it.
 #[derive(Debug)]
 pub struct Route {
     key: Arc<str>,
-    /// Segments of the key that belong to the request path (the host segment under host routing
-    /// does not), for `--no-include-prefix`.
-    path_depth: usize,
     target: Target,
     data: RouteData,
-    /// What the route serves, for metric labels.
-    kind: RouteKind,
     last_activity_ms: AtomicI64,
     /// The table version that put this route in; set once, when its batch is applied.
     version: AtomicU64,
+    /// Segments of the key that belong to the request path (the host segment under host routing
+    /// does not), for `--no-include-prefix`.
+    path_depth: u32,
+    /// What the route serves, for metric labels.
+    kind: RouteKind,
 }
 
 impl Route {
     /// Builds a route whose `last_activity` is now.
     ///
-    /// `data` must hold `target` as a string; it is the caller's job (the API) to check that and
-    /// to have parsed it into `target`.
-    pub fn new(key: Arc<str>, target: Target, data: RouteData, host_routing: bool) -> Self {
-        let depth = path::depth(&key);
+    /// `data` (a [`RouteData`] or a `serde_json::Map`) must hold `target` as a string; it is the
+    /// caller's job (the API) to check that and to have parsed it into `target`.
+    pub fn new(
+        key: Arc<str>,
+        target: Target,
+        data: impl Into<RouteData>,
+        host_routing: bool,
+    ) -> Self {
+        let data = data.into();
+        let depth = u32::try_from(path::depth(&key)).unwrap_or(u32::MAX);
         let path_depth = if host_routing {
             depth.saturating_sub(1)
         } else {
@@ -71,6 +83,19 @@ impl Route {
         }
     }
 
+    /// A copy not yet in any table, with the same `last_activity`.
+    fn renewed(&self) -> Route {
+        Route {
+            key: self.key.clone(),
+            target: self.target.clone(),
+            data: self.data.clone(),
+            last_activity_ms: AtomicI64::new(self.last_activity_ms()),
+            version: AtomicU64::new(0),
+            path_depth: self.path_depth,
+            kind: self.kind,
+        }
+    }
+
     /// The table version whose batch added or last replaced this route.
     pub fn version(&self) -> u64 {
         self.version.load(Ordering::Relaxed)
@@ -80,12 +105,17 @@ impl Route {
     pub fn to_stored(&self) -> crate::store::StoredRoute {
         crate::store::StoredRoute {
             key: self.key.to_string(),
-            data: self.data.clone(),
+            data: self.data.to_map(),
             last_activity: self.last_activity_ms(),
         }
     }
 
     pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The key, shared rather than copied.
+    pub fn shared_key(&self) -> &Arc<str> {
         &self.key
     }
 
@@ -102,7 +132,7 @@ impl Route {
     }
 
     pub fn path_depth(&self) -> usize {
-        self.path_depth
+        self.path_depth as usize
     }
 
     /// Milliseconds since the Unix epoch of the last traffic through this route.
@@ -133,7 +163,7 @@ impl Route {
 
     /// The route as the API shows it: the posted data plus `last_activity`.
     pub fn to_json(&self) -> Value {
-        let mut obj = self.data.clone();
+        let mut obj = self.data.to_map();
         obj.insert(
             "last_activity".to_owned(),
             Value::String(format_timestamp(self.last_activity_ms())),
@@ -174,25 +204,20 @@ pub enum Outcome {
     Absent,
 }
 
-/// The persistent map of routes by key.
-type RouteMap = imbl::GenericHashMap<
-    Arc<str>,
-    Arc<Route>,
-    foldhash::fast::RandomState,
-    imbl::shared_ptr::DefaultSharedPtr,
->;
-
 /// How many removals a snapshot remembers for "changes since version" queries.
 const TOMBSTONES: usize = 100_000;
 
 /// An immutable view of the whole table.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    /// foldhash rather than SipHash: a lookup hashes up to one prefix per path segment, and the
-    /// keys come from the hub, not from clients, so flooding resistance buys nothing here.
+    /// Hashed with foldhash rather than SipHash: a lookup hashes up to one prefix per path
+    /// segment, and the keys come from the hub, not from clients, so flooding resistance buys
+    /// nothing here.
     routes: RouteMap,
     /// How many keys have each depth; its length bounds how deep a lookup starts probing.
     depth_counts: Vec<usize>,
+    /// The route at `/`, where every unmatched path ends: kept at hand, not looked up.
+    root: Option<Arc<Route>>,
     version: u64,
     /// Recent removals in version order, for "changes since version".
     tombstones: imbl::Vector<(u64, Arc<str>)>,
@@ -211,6 +236,7 @@ impl Clone for Snapshot {
             version: self.version,
             tombstones: self.tombstones.clone(),
             history_floor: self.history_floor,
+            root: self.root.clone(),
             sorted: OnceLock::new(),
         }
     }
@@ -244,6 +270,11 @@ impl Snapshot {
         let depth = if lookup == "/" { 0 } else { n + 1 };
         let mut k = depth.min(max_depth);
         while k > 0 {
+            // No key has this many segments: nothing to probe.
+            if self.depth_counts[k] == 0 {
+                k -= 1;
+                continue;
+            }
             let end = if k == depth {
                 lookup.len()
             } else {
@@ -254,7 +285,7 @@ impl Snapshot {
             }
             k -= 1;
         }
-        self.routes.get("/")
+        self.root.as_ref()
     }
 
     /// The same search for paths with more than 32 segments.
@@ -265,7 +296,7 @@ impl Snapshot {
                 return Some(route);
             }
             match prefix.rfind('/') {
-                Some(0) | None => return self.routes.get("/"),
+                Some(0) | None => return self.root.as_ref(),
                 Some(i) => prefix = &prefix[..i],
             }
         }
@@ -281,7 +312,7 @@ impl Snapshot {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
+        self.routes.len() == 0
     }
 
     /// Bumped by every applied batch.
@@ -325,7 +356,7 @@ impl Snapshot {
             .iter()
             .rev()
             .take_while(|(v, _)| *v > version)
-            .filter(|(_, key)| !self.routes.contains_key(key))
+            .filter(|(_, key)| self.routes.get(key).is_none())
             .map(|(_, key)| key.clone())
             .collect();
         removed.sort_unstable();
@@ -335,6 +366,9 @@ impl Snapshot {
 
     /// Applies one batch as one new version and returns what each change did, in order.
     pub fn apply_batch(&mut self, changes: Vec<Change>) -> Vec<Outcome> {
+        // The sorted list belongs to the table as it was: a listing (or "changes since") of the
+        // changed table must not be answered from it.
+        self.sorted.take();
         self.version += 1;
         let outcomes = changes.into_iter().map(|c| self.apply(c)).collect();
         while self.tombstones.len() > TOMBSTONES {
@@ -353,10 +387,19 @@ impl Snapshot {
 
     fn apply(&mut self, change: Change) -> Outcome {
         match change {
-            Change::Upsert(route) => {
+            Change::Upsert(mut route) => {
+                // A route that a table holds already (one a sync found unchanged, replaced by
+                // another write before the sync was applied) goes in as a copy: the snapshots
+                // that hold it keep seeing the version they put it in.
+                if route.version() != 0 {
+                    route = Arc::new(route.renewed());
+                }
                 route.version.store(self.version, Ordering::Relaxed);
                 let depth = path::depth(route.key());
-                match self.routes.insert(route.key.clone(), route) {
+                if route.key() == "/" {
+                    self.root = Some(route.clone());
+                }
+                match self.routes.insert(route) {
                     Some(_) => Outcome::Replaced,
                     None => {
                         if self.depth_counts.len() <= depth {
@@ -369,6 +412,9 @@ impl Snapshot {
             }
             Change::Remove(key) => match self.routes.remove(&key) {
                 Some(_) => {
+                    if &*key == "/" {
+                        self.root = None;
+                    }
                     self.tombstones.push_back((self.version, key.clone()));
                     let depth = path::depth(&key);
                     self.depth_counts[depth] -= 1;
@@ -556,6 +602,22 @@ mod tests {
             (vec!["/c".into()], vec![])
         );
         assert_eq!(keys(snap.changes_since(4).unwrap()), (vec![], vec![]));
+    }
+
+    /// Found by fuzzing (fuzz/fuzz_targets/routes.rs): the sorted cache outlived a batch applied
+    /// to the same snapshot, so listings and "changes since" missed the batch's routes.
+    #[test]
+    fn a_batch_invalidates_the_sorted_listing() {
+        let mut snap = Snapshot::default();
+        snap.apply_batch(vec![Change::Upsert(route("/a"))]);
+        assert_eq!(snap.sorted().len(), 1);
+        assert_eq!(snap.changes_since(0).unwrap().put.len(), 1);
+        snap.apply_batch(vec![Change::Upsert(route("/"))]);
+        let keys: Vec<String> = snap.sorted().iter().map(|r| r.key().to_owned()).collect();
+        assert_eq!(keys, ["/", "/a"]);
+        let since = snap.changes_since(1).unwrap();
+        assert_eq!(since.put.len(), 1);
+        assert_eq!(since.put[0].key(), "/");
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub enum TargetError {
     UserInfo(String),
     #[error("target {0:?} names no Unix socket path")]
     SocketPath(String),
-    #[error("target {0:?} has an invalid path")]
+    #[error("target {0:?} has an invalid path or query")]
     Path(String),
 }
 
@@ -38,18 +38,45 @@ pub enum Endpoint {
     Unix(String),
 }
 
-/// A parsed target URL.
+/// A parsed target URL. Every route holds one, so its path and query are kept as places in the
+/// URL it was given rather than strings of their own.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Target {
     /// The URL as it was given, for listing and logs.
-    raw: String,
+    raw: Box<str>,
     endpoint: Endpoint,
     scheme: Scheme,
     authority: Authority,
-    /// The target's path, never empty (`/` when the URL had none).
-    path: String,
-    /// The target's query, merged in front of a request's query as CHP does.
-    query: Option<String>,
+    /// Where the target's path is in `raw`; empty when the URL had none (the path is then `/`).
+    path: Span,
+    /// Where the target's query is in `raw`, when it is not empty: merged in front of a
+    /// request's query as CHP does.
+    query: Option<Span>,
+}
+
+/// A byte range of a target's URL.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Span {
+    start: u32,
+    end: u32,
+}
+
+impl Span {
+    /// Where `part`, a slice of `whole`, lies in it (`None` if it is not one, or too far in).
+    fn of(whole: &str, part: &str) -> Option<Span> {
+        let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
+        let end = start + part.len();
+        (end <= whole.len()).then_some(Span {
+            start: u32::try_from(start).ok()?,
+            end: u32::try_from(end).ok()?,
+        })
+    }
+
+    fn get(self, whole: &str) -> &str {
+        whole
+            .get(self.start as usize..self.end as usize)
+            .unwrap_or_default()
+    }
 }
 
 impl fmt::Debug for Target {
@@ -76,11 +103,26 @@ impl Target {
             return Err(TargetError::UserInfo(s.to_owned()));
         }
         let (path, query) = match path_and_query.split_once('?') {
-            Some((p, q)) => (p, Some(q.to_owned()).filter(|q| !q.is_empty())),
+            Some((p, q)) => (p, Some(q).filter(|q| !q.is_empty())),
             None => (path_and_query, None),
         };
-        let path = if path.is_empty() { "/" } else { path };
-        PathAndQuery::try_from(path).map_err(|_| TargetError::Path(s.to_owned()))?;
+        // The query too: every forwarded request carries it, so one that is not a valid URI
+        // would fail them all.
+        let checked = match (path, query) {
+            ("", Some(q)) => format!("/?{q}"),
+            ("", None) => "/".to_owned(),
+            (p, Some(q)) => format!("{p}?{q}"),
+            (p, None) => p.to_owned(),
+        };
+        PathAndQuery::try_from(checked).map_err(|_| TargetError::Path(s.to_owned()))?;
+        let too_long = || TargetError::Path(s.to_owned());
+        let path = match path {
+            "" => Span { start: 0, end: 0 },
+            path => Span::of(s, path).ok_or_else(too_long)?,
+        };
+        let query = query
+            .map(|q| Span::of(s, q).ok_or_else(too_long))
+            .transpose()?;
 
         let (endpoint, scheme, authority) = match scheme.to_ascii_lowercase().as_str() {
             "http" | "https" => {
@@ -109,11 +151,11 @@ impl Target {
             _ => return Err(TargetError::Scheme(s.to_owned())),
         };
         Ok(Target {
-            raw: s.to_owned(),
+            raw: s.into(),
             endpoint,
             scheme,
             authority,
-            path: path.to_owned(),
+            path,
             query,
         })
     }
@@ -129,7 +171,10 @@ impl Target {
 
     /// The target's own path (`/` when it has none).
     pub fn path(&self) -> &str {
-        &self.path
+        match self.path.get(&self.raw) {
+            "" => "/",
+            path => path,
+        }
     }
 
     /// The host and port as they appear in the URL (for `X-Forwarded-Host`-free Host fallbacks).
@@ -143,7 +188,8 @@ impl Target {
     /// When `path` and `query` do not form a valid request target (they come from a request that
     /// hyper already parsed, so this means a bug or a hostile byte hyper let through).
     pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
-        let merged = match (&self.query, query) {
+        let path_query = self.query.map(|q| q.get(&self.raw));
+        let merged = match (path_query, query) {
             (Some(t), Some(r)) if !r.is_empty() => format!("{path}?{t}&{r}"),
             (Some(t), _) => format!("{path}?{t}"),
             (None, Some(r)) if !r.is_empty() => format!("{path}?{r}"),
@@ -235,5 +281,24 @@ mod tests {
         ] {
             assert!(Target::parse(bad).is_err(), "{bad} should be refused");
         }
+    }
+
+    /// Found by fuzzing (fuzz/fuzz_targets/target.rs): a query that is not a valid URI was
+    /// accepted, and then every request to the route failed to build its URI (a 400 each).
+    #[test]
+    fn refuses_queries_no_request_could_carry() {
+        for bad in [
+            "https://h/p?a\0b",
+            "http://h/?a b",
+            "http://127.0.0.1:8888/x?q=\u{7f}",
+        ] {
+            assert_eq!(
+                Target::parse(bad),
+                Err(TargetError::Path(bad.to_owned())),
+                "{bad:?}"
+            );
+        }
+        let t = Target::parse("http://h/p?a=1&b=%20").unwrap();
+        assert!(t.uri("/p/x", Some("c=2")).is_ok());
     }
 }

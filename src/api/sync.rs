@@ -2,18 +2,28 @@
 //! `POST` makes it equal to a complete desired table (sync), `PATCH` applies a batch of adds and
 //! removes (notify). Both writes are one version each, all-or-nothing: an invalid entry anywhere
 //! is a 400 naming it and nothing changes.
+//!
+//! A sync body is read straight into routes, entry by entry ([`RoutesBuilder`]), never whole
+//! into a `serde_json::Value`: for 100 000 routes that would be ~50 MB more at the peak of every
+//! sync, on top of the table and the routes built from it.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::{json, Map, Value};
 
-use super::{changes_since, int_param, query_param, serialize_routes, with_version, Api, ApiError};
+use super::{
+    build_route, changes_since, int_param, query_param, serialize_routes, with_version, Api,
+    ApiError,
+};
 use crate::control::{Applied, Op};
 use crate::proxy::json;
-use crate::routes::{Change, Route};
+use crate::routes::{Change, Route, Snapshot};
 use crate::upstream::ProxyBody;
 
 /// The media type with which JupyterHub asks for (and answers with) wrapped pages.
@@ -40,9 +50,9 @@ impl Api {
                     Some("true" | "1" | "yes")
                 );
                 let body = self
-                    .read_json(req.into_body(), self.settings.max_sync_body)
+                    .read_body(req.into_body(), self.settings.max_sync_body)
                     .await?;
-                self.sync(body, dry_run).await
+                self.sync_json(body, dry_run).await
             }
             _ => {
                 let body = self
@@ -107,13 +117,42 @@ impl Api {
         Ok(wrap(&items, json!({"_pagination": pagination}), version))
     }
 
-    async fn sync(&self, body: Value, dry_run: bool) -> Result<Response<ProxyBody>, ApiError> {
+    /// A sync from the request's JSON text. The routes are built on a blocking thread: 100 000
+    /// of them take a fifth of a second, which a runtime worker should spend forwarding
+    /// requests (and one thread doing every sync's building reuses one allocator arena).
+    async fn sync_json(&self, body: Bytes, dry_run: bool) -> Result<Response<ProxyBody>, ApiError> {
+        let builder = RoutesBuilder::new(self.settings.host_routing, Some(self.table.snapshot()));
+        let desired = tokio::task::spawn_blocking(move || {
+            let mut de = serde_json::Deserializer::from_slice(&body);
+            let built = SyncBody(builder)
+                .deserialize(&mut de)
+                .and_then(|built| de.end().map(|()| built))
+                .map_err(|e| ApiError::BadJson(e.to_string()))?;
+            built.ok_or_else(not_routes)?.finish()
+        })
+        .await
+        .map_err(|e| ApiError::Body(format!("the routes could not be read: {e}")))??;
+        self.apply_sync(desired, dry_run).await
+    }
+
+    /// A sync from a parsed body (the same checks and answers as from its text).
+    pub async fn sync(&self, body: Value, dry_run: bool) -> Result<Response<ProxyBody>, ApiError> {
         let Value::Object(entries) = body else {
-            return Err(ApiError::Invalid(
-                "Body must be a JSON object of routes: {path: {\"target\": ...}}".into(),
-            ));
+            return Err(not_routes());
         };
-        let desired = self.build_routes(entries)?;
+        let mut builder =
+            RoutesBuilder::new(self.settings.host_routing, Some(self.table.snapshot()));
+        for (raw, data) in entries {
+            builder.add(raw, data);
+        }
+        self.apply_sync(builder.finish()?, dry_run).await
+    }
+
+    async fn apply_sync(
+        &self,
+        desired: Vec<Arc<Route>>,
+        dry_run: bool,
+    ) -> Result<Response<ProxyBody>, ApiError> {
         let count = desired.len();
         let started = std::time::Instant::now();
         let applied = self.control.apply(Op::Sync { desired, dry_run }).await?;
@@ -130,7 +169,7 @@ impl Api {
         Ok(summary(&applied, dry_run))
     }
 
-    async fn notify(&self, body: Value) -> Result<Response<ProxyBody>, ApiError> {
+    pub async fn notify(&self, body: Value) -> Result<Response<ProxyBody>, ApiError> {
         let Value::Object(mut body) = body else {
             return Err(ApiError::Invalid(
                 "Body must be a JSON object: {\"add\": {...}, \"remove\": [...]}".into(),
@@ -155,7 +194,11 @@ impl Api {
             Some(Value::Array(items)) => items,
             Some(_) => return Err(ApiError::Invalid("'remove' must be a list of paths".into())),
         };
-        let routes = self.build_routes(add)?;
+        let mut builder = RoutesBuilder::new(self.settings.host_routing, None);
+        for (raw, data) in add {
+            builder.add(raw, data);
+        }
+        let routes = builder.finish()?;
         let mut changes = Vec::with_capacity(routes.len() + remove.len());
         for item in remove {
             let Value::String(raw) = item else {
@@ -186,24 +229,165 @@ impl Api {
         );
         Ok(summary(&applied, false))
     }
+}
 
-    /// Checks and builds every route of a `{path: data}` object, naming the first bad entry.
-    fn build_routes(&self, entries: Map<String, Value>) -> Result<Vec<Arc<Route>>, ApiError> {
-        let mut seen: HashMap<String, String> = HashMap::with_capacity(entries.len());
-        let mut routes = Vec::with_capacity(entries.len());
-        for (raw, data) in entries {
-            let route = self
-                .build_route(&raw, data)
-                .map_err(|e| ApiError::Invalid(format!("Route '{raw}': {e}")))?;
-            if let Some(first) = seen.insert(route.key().to_owned(), raw.clone()) {
-                return Err(ApiError::Invalid(format!(
-                    "Routes '{first}' and '{raw}' are the same route '{}'",
-                    route.key()
-                )));
-            }
-            routes.push(Arc::new(route));
+fn not_routes() -> ApiError {
+    ApiError::Invalid("Body must be a JSON object of routes: {path: {\"target\": ...}}".into())
+}
+
+/// Checks and builds the routes of a `{path: data}` object one entry at a time, as they are
+/// read. The answer is the one a check of the whole parsed object gives: a path posted twice
+/// keeps its first place and its last data (as a parsed JSON object does), and the first bad
+/// entry in order is named, be it invalid or a second spelling of an earlier route's path.
+struct RoutesBuilder {
+    host_routing: bool,
+    /// For a sync, the table as it was when the sync came: an entry equal to the route there is
+    /// answered with that route, so that a sync that changes little keeps little new memory.
+    current: Option<Arc<Snapshot>>,
+    entries: Vec<Entry>,
+    /// Where each route key was first seen in `entries`.
+    first: HashMap<Arc<str>, usize>,
+}
+
+/// One entry of the object, in order.
+struct Entry {
+    /// The path as posted, when it is not the route's key as it is (to name it in errors).
+    raw: Option<Box<str>>,
+    built: Result<Arc<Route>, Box<ApiError>>,
+}
+
+impl Entry {
+    fn raw(&self) -> &str {
+        match (&self.raw, &self.built) {
+            (Some(raw), _) => raw,
+            (None, Ok(route)) => route.key(),
+            (None, Err(_)) => "",
         }
-        Ok(routes)
+    }
+}
+
+impl RoutesBuilder {
+    fn new(host_routing: bool, current: Option<Arc<Snapshot>>) -> Self {
+        RoutesBuilder {
+            host_routing,
+            current,
+            entries: Vec::new(),
+            first: HashMap::new(),
+        }
+    }
+
+    fn add(&mut self, raw: String, data: Value) {
+        let built = match build_route(&raw, data, self.host_routing) {
+            Ok(route) => {
+                let same = self
+                    .current
+                    .as_ref()
+                    .and_then(|table| table.get(route.key()))
+                    .filter(|old| old.data() == route.data());
+                Ok(same.cloned().unwrap_or_else(|| Arc::new(route)))
+            }
+            Err(e) => Err(Box::new(ApiError::Invalid(format!("Route '{raw}': {e}")))),
+        };
+        let key: Arc<str> = match &built {
+            Ok(route) => route.shared_key().clone(),
+            Err(_) => match crate::path::route_key(&raw) {
+                Ok(key) => key.into(),
+                // A bad path fails the same way wherever it comes, so no later entry changes it.
+                Err(_) => {
+                    return self.entries.push(Entry {
+                        raw: Some(raw.into()),
+                        built,
+                    })
+                }
+            },
+        };
+        let entry = Entry {
+            raw: (built.is_err() || raw != *key).then(|| raw.into()),
+            built,
+        };
+        match self.first.get(&key) {
+            None => {
+                self.first.insert(key, self.entries.len());
+                self.entries.push(entry);
+            }
+            Some(&i) if self.entries[i].raw() == entry.raw() => self.entries[i] = entry,
+            Some(&i) => {
+                let duplicate = ApiError::Invalid(format!(
+                    "Routes '{}' and '{}' are the same route '{key}'",
+                    self.entries[i].raw(),
+                    entry.raw()
+                ));
+                self.entries.push(Entry {
+                    raw: Some(entry.raw().into()),
+                    built: Err(Box::new(duplicate)),
+                });
+            }
+        }
+    }
+
+    /// The routes, or the first entry's error.
+    fn finish(self) -> Result<Vec<Arc<Route>>, ApiError> {
+        self.entries
+            .into_iter()
+            .map(|entry| entry.built.map_err(|e| *e))
+            .collect()
+    }
+}
+
+/// A sync body as it is parsed: the routes of an object, or `None` for any other JSON value.
+struct SyncBody(RoutesBuilder);
+
+impl<'de> DeserializeSeed<'de> for SyncBody {
+    type Value = Option<RoutesBuilder>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for SyncBody {
+    type Value = Option<RoutesBuilder>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object of routes")
+    }
+
+    fn visit_map<M: MapAccess<'de>>(mut self, mut map: M) -> Result<Self::Value, M::Error> {
+        while let Some(raw) = map.next_key::<String>()? {
+            let data: Value = map.next_value()?;
+            self.0.add(raw, data);
+        }
+        Ok(Some(self.0))
+    }
+
+    // Any other value is parsed to its end (so that bad JSON is still told as such), then refused.
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Self::Value, S::Error> {
+        while seq.next_element::<Value>()?.is_some() {}
+        Ok(None)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
     }
 }
 
