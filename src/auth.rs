@@ -564,7 +564,7 @@ impl Auth {
         token: Option<&str>,
     ) -> Option<Response<ProxyBody>> {
         let cookie = self.session_cookie(who, token, self.secure(req))?;
-        let mut location = req.uri().path().to_owned();
+        let mut location = same_site_path(req.uri().path());
         if let Some(q) = strip_token_param(req.uri().query()) {
             location.push('?');
             location.push_str(&q);
@@ -723,6 +723,14 @@ pub fn strip_token_param(query: Option<&str>) -> Option<String> {
         })
         .collect();
     (!kept.is_empty()).then(|| kept.join("&"))
+}
+
+/// A request path as a `Location` that stays on this site and routes as the path did. A browser
+/// reads `//host/...` (and `/\host/...`, where `\` counts as `/`) as another host; the router
+/// ignores leading slashes and decodes `%5C` to the same `\`, so neither change moves the
+/// request to another route.
+fn same_site_path(path: &str) -> String {
+    format!("/{}", path.trim_start_matches('/')).replace('\\', "%5C")
 }
 
 /// The value of a cookie, from any `Cookie` header.
@@ -887,6 +895,29 @@ mod tests {
         let mut only = headers(&[("cookie", "hubgate-session=x")]);
         remove_cookies(&mut only, &[SESSION_COOKIE]);
         assert!(only.get(header::COOKIE).is_none());
+    }
+
+    /// Found by the property test `model::authorization_and_routing_agree`: a browser bringing
+    /// `?token=` to `//user/alice/x` was redirected to `//user/alice/x`, which a browser reads
+    /// as the host `user`.
+    #[test]
+    fn token_redirects_stay_on_the_site_and_route() {
+        assert_eq!(same_site_path("/user/alice/x"), "/user/alice/x");
+        assert_eq!(same_site_path("//user/alice/x"), "/user/alice/x");
+        assert_eq!(same_site_path("///evil.example/"), "/evil.example/");
+        assert_eq!(same_site_path("/\\evil.example/"), "/%5Cevil.example/");
+        assert_eq!(same_site_path("/"), "/");
+        for path in [
+            "//user/alice/x",
+            "/\\user/alice",
+            "//../user/alice",
+            "//%2e%2e/a",
+        ] {
+            let before = crate::path::RequestPath::parse(path).unwrap();
+            let location = same_site_path(path);
+            let after = crate::path::RequestPath::parse(&location).unwrap();
+            assert_eq!(before.lookup, after.lookup, "{path}");
+        }
     }
 
     #[test]

@@ -203,9 +203,12 @@ impl Auth {
 }
 
 /// Only local paths: `//evil.example/` or `https://evil.example/` would make the callback an
-/// open redirect.
-fn safe_next(next: &str) -> &str {
-    if next.starts_with('/') && !next.starts_with("//") && !next.starts_with("/\\") {
+/// open redirect. Browsers drop tabs and newlines from a `Location` before reading it
+/// (`/<tab>/evil.example` is `//evil.example` to them), so a path with any control character or
+/// space is refused too (hubgate's own `next` comes from a parsed request target, which has none).
+pub fn safe_next(next: &str) -> &str {
+    let plain = !next.bytes().any(|b| b.is_ascii_control() || b == b' ');
+    if plain && next.starts_with('/') && !next.starts_with("//") && !next.starts_with("/\\") {
         next
     } else {
         "/"
@@ -228,5 +231,21 @@ mod tests {
         assert_eq!(safe_next("//evil.example/"), "/");
         assert_eq!(safe_next("https://evil.example/"), "/");
         assert_eq!(safe_next("/\\evil.example"), "/");
+    }
+
+    /// Found by fuzzing (fuzz/fuzz_targets/credentials.rs): a browser removes the tab from
+    /// `/<tab>/evil.example` and goes to `//evil.example`.
+    #[test]
+    fn paths_a_browser_would_rewrite_are_not_followed() {
+        for next in [
+            "/\t/evil.example",
+            "/\n/evil.example",
+            "/\r\n/x",
+            "/ /x",
+            "/\t\\evil",
+        ] {
+            assert_eq!(safe_next(next), "/", "{next:?}");
+        }
+        assert_eq!(safe_next("/user/a%20b/?x=%09"), "/user/a%20b/?x=%09");
     }
 }

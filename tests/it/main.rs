@@ -33,6 +33,7 @@ mod lifecycle;
 mod limits;
 mod metrics;
 mod metrics_support;
+mod model;
 mod proxy;
 mod redis;
 mod streaming;
