@@ -413,16 +413,7 @@ async fn table_version(hg: &Hubgate) -> u64 {
 type Posted = BTreeMap<String, Value>;
 
 fn posted(table: &Map<String, Value>) -> Posted {
-    table
-        .iter()
-        .map(|(k, v)| {
-            let mut v = v.clone();
-            if let Value::Object(o) = &mut v {
-                o.remove("last_activity");
-            }
-            (k.clone(), v)
-        })
-        .collect()
+    crate::support::posted(table).into_iter().collect()
 }
 
 /// What `expected` (route → target) looks like as posted.
