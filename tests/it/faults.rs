@@ -789,6 +789,30 @@ struct HubSetup {
     open: Recorder,
 }
 
+/// Alice's server at `/user/alice` and a route that needs no hub at `/open`, each to a target
+/// of its own.
+async fn alice_and_open_routes(hg: &Proc) -> (Recorder, Recorder) {
+    let alice = Recorder::start().await;
+    let open = Recorder::start().await;
+    for (path, data) in [
+        (
+            "/user/alice",
+            json!({"target": alice.url(), "user": "alice", "server_name": ""}),
+        ),
+        ("/open", json!({"target": open.url()})),
+    ] {
+        let resp = hg
+            .api(
+                Method::POST,
+                &format!("/api/routes{path}"),
+                &data.to_string(),
+            )
+            .await;
+        assert_eq!(resp.status, StatusCode::CREATED, "{resp:?}");
+    }
+    (alice, open)
+}
+
 impl HubSetup {
     async fn start() -> HubSetup {
         let hub = FakeHub::start(&random_token()).await;
@@ -797,24 +821,7 @@ impl HubSetup {
             .env("JUPYTERHUB_API_TOKEN", hub.service_token())
             .start()
             .await;
-        let alice = Recorder::start().await;
-        let open = Recorder::start().await;
-        for (path, data) in [
-            (
-                "/user/alice",
-                json!({"target": alice.url(), "user": "alice", "server_name": ""}),
-            ),
-            ("/open", json!({"target": open.url()})),
-        ] {
-            let resp = hg
-                .api(
-                    Method::POST,
-                    &format!("/api/routes{path}"),
-                    &data.to_string(),
-                )
-                .await;
-            assert_eq!(resp.status, StatusCode::CREATED, "{resp:?}");
-        }
+        let (alice, open) = alice_and_open_routes(&hg).await;
         // The start-up handshake is done, so that it is not what the faults below hit.
         eventually(WAIT, "the start-up handshake", || {
             let n = hub.calls(Endpoint::Proxy);
@@ -953,24 +960,7 @@ async fn a_hub_that_is_gone_leaves_open_routes_open_and_shows_in_the_status() {
         )
         .start()
         .await;
-    let alice = Recorder::start().await;
-    let open = Recorder::start().await;
-    for (path, data) in [
-        (
-            "/user/alice",
-            json!({"target": alice.url(), "user": "alice", "server_name": ""}),
-        ),
-        ("/open", json!({"target": open.url()})),
-    ] {
-        let resp = hg
-            .api(
-                Method::POST,
-                &format!("/api/routes{path}"),
-                &data.to_string(),
-            )
-            .await;
-        assert_eq!(resp.status, StatusCode::CREATED, "{resp:?}");
-    }
+    let (alice, _open) = alice_and_open_routes(&hg).await;
     let token = "a-token-nobody-can-check";
     let auth = format!("token {token}");
     let resp = hg.get("/user/alice/lab", &[("authorization", &auth)]).await;
