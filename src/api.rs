@@ -258,15 +258,7 @@ impl Api {
     /// table read while a shared store is unreachable at start would tell the hub that every
     /// route is gone.
     fn require_loaded(&self) -> Result<(), ApiError> {
-        if self.table.is_loaded() {
-            return Ok(());
-        }
-        let why = self
-            .control
-            .store_health()
-            .detail
-            .unwrap_or_else(|| "loading".to_owned());
-        Err(ApiError::Unavailable(ControlError::NotLoaded(why)))
+        self.control.require_loaded().map_err(ApiError::Unavailable)
     }
 
     /// `DELETE /api/auth/cache` drops every cached credential and voids every session;

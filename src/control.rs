@@ -204,6 +204,23 @@ impl Control {
             .map_err(|e| ControlError::Store(e.to_string()))
     }
 
+    /// [`ControlError::NotLoaded`], with the store's reason, while the table waits for its
+    /// store's first load.
+    ///
+    /// # Errors
+    /// As said: until the first load.
+    pub fn require_loaded(&self) -> Result<(), ControlError> {
+        if self.table.is_loaded() {
+            return Ok(());
+        }
+        let why = self
+            .store
+            .health()
+            .detail
+            .unwrap_or_else(|| "loading".to_owned());
+        Err(ControlError::NotLoaded(why))
+    }
+
     /// Applies an operation; returns once it is durable and visible to requests.
     ///
     /// # Errors
@@ -211,14 +228,7 @@ impl Control {
     /// [`ControlError::Indeterminate`] when it did not answer, [`ControlError::NotLoaded`]
     /// before the first load, or [`ControlError::Closed`] when the writer has stopped.
     pub async fn apply(&self, op: Op) -> Result<Applied, ControlError> {
-        if !self.table.is_loaded() {
-            let why = self
-                .store
-                .health()
-                .detail
-                .unwrap_or_else(|| "loading".to_owned());
-            return Err(ControlError::NotLoaded(why));
-        }
+        self.require_loaded()?;
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(Command { op, reply })
