@@ -20,13 +20,13 @@ use serde_json::Value;
 
 use crate::auth::Auth;
 use crate::control::{Control, ControlError, Op};
+use crate::http::ProxyBody;
+use crate::http::{empty, json};
 use crate::hub::Hub;
 use crate::path;
-use crate::proxy::{empty, json};
 use crate::routes::{format_timestamp, Change, Outcome, Route, RouteData, RouteTable};
 use crate::status::Status;
 use crate::target::Target;
-use crate::upstream::ProxyBody;
 
 const ROUTES: &str = "/api/routes";
 

@@ -24,11 +24,11 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
+use crate::http::ProxyBody;
+use crate::http::{full_body, json};
 use crate::hub::{Hub, HubError, HubUser};
-use crate::proxy::{full_body, json};
 use crate::routes::Route;
 use crate::store::Revocation;
-use crate::upstream::ProxyBody;
 use cache::{Coalescing, LookupFailed, Source};
 use session::{SessionCheck, Signer};
 
@@ -545,7 +545,7 @@ impl Auth {
         self.settings.cookie_secure
             || req
                 .extensions()
-                .get::<crate::proxy::ConnInfo>()
+                .get::<crate::http::ConnInfo>()
                 .is_some_and(|c| c.tls)
     }
 

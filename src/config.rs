@@ -278,6 +278,10 @@ pub struct Cli {
     /// Most client connections on the public port at once; more get 503 [default: 10000]
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+    /// Data-plane worker threads serving the public port, 1 to 1024 [default: the cores hubgate
+    /// may run on]
+    #[arg(long, value_name = "N", env = "HUBGATE_WORKERS")]
+    pub workers: Option<usize>,
     /// Seconds in-flight requests may run after SIGTERM/SIGINT [default: 10]
     #[arg(long, value_name = "SECS")]
     pub shutdown_timeout: Option<u64>,
@@ -366,6 +370,7 @@ pub struct FileConfig {
     pub redirect_to: Option<u16>,
     pub max_header_size: Option<usize>,
     pub max_connections: Option<usize>,
+    pub workers: Option<usize>,
     pub shutdown_timeout: Option<u64>,
     pub access_log: Option<bool>,
 }
@@ -461,6 +466,8 @@ pub struct Config {
     pub redirect: Option<(u16, u16)>,
     pub max_header_size: usize,
     pub max_connections: usize,
+    /// Data-plane worker threads (never 0).
+    pub workers: usize,
     pub access_log: bool,
     /// Things to warn about once logging is up (flags accepted but mapped or ignored).
     pub warnings: Vec<String>,
@@ -842,6 +849,7 @@ impl Config {
                 .or(file.max_connections)
                 .unwrap_or(10_000)
                 .max(1),
+            workers: workers(cli.workers.or(file.workers))?,
             access_log: cli.access_log || file.access_log.unwrap_or(false),
             warnings,
             max_sync_body: cli
@@ -858,6 +866,18 @@ impl Config {
                 cli.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(10),
             ),
         })
+    }
+}
+
+/// `--workers`, or the cores hubgate may run on.
+fn workers(given: Option<usize>) -> Result<usize, ConfigError> {
+    match given {
+        Some(n @ 1..=1024) => Ok(n),
+        Some(n) => Err(ConfigError::new(
+            "--workers",
+            format!("{n} is out of range (1 to 1024)"),
+        )),
+        None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
     }
 }
 

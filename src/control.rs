@@ -275,7 +275,7 @@ impl Writer {
                     self.commit(commands).await;
                     if self.store.wants_compaction() {
                         let snapshot = self.table.snapshot();
-                        let routes = snapshot.iter().map(|r| r.to_stored()).collect();
+                        let routes = snapshot.iter().map(|r| StoredRoute::of(r)).collect();
                         if let Err(e) = self.store.compact(routes, snapshot.version()).await {
                             tracing::error!(error = %e, "route store compaction failed; will retry");
                         }
@@ -479,7 +479,7 @@ impl Writer {
                     changes
                         .iter()
                         .map(|c| match c {
-                            Change::Upsert(r) => StoredChange::Put(r.to_stored()),
+                            Change::Upsert(r) => StoredChange::Put(StoredRoute::of(r)),
                             Change::Remove(k) => StoredChange::Del { key: k.to_string() },
                         })
                         .collect()
@@ -618,7 +618,7 @@ impl Writer {
         };
         let local = self.table.snapshot();
         if loaded.version == 0 && loaded.routes.is_empty() && local.version() > 0 {
-            let routes = local.iter().map(|r| r.to_stored()).collect();
+            let routes = local.iter().map(|r| StoredRoute::of(r)).collect();
             match self.store.refill(routes, local.version()).await {
                 Ok(true) => {
                     tracing::warn!(

@@ -16,7 +16,9 @@ fn main() -> ExitCode {
     };
     hubgate::logging::init(&config.log_level, config.log_format);
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // The control plane (API, store, hub, background tasks) runs here; the data plane's
+    // workers each get a runtime of their own (see `hubgate::workers`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -20,18 +20,8 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::routes::{now_ms, RouteKind};
 use crate::upstream::FailureCause;
-
-/// Which sort of route a request went to. A bounded label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RouteKind {
-    User = 0,
-    Service = 1,
-    Hub = 2,
-    Other = 3,
-    /// No route matched.
-    None = 4,
-}
 
 const KINDS: [&str; 5] = ["user", "service", "hub", "other", "none"];
 const METHODS: [&str; 8] = [
@@ -547,7 +537,7 @@ impl Metrics {
         };
         self.upstream_errors[i].inc();
         self.last_upstream_failure_ms
-            .store(crate::routes::now_ms(), Ordering::Relaxed);
+            .store(now_ms(), Ordering::Relaxed);
     }
 
     pub fn request_bytes(&self, kind: RouteKind) -> &IntCounter {
@@ -596,8 +586,7 @@ pub fn hub_call(endpoint: &'static str, status: &str, elapsed: Duration) {
 pub fn store_failed() {
     let m = get();
     m.store_writes.with_label_values(&["error"]).inc();
-    m.last_store_failure_ms
-        .store(crate::routes::now_ms(), Ordering::Relaxed);
+    m.last_store_failure_ms.store(now_ms(), Ordering::Relaxed);
 }
 
 #[cfg(test)]

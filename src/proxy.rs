@@ -1,45 +1,39 @@
 //! The data plane: every request on the public port is matched against the route table and
 //! forwarded, streaming, to its target; websocket upgrades become a two-way byte tunnel.
 //!
+//! A request goes through its phases in [`Proxy::handle`]: the server accepted it (see
+//! [`crate::server`]); its path is normalised ([`RequestPath::parse`]); a route is matched
+//! ([`Proxy::route_for`]); the edge checks credentials ([`Proxy::authorize`]); the request for
+//! the target is prepared ([`Proxy::upstream_request`]) and sent on this worker's connection
+//! pool ([`Proxy::exchange`]), and the answer is shaped for the client
+//! ([`Proxy::client_response`]); finally metrics and the access log record it.
+//!
 //! All statuses a user can see from hubgate itself (404 no route, 400 undecodable path, 503 target
 //! failed) are decided in [`ProxyError::status`] and rendered in [`Proxy::error_response`].
 
 use std::convert::Infallible;
-use std::io;
-use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body::Body as _;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use pin_project_lite::pin_project;
-use prometheus::IntCounter;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::auth::{self, Auth, Verdict};
 use crate::config::{Config, ErrorPages};
-use crate::metrics::{self, RouteKind};
+use crate::http::{empty, empty_body, ConnInfo, ProxyBody};
+use crate::metrics;
 use crate::path::{self, RequestPath};
-use crate::routes::{Route, RouteTable};
-use crate::upstream::{FailureCause, ProxyBody, UpstreamClient};
+use crate::routes::{Route, RouteKind, RouteTable};
+use crate::upstream::{FailureCause, Pool, SendError};
 
+mod body;
+mod pages;
 mod tunnel;
 
-/// What the proxy needs to know about the connection a request came in on.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnInfo {
-    /// The client's address; `None` on a Unix socket.
-    pub remote_ip: Option<IpAddr>,
-    pub tls: bool,
-}
+use body::{AccessRecord, ActivityBody, LoggedBody, Watched};
 
 /// What the metrics and the access log need to know about a request once it is answered.
 struct Trace {
@@ -49,74 +43,12 @@ struct Trace {
     route: Option<Arc<Route>>,
 }
 
-/// One access-log line's worth, written when the response body is done (or dropped).
-struct AccessRecord {
-    method: http::Method,
-    route: Option<Arc<Route>>,
-    status: u16,
-    started: Instant,
-    client: Option<IpAddr>,
-}
-
-/// A response body that writes the access-log line when it ends, with the bytes it carried.
-/// Paths, queries, tokens and cookies are never logged: the route's key stands for the path.
-struct LoggedBody {
-    inner: ProxyBody,
-    record: AccessRecord,
-    bytes: u64,
-}
-
-impl LoggedBody {
-    fn new(inner: ProxyBody, record: AccessRecord) -> Self {
-        LoggedBody {
-            inner,
-            record,
-            bytes: 0,
-        }
-    }
-}
-
-impl Body for LoggedBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                let n = data.len() as u64;
-                self.bytes += n;
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for LoggedBody {
-    fn drop(&mut self) {
-        let r = &self.record;
-        tracing::info!(
-            target: "hubgate::access",
-            method = %r.method,
-            route = r.route.as_ref().map_or("-", |route| route.key()),
-            status = r.status,
-            duration_ms = r.started.elapsed().as_secs_f64() * 1000.0,
-            bytes = self.bytes,
-            client = %r.client.map_or_else(|| "-".to_owned(), |ip| ip.to_canonical().to_string()),
-            "request"
-        );
-    }
+/// What the edge decided a forwarded request carries.
+#[derive(Default)]
+struct Grant {
+    identity: Option<Arc<auth::Identity>>,
+    strip_token: bool,
+    set_cookie: Option<HeaderValue>,
 }
 
 /// Forwarding options, fixed at start.
@@ -187,12 +119,34 @@ impl ProxyError {
             | ProxyError::NotLoaded => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
+
+    /// Logs it at the level its kind deserves, and counts target failures.
+    fn report(&self, method: &http::Method) {
+        let status = self.status().as_u16();
+        match self {
+            ProxyError::NoRoute | ProxyError::NotLoaded => {
+                tracing::debug!(%method, status, error = %self, "no route")
+            }
+            ProxyError::BadPath(_) | ProxyError::BadHost | ProxyError::ClientBody(_) => {
+                tracing::info!(%method, status, error = %self, "bad request")
+            }
+            _ => tracing::error!(%method, status, error = %self, "proxy error"),
+        }
+        let cause = match self {
+            ProxyError::Upstream(cause, _) => *cause,
+            ProxyError::UpstreamTimeout => FailureCause::Timeout,
+            ProxyError::UnaskedSwitch => FailureCause::Other,
+            _ => return,
+        };
+        metrics::get().upstream_error(cause);
+    }
 }
 
-/// The forwarding service shared by every connection on the public port.
+/// The forwarding service of one worker: shares the route table, the options and the edge with
+/// every other worker, and owns its connections to targets.
 pub struct Proxy {
     table: Arc<RouteTable>,
-    client: UpstreamClient,
+    pool: Arc<Pool>,
     opts: ForwardOptions,
     /// Authentication at the edge, when configured.
     auth: Option<Arc<Auth>>,
@@ -217,29 +171,26 @@ const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port")
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// What `url=` escapes in an error-target request: everything but unreserved characters, as
-/// JavaScript's URLSearchParams does (it writes a space as `+`; `%20` means the same).
-const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'*');
-
 impl Proxy {
     pub fn new(
         table: Arc<RouteTable>,
-        client: UpstreamClient,
+        pool: Arc<Pool>,
         opts: ForwardOptions,
         auth: Option<Arc<Auth>>,
         closing: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         Proxy {
             table,
-            client,
+            pool,
             opts,
             auth,
             closing,
         }
+    }
+
+    /// This worker's connections to targets.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
     }
 
     /// Serves one request. Never fails: every error becomes a response.
@@ -248,54 +199,58 @@ impl Proxy {
         mut req: Request<Incoming>,
         conn: ConnInfo,
     ) -> Result<Response<ProxyBody>, Infallible> {
-        // Authentication reads it (cookies are `Secure` on TLS connections).
-        req.extensions_mut().insert(conn);
         if req.uri().path() == "/_chp_healthz" && req.uri().query().is_none() {
-            return Ok(json(StatusCode::OK, r#"{"status": "OK"}"#));
+            return Ok(crate::http::json(StatusCode::OK, r#"{"status": "OK"}"#));
         }
         if let Some(auth) = &self.auth {
+            // Authentication reads it (cookies are `Secure` on TLS connections).
+            req.extensions_mut().insert(conn);
             if auth.is_callback(req.uri().path()) {
                 return Ok(auth.callback(&req).await);
             }
         }
         let started = Instant::now();
         let websocket = is_websocket_upgrade(&req);
-        let original = req
-            .uri()
-            .path_and_query()
-            .map_or_else(|| req.uri().path().to_owned(), |pq| pq.as_str().to_owned());
         let method = req.method().clone();
         let mut trace = Trace {
             kind: RouteKind::None,
             upstream: None,
             route: None,
         };
-        let resp = self
-            .answer(req, conn, websocket, &original, &mut trace)
-            .await;
+        let resp = self.answer(req, conn, websocket, &mut trace).await;
+        Ok(self.record(resp, method, conn, started, websocket, trace))
+    }
+
+    /// The last phase: metrics, and the access-log line when the response body ends.
+    fn record(
+        &self,
+        resp: Response<ProxyBody>,
+        method: http::Method,
+        conn: ConnInfo,
+        started: Instant,
+        websocket: bool,
+        trace: Trace,
+    ) -> Response<ProxyBody> {
+        let status = resp.status().as_u16();
         metrics::get().request(
             trace.kind,
             &method,
-            resp.status().as_u16(),
+            status,
             started.elapsed(),
             trace.upstream,
             websocket,
         );
-        if self.opts.access_log {
-            let record = AccessRecord {
-                method,
-                route: trace.route.take(),
-                status: resp.status().as_u16(),
-                started,
-                client: conn.remote_ip,
-            };
-            let (parts, body) = resp.into_parts();
-            return Ok(Response::from_parts(
-                parts,
-                LoggedBody::new(body, record).boxed(),
-            ));
+        if !self.opts.access_log {
+            return resp;
         }
-        Ok(resp)
+        let record = AccessRecord {
+            method,
+            route: trace.route,
+            status,
+            started,
+            client: conn.remote_ip,
+        };
+        resp.map(|body| LoggedBody::new(body, record).boxed())
     }
 
     /// Forwards a request, or answers it when hubgate cannot.
@@ -304,101 +259,131 @@ impl Proxy {
         req: Request<Incoming>,
         conn: ConnInfo,
         websocket: bool,
-        original: &str,
         trace: &mut Trace,
     ) -> Response<ProxyBody> {
         let method = req.method().clone();
-        match self.forward(req, conn, websocket, trace).await {
+        // Kept for `--error-target`'s `url=`; cloning a parsed URI shares its bytes.
+        let uri = req.uri().clone();
+        match self.forward(req, &uri, conn, websocket, trace).await {
             Ok(resp) => resp,
             Err(err) => {
-                let status = err.status();
-                match &err {
-                    ProxyError::NoRoute | ProxyError::NotLoaded => {
-                        tracing::debug!(%method, status = status.as_u16(), error = %err, "no route")
-                    }
-                    ProxyError::BadPath(_) | ProxyError::BadHost | ProxyError::ClientBody(_) => {
-                        tracing::info!(%method, status = status.as_u16(), error = %err, "bad request")
-                    }
-                    _ => tracing::error!(
-                        %method,
-                        status = status.as_u16(),
-                        error = %err,
-                        "proxy error"
-                    ),
-                }
-                match &err {
-                    ProxyError::Upstream(cause, _) => metrics::get().upstream_error(*cause),
-                    ProxyError::UpstreamTimeout => {
-                        metrics::get().upstream_error(FailureCause::Timeout)
-                    }
-                    ProxyError::UnaskedSwitch => metrics::get().upstream_error(FailureCause::Other),
-                    _ => {}
-                }
+                err.report(&method);
                 if websocket {
                     // A websocket client gets the bare status, as CHP sends it.
-                    return empty(status);
+                    return empty(err.status());
                 }
-                self.error_response(status, original).await
+                let original = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
+                self.error_response(err.status(), original).await
             }
         }
     }
 
+    /// Normalise, match, authorize, forward.
     async fn forward(
         &self,
         mut req: Request<Incoming>,
+        uri: &http::Uri,
         conn: ConnInfo,
         websocket: bool,
         trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let path = RequestPath::parse(req.uri().path())?;
+        let path = RequestPath::parse(uri.path())?;
         // RFC 9112 §3.2: more than one Host is a 400. Forwarding them all would let hubgate route
         // (and authenticate) by one while the target acts on another.
         if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
             return Err(ProxyError::BadHost);
         }
         let host = request_host(&req);
-        let lookup_started = Instant::now();
-        let route = {
-            let table = self.table.load();
-            let found = if self.opts.host_routing {
-                let host = host.as_deref().ok_or(ProxyError::BadHost)?;
-                let host = host_without_port(host);
-                if host.contains('/') {
-                    return Err(ProxyError::BadHost);
-                }
-                let mut key = String::with_capacity(host.len() + path.lookup.len() + 1);
-                key.push('/');
-                key.push_str(&host.to_ascii_lowercase());
-                if path.lookup != "/" {
-                    key.push_str(&path.lookup);
-                }
-                table.lookup(&key).cloned()
-            } else {
-                table.lookup(&path.lookup).cloned()
-            };
-            found.ok_or_else(|| {
-                if self.table.is_loaded() {
-                    ProxyError::NoRoute
-                } else {
-                    ProxyError::NotLoaded
-                }
-            })?
-        };
-        metrics::get().lookup_time(lookup_started.elapsed());
+        let route = self.route_for(&path, host.as_ref())?;
         trace.kind = route.kind();
         if self.opts.access_log {
             trace.route = Some(route.clone());
         }
-
         // Decided on the route just matched, so the check and the router cannot disagree.
-        let (identity, strip_token, set_cookie) = match &self.auth {
-            Some(auth) => match auth.check(&req, &route, websocket).await {
-                Verdict::Allow(a) => (a.identity, a.strip_token, a.set_cookie),
-                Verdict::Respond(resp) => return Ok(resp),
-            },
-            None => (None, false, None),
+        let grant = match self.authorize(&req, &route, websocket).await {
+            Ok(grant) => grant,
+            Err(resp) => return Ok(resp),
         };
+        let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+        let (upstream_req, client_failed) =
+            self.upstream_request(req, conn, &path, &route, host, &grant, websocket)?;
+        let resp = self
+            .exchange(upstream_req, &route, websocket, &client_failed, trace)
+            .await?;
+        self.client_response(resp, route, client_upgrade, grant.set_cookie)
+    }
 
+    /// The route for a request: by path, or by host and path under host routing.
+    fn route_for(
+        &self,
+        path: &RequestPath<'_>,
+        host: Option<&HeaderValue>,
+    ) -> Result<Arc<Route>, ProxyError> {
+        let lookup_started = Instant::now();
+        let table = self.table.load();
+        let found = if self.opts.host_routing {
+            let host = host
+                .and_then(|h| h.to_str().ok())
+                .ok_or(ProxyError::BadHost)?;
+            let host = host_without_port(host);
+            if host.contains('/') {
+                return Err(ProxyError::BadHost);
+            }
+            let mut key = String::with_capacity(host.len() + path.lookup.len() + 1);
+            key.push('/');
+            key.push_str(&host.to_ascii_lowercase());
+            if path.lookup != "/" {
+                key.push_str(&path.lookup);
+            }
+            table.lookup(&key).cloned()
+        } else {
+            table.lookup(&path.lookup).cloned()
+        };
+        let route = found.ok_or_else(|| {
+            if self.table.is_loaded() {
+                ProxyError::NoRoute
+            } else {
+                ProxyError::NotLoaded
+            }
+        })?;
+        metrics::get().lookup_time(lookup_started.elapsed());
+        Ok(route)
+    }
+
+    /// The edge's verdict: what the forwarded request carries, or hubgate's own answer.
+    async fn authorize(
+        &self,
+        req: &Request<Incoming>,
+        route: &Route,
+        websocket: bool,
+    ) -> Result<Grant, Response<ProxyBody>> {
+        let Some(auth) = &self.auth else {
+            return Ok(Grant::default());
+        };
+        match auth.check(req, route, websocket).await {
+            Verdict::Allow(a) => Ok(Grant {
+                identity: a.identity,
+                strip_token: a.strip_token,
+                set_cookie: a.set_cookie,
+            }),
+            Verdict::Respond(resp) => Err(resp),
+        }
+    }
+
+    /// The request as the target gets it: its path under the target's, hop-by-hop headers gone,
+    /// forged identities scrubbed, `X-Forwarded-*` added, and a body that notes the client's
+    /// failures (returned beside it) and counts activity.
+    #[allow(clippy::too_many_arguments)]
+    fn upstream_request(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        path: &RequestPath<'_>,
+        route: &Arc<Route>,
+        host: Option<HeaderValue>,
+        grant: &Grant,
+        websocket: bool,
+    ) -> Result<(Request<ProxyBody>, ClientFailure), ProxyError> {
         let rest = if self.opts.include_prefix {
             &path.raw[..]
         } else {
@@ -409,81 +394,78 @@ impl Proxy {
         } else {
             "/"
         };
-        let query = if strip_token {
+        let query = if grant.strip_token {
             auth::strip_token_param(req.uri().query())
         } else {
             req.uri().query().map(str::to_owned)
         };
         let uri = route
             .target()
-            .uri(&path::join(base, rest), query.as_deref())
+            .origin_form(&path::join(base, rest), query.as_deref())
             .map_err(|_| ProxyError::BadPath(path::PathError::BadEscape))?;
-
-        let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let port = forwarded_port(host.as_deref(), conn.tls);
-        let proto = match (websocket, conn.tls) {
-            (true, true) => "wss",
-            (true, false) => "ws",
-            (false, true) => "https",
-            (false, false) => "http",
-        };
         strip_hop_by_hop(&mut parts.headers, websocket);
         if let Some(auth) = &self.auth {
-            auth.scrub(&mut parts.headers, identity.as_deref());
-        }
-        if !parts.headers.contains_key(header::HOST) {
-            if let Some(h) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
-                parts.headers.insert(header::HOST, h);
-            }
+            auth.scrub(&mut parts.headers, grant.identity.as_deref());
         }
         if self.opts.x_forward {
-            let ip = conn.remote_ip.map(|ip| ip.to_canonical().to_string());
-            append_forwarded(
-                &mut parts.headers,
-                X_FORWARDED_FOR,
-                ip.as_deref().unwrap_or(""),
-            );
-            append_forwarded(&mut parts.headers, X_FORWARDED_PORT, &port);
-            append_forwarded(&mut parts.headers, X_FORWARDED_PROTO, proto);
-            if !parts.headers.contains_key(X_FORWARDED_HOST) {
-                if let Some(h) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
-                    parts.headers.insert(X_FORWARDED_HOST, h);
-                }
-            }
+            add_forwarded(&mut parts.headers, conn, host.as_ref(), websocket);
+        }
+        let host = host.or_else(|| target_host(route));
+        if let Some(host) = host {
+            parts.headers.entry(header::HOST).or_insert(host);
         }
         for (name, value) in &self.opts.custom_headers {
             parts.headers.insert(name.clone(), value.clone());
         }
         parts.uri = uri;
         parts.version = Version::HTTP_11;
-        let counter = metrics::get().request_bytes(route.kind());
-        let client_failed: Arc<std::sync::OnceLock<String>> = Arc::default();
-        let noted = client_failed.clone();
-        let body = Watched::new(
-            ActivityBody::new(body, Some(route.clone()), Some(counter)),
-            move |e: &hyper::Error| {
-                let _ = noted.set(e.to_string());
-            },
-        )
-        .boxed();
-        let upstream_req = Request::from_parts(parts, body);
+        let (body, client_failed) = watch_request_body(body, route);
+        Ok((Request::from_parts(parts, body), client_failed))
+    }
 
-        tracing::debug!(route = %route.key(), target = ?route.target(), "forwarding");
-        let sent = self.client.request(upstream_req);
-        let upstream_started = Instant::now();
+    /// Sends the request on this worker's pool, within `--proxy-timeout`.
+    async fn exchange(
+        &self,
+        req: Request<ProxyBody>,
+        route: &Route,
+        websocket: bool,
+        client_failed: &ClientFailure,
+        trace: &mut Trace,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let target = route.target();
+        tracing::debug!(route = %route.key(), ?target, "forwarding");
+        let started = Instant::now();
+        let sent = async {
+            if websocket {
+                let resp = self.pool.send_upgrade(target, req).await?;
+                Ok::<_, SendError>(resp.map(BodyExt::boxed))
+            } else {
+                let resp = self.pool.send(target, req).await?;
+                Ok(resp.map(BodyExt::boxed))
+            }
+        };
         let result = match self.opts.proxy_timeout {
             Some(limit) => tokio::time::timeout(limit, sent)
                 .await
                 .map_err(|_| ProxyError::UpstreamTimeout)?,
             None => sent.await,
         };
-        trace.upstream = Some(upstream_started.elapsed());
-        let mut resp = result.map_err(|e| match client_failed.get() {
+        trace.upstream = Some(started.elapsed());
+        result.map_err(|e| match client_failed.get() {
             Some(why) => ProxyError::ClientBody(why.clone()),
             None => ProxyError::Upstream(FailureCause::of(&e), error_chain(&e)),
-        })?;
+        })
+    }
 
+    /// The target's answer as the client gets it; a switch of protocols becomes a tunnel.
+    fn client_response(
+        &self,
+        mut resp: Response<ProxyBody>,
+        route: Arc<Route>,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        set_cookie: Option<HeaderValue>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let status = resp.status();
         if status == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_none() {
             // Passing it on would switch a client that asked for nothing; the target is broken.
@@ -498,10 +480,10 @@ impl Proxy {
         if let Some(client_upgrade) = client_upgrade {
             if status == StatusCode::SWITCHING_PROTOCOLS {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                tokio::spawn(tunnel(
+                tokio::spawn(tunnel::tunnel(
                     client_upgrade,
                     upstream_upgrade,
-                    route.clone(),
+                    route,
                     self.closing.clone(),
                 ));
                 let (parts, _) = resp.into_parts();
@@ -512,174 +494,96 @@ impl Proxy {
         // The target's HTTP version is its business; the client gets the one it speaks.
         parts.version = Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers, false);
-        let counter = metrics::get().response_bytes(route.kind());
-        let counted = (status.as_u16() < 300).then_some(route.clone());
-        let body = Watched::new(
-            ActivityBody::new(body, counted, Some(counter)),
-            move |e: &hyper::Error| {
-                let cause = FailureCause::of(e);
-                metrics::get().upstream_error(cause);
-                tracing::error!(
-                    route = %route.key(),
-                    status = status.as_u16(),
-                    cause = %cause.as_str(),
-                    error = %error_chain(e),
-                    "target failed in the middle of a response; the client's response is cut short"
-                );
-            },
-        );
-        Ok(Response::from_parts(parts, body.boxed()))
+        Ok(Response::from_parts(
+            parts,
+            watch_response_body(body, route, status),
+        ))
     }
 
     /// The page for an error hubgate answers itself, from wherever the configuration says.
     pub async fn error_response(&self, status: StatusCode, original: &str) -> Response<ProxyBody> {
-        match &self.opts.error_pages {
-            ErrorPages::Builtin => {}
-            ErrorPages::Target(target) => {
-                let path = path::join(target.path(), status.as_str());
-                let query = format!("url={}", utf8_percent_encode(original, QUERY_VALUE));
-                match target.uri(&path, Some(&query)) {
-                    Ok(uri) => match self.fetch_error_page(uri).await {
-                        Ok((headers, body)) => {
-                            let mut resp = Response::new(body);
-                            *resp.status_mut() = status;
-                            for name in [header::CONTENT_TYPE, header::CONTENT_ENCODING] {
-                                if let Some(v) = headers.get(&name) {
-                                    resp.headers_mut().insert(name, v.clone());
-                                }
-                            }
-                            return resp;
-                        }
-                        Err(e) => tracing::error!(error = %e, "failed to get custom error page"),
-                    },
-                    Err(e) => tracing::error!(error = %e, "cannot build the error-target URL"),
-                }
-            }
-            ErrorPages::Dir(dir) => {
-                let specific = dir.join(format!("{}.html", status.as_u16()));
-                let page = match tokio::fs::read(&specific).await {
-                    Ok(page) => Ok(page),
-                    Err(_) => tokio::fs::read(dir.join("error.html")).await,
-                };
-                match page {
-                    Ok(page) => return html(status, Bytes::from(page)),
-                    Err(e) => tracing::error!(error = %e, dir = %dir.display(), "no error page"),
-                }
-            }
-        }
-        html(status, Bytes::from(builtin_page(status)))
-    }
-
-    async fn fetch_error_page(
-        &self,
-        uri: http::Uri,
-    ) -> Result<(HeaderMap, ProxyBody), hyper_util::client::legacy::Error> {
-        let mut req = Request::new(empty_body());
-        *req.uri_mut() = uri;
-        let resp = self.client.request(req).await?;
-        let (parts, body) = resp.into_parts();
-        Ok((parts.headers, body.boxed()))
+        pages::error_page(&self.opts.error_pages, &self.pool, status, original).await
     }
 }
 
-/// Copies bytes both ways between an upgraded client and target until either side closes, or
-/// until hubgate stops, when both sides get an orderly TCP close.
-async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-    route: Arc<Route>,
-    mut closing: tokio::sync::watch::Receiver<bool>,
+/// Why the client's request body failed, once it has: a forwarded request that fails because of
+/// it is the client's fault.
+type ClientFailure = Arc<std::sync::OnceLock<String>>;
+
+/// The request body the target gets: counted, touching the route, noting its own failure. A
+/// request without a body sends none, and needs no watching.
+fn watch_request_body(body: Incoming, route: &Arc<Route>) -> (ProxyBody, ClientFailure) {
+    let client_failed = ClientFailure::default();
+    if body.is_end_stream() {
+        return (empty_body(), client_failed);
+    }
+    let counter = metrics::get().request_bytes(route.kind());
+    let noted = client_failed.clone();
+    let body = Watched::new(
+        ActivityBody::new(body, Some(route.clone()), Some(counter)),
+        move |e: &hyper::Error| {
+            let _ = noted.set(e.to_string());
+        },
+    );
+    (body.boxed(), client_failed)
+}
+
+/// The response body the client gets: counted, touching the route while it succeeds, and
+/// logged when the target fails in the middle of it.
+fn watch_response_body(body: ProxyBody, route: Arc<Route>, status: StatusCode) -> ProxyBody {
+    let counter = metrics::get().response_bytes(route.kind());
+    let counted = (status.as_u16() < 300).then_some(route.clone());
+    Watched::new(
+        ActivityBody::new(body, counted, Some(counter)),
+        move |e: &hyper::Error| {
+            let cause = FailureCause::of(e);
+            metrics::get().upstream_error(cause);
+            tracing::error!(
+                route = %route.key(),
+                status = status.as_u16(),
+                cause = %cause.as_str(),
+                error = %error_chain(e),
+                "target failed in the middle of a response; the client's response is cut short"
+            );
+        },
+    )
+    .boxed()
+}
+
+/// The Host a request the client sent without one carries: the target's own authority (what a
+/// client library would send), or `localhost` for a Unix socket.
+fn target_host(route: &Route) -> Option<HeaderValue> {
+    match route.target().endpoint() {
+        crate::target::Endpoint::Unix(_) => Some(HeaderValue::from_static("localhost")),
+        _ => HeaderValue::from_str(route.target().authority().as_str()).ok(),
+    }
+}
+
+/// `X-Forwarded-For`, `-Port`, `-Proto` appended as CHP's proxy library does; `-Host` set when
+/// absent.
+fn add_forwarded(
+    headers: &mut HeaderMap,
+    conn: ConnInfo,
+    host: Option<&HeaderValue>,
+    websocket: bool,
 ) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(pair) => pair,
-        Err(e) => {
-            tracing::debug!(error = %e, "websocket upgrade failed");
-            return;
-        }
+    let proto = match (websocket, conn.tls) {
+        (true, true) => "wss",
+        (true, false) => "ws",
+        (false, true) => "https",
+        (false, false) => "http",
     };
-    let mut client = ActivityIo {
-        inner: TokioIo::new(client),
-        route: route.clone(),
-    };
-    let mut upstream = ActivityIo {
-        inner: TokioIo::new(upstream),
-        route,
-    };
-    let m = metrics::get();
-    m.websockets.inc();
-    m.active_websockets.inc();
-    let opened = Instant::now();
-    tokio::select! {
-        copied = tunnel::copy_both(&mut client, &mut upstream) => {
-            if let Err(e) = copied {
-                tracing::debug!(error = %e, "websocket tunnel closed with an error");
-            }
-        }
-        _ = stopped(&mut closing) => {
-            use tokio::io::AsyncWriteExt;
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                let _ = client.shutdown().await;
-                let _ = upstream.shutdown().await;
-            })
-            .await;
-            tracing::debug!(route = %client.route.key(), "websocket closed for shutdown");
-        }
-    }
-    m.active_websockets.dec();
-    m.websocket_duration.observe(opened.elapsed().as_secs_f64());
-}
-
-pin_project! {
-    /// A body that records activity on its route for every frame that passes, and counts its
-    /// bytes.
-    pub struct ActivityBody<B> {
-        #[pin]
-        inner: B,
-        route: Option<Arc<Route>>,
-        bytes: Option<&'static IntCounter>,
-    }
-}
-
-impl<B> ActivityBody<B> {
-    pub fn new(inner: B, route: Option<Arc<Route>>, bytes: Option<&'static IntCounter>) -> Self {
-        ActivityBody {
-            inner,
-            route,
-            bytes,
-        }
-    }
-}
-
-impl<B: Body> Body for ActivityBody<B>
-where
-    B::Data: Buf,
-{
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(route) = this.route.as_ref() {
-                route.touch();
-            }
-            if let (Some(bytes), Some(data)) = (this.bytes, frame.data_ref()) {
-                bytes.inc_by(data.remaining() as u64);
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    let host_str = host.and_then(|h| h.to_str().ok());
+    let ip = conn.remote_ip.map(|ip| ip.to_canonical().to_string());
+    append_forwarded(headers, X_FORWARDED_FOR, ip.as_deref().unwrap_or(""));
+    append_forwarded(
+        headers,
+        X_FORWARDED_PORT,
+        &forwarded_port(host_str, conn.tls),
+    );
+    append_forwarded(headers, X_FORWARDED_PROTO, proto);
+    if let Some(h) = host {
+        headers.entry(X_FORWARDED_HOST).or_insert_with(|| h.clone());
     }
 }
 
@@ -693,109 +597,6 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
         source = e.source();
     }
     text
-}
-
-pin_project! {
-    /// A body that reports its first failure to `on_error`: the client's request body (a
-    /// forwarded request that fails because of it is the client's fault) or the target's
-    /// response body (a response cut in the middle is logged and counted).
-    struct Watched<B, F> {
-        #[pin]
-        inner: B,
-        on_error: Option<F>,
-    }
-}
-
-impl<B, F> Watched<B, F> {
-    fn new(inner: B, on_error: F) -> Self {
-        Watched {
-            inner,
-            on_error: Some(on_error),
-        }
-    }
-}
-
-impl<B, F> Body for Watched<B, F>
-where
-    B: Body<Error = hyper::Error>,
-    F: FnOnce(&hyper::Error),
-{
-    type Data = B::Data;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Err(e))) = &polled {
-            if let Some(on_error) = this.on_error.take() {
-                on_error(e);
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Resolves once the flag is true (never, if its sender is gone without setting it).
-async fn stopped(flag: &mut tokio::sync::watch::Receiver<bool>) {
-    loop {
-        if *flag.borrow_and_update() {
-            return;
-        }
-        if flag.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
-}
-
-/// An upgraded stream that records activity on its route for every read (so both directions of
-/// a websocket count, where CHP counts only one).
-struct ActivityIo<T> {
-    inner: T,
-    route: Arc<Route>,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.route.touch();
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
@@ -839,12 +640,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 /// The host the client asked for: the Host header, or the URI's authority (HTTP/2).
-fn request_host<B>(req: &Request<B>) -> Option<String> {
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()))
+fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
+    req.headers().get(header::HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    })
 }
 
 fn host_without_port(host: &str) -> &str {
@@ -879,62 +680,6 @@ fn append_forwarded(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     if let Ok(v) = HeaderValue::from_str(&joined) {
         headers.insert(name, v);
     }
-}
-
-pub fn empty_body() -> ProxyBody {
-    Empty::new().map_err(|never| match never {}).boxed()
-}
-
-pub fn full_body(bytes: impl Into<Bytes>) -> ProxyBody {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed()
-}
-
-pub fn empty(status: StatusCode) -> Response<ProxyBody> {
-    let mut resp = Response::new(empty_body());
-    *resp.status_mut() = status;
-    resp
-}
-
-pub fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
-    let mut resp = Response::new(full_body(body));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp
-}
-
-fn html(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
-    let mut resp = Response::new(full_body(body));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    resp
-}
-
-fn builtin_page(status: StatusCode) -> String {
-    let code = status.as_u16();
-    let (title, text) = match code {
-        404 => ("Not Found", "Nothing is served at this address."),
-        503 => (
-            "Service Unavailable",
-            "The server behind this address is not answering. It may be starting or stopped.",
-        ),
-        400 => ("Bad Request", "The request's path could not be understood."),
-        _ => (
-            status.canonical_reason().unwrap_or("Error"),
-            "The proxy could not complete this request.",
-        ),
-    };
-    format!(
-        "<!doctype html>\n<html>\n<head><meta charset=\"utf-8\"><title>{code} {title}</title></head>\n\
-         <body>\n<h1>{code}: {title}</h1>\n<p>{text}</p>\n<hr>\n<p>hubgate</p>\n</body>\n</html>\n"
-    )
 }
 
 #[cfg(test)]
@@ -1000,9 +745,9 @@ mod tests {
     fn error_chains_name_every_source() {
         #[derive(Debug, thiserror::Error)]
         #[error("client error (SendRequest)")]
-        struct Outer(#[source] io::Error);
-        let err = Outer(io::Error::new(
-            io::ErrorKind::InvalidData,
+        struct Outer(#[source] std::io::Error);
+        let err = Outer(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
             "invalid HTTP status-code parsed",
         ));
         assert_eq!(

@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use arc_swap::ArcSwap;
 use serde_json::Value;
 
-use crate::metrics::RouteKind;
 use crate::path;
 use crate::target::Target;
 
@@ -28,6 +27,18 @@ mod map;
 
 pub use data::{DataValue, RouteData};
 use map::RouteMap;
+
+/// Which sort of route a request went to: decides its metrics label and its limits. A bounded
+/// label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    User = 0,
+    Service = 1,
+    Hub = 2,
+    Other = 3,
+    /// No route matched.
+    None = 4,
+}
 
 /// One route: a key, where it goes, and what the client said about it.
 #[derive(Debug)]
@@ -99,15 +110,6 @@ impl Route {
     /// The table version whose batch added or last replaced this route.
     pub fn version(&self) -> u64 {
         self.version.load(Ordering::Relaxed)
-    }
-
-    /// The route as a store keeps it.
-    pub fn to_stored(&self) -> crate::store::StoredRoute {
-        crate::store::StoredRoute {
-            key: self.key.to_string(),
-            data: self.data.to_map(),
-            last_activity: self.last_activity_ms(),
-        }
     }
 
     pub fn key(&self) -> &str {

@@ -1,11 +1,20 @@
 //! Listeners and connections: binding TCP and Unix sockets, serving HTTP/1.1 (and HTTP/2 with
-//! prior knowledge) on each accepted connection, idle timeouts, and draining on shutdown.
+//! prior knowledge or ALPN) on each accepted connection, the connection limit, spreading
+//! connections over the data-plane workers, idle timeouts, and draining on shutdown.
+//!
+//! A port is bound once per worker that serves it ([`Bound::bind`] with `copies`): each TCP copy
+//! is a socket of its own on the same address (`SO_REUSEPORT`, the kernel spreads new connections
+//! by a hash of their addresses); a Unix socket is shared. Every worker registers its copy in its
+//! own runtime ([`Listener::register`]). A hash is blind to load: with a few dozen long keep-alive
+//! connections one worker can get most of them, so [`Port`] counts each worker's open connections
+//! and a worker holding more than its share hands a new one to the least busy worker.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -17,87 +26,174 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream, UnixListener};
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::config::Listen;
-use crate::proxy::ConnInfo;
-use crate::upstream::ProxyBody;
+use crate::http::{ConnInfo, ProxyBody};
 
-/// A bound listener.
-pub enum Listener {
-    Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
+/// Sockets bound and listening, not yet tied to a runtime: each worker registers its own.
+pub enum Bound {
+    Tcp(Vec<std::net::TcpListener>),
+    /// One socket, shared by the workers; removed when the last copy is dropped.
+    Unix(Vec<std::os::unix::net::UnixListener>, Arc<SocketFile>),
 }
 
-impl Listener {
-    /// Binds where `listen` says. An empty host means all interfaces (IPv6 and IPv4 where the
-    /// system allows, else IPv4); a host name is resolved and its first usable address bound.
+/// A Unix socket's file, removed when hubgate stops serving it.
+pub struct SocketFile(PathBuf);
+
+impl SocketFile {
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl Bound {
+    /// Binds where `listen` says, `copies` times (one per worker that will serve it). An empty
+    /// host means all interfaces (IPv6 and IPv4 where the system allows, else IPv4); a host name
+    /// is resolved and its first usable address bound.
     ///
     /// # Errors
     /// The bind or resolution error, with the address in its message.
-    pub async fn bind(listen: &Listen) -> io::Result<Listener> {
+    pub async fn bind(listen: &Listen, copies: usize) -> io::Result<Bound> {
         match listen {
             Listen::Tcp { host, port } => {
-                let with_addr = |e: io::Error, what: &str| {
-                    io::Error::new(e.kind(), format!("cannot bind {what}:{port}: {e}"))
-                };
-                if host.is_empty() {
-                    let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, *port));
-                    let any4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, *port));
-                    return match bind_tcp(any6) {
-                        Ok(l) => Ok(Listener::Tcp(l)),
-                        Err(_) => bind_tcp(any4)
-                            .map(Listener::Tcp)
-                            .map_err(|e| with_addr(e, "0.0.0.0")),
-                    };
+                let first = bind_first_tcp(host, *port).await?;
+                // Port 0 picked a port: the other copies join that one.
+                let addr = first.local_addr()?;
+                let mut sockets = vec![first];
+                for _ in 1..copies.max(1) {
+                    sockets.push(bind_tcp(addr).map_err(|e| {
+                        io::Error::new(e.kind(), format!("cannot bind {addr} again: {e}"))
+                    })?);
                 }
-                let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), *port))
-                    .await
-                    .map_err(|e| with_addr(e, host))?
-                    .collect();
-                let mut last = io::Error::new(io::ErrorKind::NotFound, "no addresses");
-                for addr in addrs {
-                    match bind_tcp(addr) {
-                        Ok(l) => return Ok(Listener::Tcp(l)),
-                        Err(e) => last = e,
-                    }
-                }
-                Err(with_addr(last, host))
+                Ok(Bound::Tcp(sockets))
             }
             Listen::Unix(path) => {
                 remove_stale_socket(path).await?;
-                let l = UnixListener::bind(path).map_err(|e| {
+                let l = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
                     io::Error::new(e.kind(), format!("cannot bind {}: {e}", path.display()))
                 })?;
-                Ok(Listener::Unix(l, path.clone()))
+                l.set_nonblocking(true)?;
+                let file = Arc::new(SocketFile(path.clone()));
+                let mut sockets = Vec::with_capacity(copies.max(1));
+                for _ in 1..copies.max(1) {
+                    sockets.push(l.try_clone()?);
+                }
+                sockets.push(l);
+                Ok(Bound::Unix(sockets, file))
             }
+        }
+    }
+
+    /// The TCP address, when it is one.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Bound::Tcp(sockets) => sockets.first().and_then(|l| l.local_addr().ok()),
+            Bound::Unix(..) => None,
         }
     }
 
     /// What to print in the `listening` log line.
     pub fn describe(&self) -> String {
         match self {
-            Listener::Tcp(l) => l
+            Bound::Tcp(_) => self
                 .local_addr()
-                .map_or_else(|e| format!("?({e})"), |a| a.to_string()),
-            Listener::Unix(_, path) => format!("unix:{}", path.display()),
+                .map_or_else(|| "?".to_owned(), |a| a.to_string()),
+            Bound::Unix(_, file) => format!("unix:{}", file.0.display()),
+        }
+    }
+
+    /// One copy per worker.
+    pub fn split(self) -> Vec<Unregistered> {
+        match self {
+            Bound::Tcp(sockets) => sockets.into_iter().map(Unregistered::Tcp).collect(),
+            Bound::Unix(sockets, file) => sockets
+                .into_iter()
+                .map(|l| Unregistered::Unix(l, file.clone()))
+                .collect(),
         }
     }
 }
 
-/// Binds with `SO_REUSEPORT`, so a second hubgate can serve the same port while the first one
-/// drains and stops (a restart that refuses no connection).
-fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv6() {
-        tokio::net::TcpSocket::new_v6()?
-    } else {
-        tokio::net::TcpSocket::new_v4()?
+/// One worker's copy of a bound socket, before that worker registers it.
+pub enum Unregistered {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener, Arc<SocketFile>),
+}
+
+/// A listener registered with the runtime that accepts on it.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, Arc<SocketFile>),
+}
+
+impl Listener {
+    /// Registers a copy with the current runtime.
+    ///
+    /// # Errors
+    /// When the runtime cannot watch the socket.
+    pub fn register(copy: Unregistered) -> io::Result<Listener> {
+        match copy {
+            Unregistered::Tcp(l) => Ok(Listener::Tcp(TcpListener::from_std(l)?)),
+            Unregistered::Unix(l, file) => Ok(Listener::Unix(UnixListener::from_std(l)?, file)),
+        }
+    }
+
+    /// Binds one copy and registers it with the current runtime (a listener only one task
+    /// serves).
+    ///
+    /// # Errors
+    /// As [`Bound::bind`].
+    pub async fn bind(listen: &Listen) -> io::Result<Listener> {
+        let copy = Bound::bind(listen, 1).await?.split().pop();
+        Listener::register(copy.ok_or_else(|| io::Error::other("nothing was bound"))?)
+    }
+}
+
+async fn bind_first_tcp(host: &str, port: u16) -> io::Result<std::net::TcpListener> {
+    let with_addr = |e: io::Error, what: &str| {
+        io::Error::new(e.kind(), format!("cannot bind {what}:{port}: {e}"))
     };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
+    if host.is_empty() {
+        let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+        let any4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port));
+        return bind_tcp(any6).or_else(|_| bind_tcp(any4).map_err(|e| with_addr(e, "0.0.0.0")));
+    }
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| with_addr(e, host))?
+        .collect();
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "no addresses");
+    for addr in addrs {
+        match bind_tcp(addr) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = e,
+        }
+    }
+    Err(with_addr(last, host))
+}
+
+/// Binds with `SO_REUSEPORT`: the workers' copies share the port, and a second hubgate can
+/// serve it while the first one drains and stops (a restart that refuses no connection).
+fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 /// A socket file left by a process that is gone is removed; one that answers is not.
@@ -124,7 +220,7 @@ pub struct ConnSettings {
     pub keep_alive_timeout: Duration,
     /// Largest request head (HTTP/1.1 buffer, HTTP/2 header list); larger gets 431.
     pub max_header_size: usize,
-    /// At most this many connections at once; one more gets a 503 and is closed.
+    /// At most this many connections at once, over every worker; one more gets a 503.
     pub max_connections: usize,
     /// TLS for this listener.
     pub tls: Option<Arc<crate::tls::Reloadable>>,
@@ -137,24 +233,83 @@ const SETTLE: Duration = Duration::from_millis(250);
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How many more open connections than the least busy worker a worker may hold before it hands
+/// new ones over. Small enough that a few dozen connections spread evenly; not zero, so that a
+/// handoff (two epoll registrations) is paid only for a real imbalance.
+const SLACK: usize = 2;
+
 /// What an HTTP/1.1 client gets when the connection limit is reached.
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 64\r\nconnection: close\r\n\r\n{\"status\":503,\"message\":\"Too many connections; try again later\"}";
 
-/// Accepts connections until `shutdown` changes, serving each with `handler`, then waits for the
-/// open ones to finish their in-flight requests. Returns `true` when they all finished.
-pub async fn serve<H, F>(
-    listener: Listener,
+/// A connection one worker accepted and gives to another.
+pub struct Handoff {
+    stream: HandedStream,
+    info: ConnInfo,
+}
+
+enum HandedStream {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+/// One port as every worker serving it sees it: its settings, the connection limit they share,
+/// and how many connections each holds.
+pub struct Port {
     name: &'static str,
     settings: ConnSettings,
-    handler: H,
-    mut shutdown: watch::Receiver<bool>,
-    grace: Duration,
-) -> bool
-where
-    H: Fn(Request<Incoming>, ConnInfo) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>> + Send + 'static,
-{
-    let graceful = GracefulShutdown::new();
+    builder: auto::Builder<TokioExecutor>,
+    slots: Arc<Semaphore>,
+    open: Box<[AtomicUsize]>,
+    handoffs: Box<[mpsc::UnboundedSender<Handoff>]>,
+}
+
+impl Port {
+    /// A port served by `workers` workers; the receivers are each worker's incoming handoffs.
+    pub fn new(
+        name: &'static str,
+        settings: ConnSettings,
+        workers: usize,
+    ) -> (Arc<Port>, Vec<mpsc::UnboundedReceiver<Handoff>>) {
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..workers.max(1))
+            .map(|_| mpsc::unbounded_channel())
+            .unzip();
+        let port = Port {
+            name,
+            builder: http_builder(&settings),
+            slots: Arc::new(Semaphore::new(settings.max_connections)),
+            settings,
+            open: (0..workers.max(1)).map(|_| AtomicUsize::new(0)).collect(),
+            handoffs: senders.into(),
+        };
+        (Arc::new(port), receivers)
+    }
+
+    /// Open connections per worker, for tests and `/api/status`.
+    pub fn spread(&self) -> Vec<usize> {
+        self.open
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Where a connection `me` just accepted is served: `None` for here, or the worker to hand
+    /// it to. Counts it for whichever it is.
+    fn place(&self, me: usize) -> Option<usize> {
+        let mine = self.open[me].load(Ordering::Relaxed);
+        let (least, fewest) = self
+            .open
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .enumerate()
+            .min_by_key(|&(_, n)| n)
+            .unwrap_or((me, mine));
+        let to = if mine > fewest + SLACK { least } else { me };
+        self.open[to].fetch_add(1, Ordering::Relaxed);
+        (to != me).then_some(to)
+    }
+}
+
+fn http_builder(settings: &ConnSettings) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -167,97 +322,80 @@ where
         .timer(TokioTimer::new())
         .max_header_list_size(settings.max_header_size as u32)
         .keep_alive_interval(Duration::from_secs(30));
-    let builder = Arc::new(builder);
-    let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
+    builder
+}
 
-    let mut stopping = false;
+/// One worker's share of a port: its listener, the connections handed to it, and its number.
+pub struct Intake {
+    pub port: Arc<Port>,
+    pub worker: usize,
+    pub listener: Listener,
+    pub handoffs: mpsc::UnboundedReceiver<Handoff>,
+}
+
+impl Intake {
+    /// A port served by one task on one listener.
+    ///
+    /// # Errors
+    /// As [`Listener::bind`].
+    pub async fn single(
+        listen: &Listen,
+        name: &'static str,
+        settings: ConnSettings,
+    ) -> io::Result<Intake> {
+        let listener = Listener::bind(listen).await?;
+        Ok(Intake::of(listener, name, settings))
+    }
+
+    /// A port served by one task on a listener already bound.
+    pub fn of(listener: Listener, name: &'static str, settings: ConnSettings) -> Intake {
+        let (port, mut receivers) = Port::new(name, settings, 1);
+        Intake {
+            port,
+            worker: 0,
+            listener,
+            handoffs: receivers.remove(0),
+        }
+    }
+}
+
+/// Accepts connections until `shutdown` changes, serving each with `handler`, then waits for the
+/// open ones to finish their in-flight requests. Returns `true` when they all finished.
+pub async fn serve<H, F>(
+    mut intake: Intake,
+    handler: H,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) -> bool
+where
+    H: Fn(Request<Incoming>, ConnInfo) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>> + Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let conns = Conns {
+        port: intake.port.clone(),
+        worker: intake.worker,
+        graceful: &graceful,
+    };
     loop {
-        let accepted = if stopping {
-            // Connections the kernel already queued for this socket would be reset when it
-            // closes; take them first (another process on the port gets the new ones).
-            match accept_queued(&listener) {
-                Some(accepted) => accepted,
-                None => break,
+        tokio::select! {
+            accepted = accept(&intake.listener) => conns.place(accepted, &handler, true).await,
+            Some(Handoff { stream, info }) = intake.handoffs.recv() => {
+                conns.start(stream.into_io(), info, &handler);
             }
-        } else {
-            tokio::select! {
-                accepted = accept(&listener) => accepted,
-                _ = shutdown.changed() => {
-                    stopping = true;
-                    continue;
-                }
-            }
-        };
-        let (io, mut info) = match accepted {
-            Ok(pair) => pair,
-            Err(_) if stopping => break,
-            Err(e) => {
-                // Out of descriptors, or a connection reset before accept: keep serving.
-                tracing::warn!(listener = name, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(
-                listener = name,
-                limit = settings.max_connections,
-                "connection limit reached; refusing a connection"
-            );
-            crate::metrics::get().connections_refused.inc();
-            if settings.tls.is_none() {
-                tokio::spawn(refuse(io));
-            }
-            continue;
-        };
-        let handler = handler.clone();
-        let watcher = graceful.watcher();
-        let builder = builder.clone();
-        let tls = settings.tls.clone();
-        let idle = settings.idle_timeout;
-        let keep_alive = settings.keep_alive_timeout;
-        tokio::spawn(async move {
-            let _slot = slot;
-            let open = crate::metrics::get()
-                .active_connections
-                .with_label_values(&[name]);
-            open.inc();
-            let io: BoxedIo = match tls {
-                Some(tls) => {
-                    let handshake =
-                        tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(io)).await;
-                    match handshake {
-                        Ok(Ok(stream)) => {
-                            info.tls = true;
-                            Box::pin(stream)
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(listener = name, error = %e, "TLS handshake failed");
-                            open.dec();
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(listener = name, "TLS handshake timed out");
-                            open.dec();
-                            return;
-                        }
-                    }
-                }
-                None => io,
-            };
-            let service = service_fn(move |req| handler(req, info));
-            let io = TokioIo::new(IdleIo::new(io, idle, keep_alive));
-            let conn = builder.serve_connection_with_upgrades(io, service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(listener = name, error = %e, "connection closed with an error");
-            }
-            open.dec();
-        });
+            _ = shutdown.changed() => break,
+        }
     }
-    if let Listener::Unix(_, path) = &listener {
-        let _ = std::fs::remove_file(path);
+    // Connections the kernel already queued for this socket would be reset when it closes, and
+    // connections another worker handed over are this one's to serve: take them first (another
+    // process on the port gets the new ones).
+    while let Some(accepted) = accept_queued(&intake.listener) {
+        conns.place(accepted, &handler, false).await;
     }
-    drop(listener);
+    drop(intake.listener);
+    while let Ok(Handoff { stream, info }) = intake.handoffs.try_recv() {
+        conns.start(stream.into_io(), info, &handler);
+    }
     // hyper closes a connection at once when asked to shut down before it has read a request:
     // connections accepted in the last moments (the drained queue above) would lose theirs.
     // A short settle lets them read it; then it is in flight and graceful shutdown waits for it.
@@ -265,6 +403,157 @@ where
     tokio::select! {
         _ = graceful.shutdown() => true,
         _ = tokio::time::sleep(grace.saturating_sub(SETTLE)) => false,
+    }
+}
+
+/// One worker's connections on one port.
+struct Conns<'a> {
+    port: Arc<Port>,
+    worker: usize,
+    graceful: &'a GracefulShutdown,
+}
+
+impl Conns<'_> {
+    /// Serves an accepted connection here, hands it to a less busy worker (unless `spread` is
+    /// false: while stopping, the others may have stopped taking them), or refuses it.
+    async fn place<H, F>(
+        &self,
+        accepted: io::Result<(Accepted, ConnInfo)>,
+        handler: &H,
+        spread: bool,
+    ) where
+        H: Fn(Request<Incoming>, ConnInfo) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>> + Send + 'static,
+    {
+        let (stream, info) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Out of descriptors, or a connection reset before accept: keep serving.
+                tracing::warn!(listener = self.port.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return;
+            }
+        };
+        let to = if spread {
+            self.port.place(self.worker)
+        } else {
+            self.port.open[self.worker].fetch_add(1, Ordering::Relaxed);
+            None
+        };
+        match to {
+            None => self.start(stream.into_io(), info, handler),
+            Some(to) => {
+                let handed = stream.into_std().map(|stream| Handoff { stream, info });
+                let sent = handed.map_err(|e| e.to_string()).and_then(|h| {
+                    self.port.handoffs[to]
+                        .send(h)
+                        .map_err(|_| "that worker has stopped".to_owned())
+                });
+                if let Err(why) = sent {
+                    self.port.open[to].fetch_sub(1, Ordering::Relaxed);
+                    tracing::warn!(listener = self.port.name, error = %why, "could not hand a connection to another worker");
+                }
+            }
+        }
+    }
+
+    /// Serves a connection counted for this worker until it closes.
+    fn start<H, F>(&self, io: io::Result<BoxedIo>, mut info: ConnInfo, handler: &H)
+    where
+        H: Fn(Request<Incoming>, ConnInfo) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>> + Send + 'static,
+    {
+        let counted = Counted {
+            port: self.port.clone(),
+            worker: self.worker,
+        };
+        let io = match io {
+            Ok(io) => io,
+            Err(e) => {
+                tracing::warn!(listener = self.port.name, error = %e, "could not take a connection over");
+                return;
+            }
+        };
+        let Ok(slot) = self.port.slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                listener = self.port.name,
+                limit = self.port.settings.max_connections,
+                "connection limit reached; refusing a connection"
+            );
+            crate::metrics::get().connections_refused.inc();
+            if self.port.settings.tls.is_none() {
+                tokio::spawn(async move {
+                    let _counted = counted;
+                    refuse(io).await;
+                });
+            }
+            return;
+        };
+        let handler = handler.clone();
+        let watcher = self.graceful.watcher();
+        let port = self.port.clone();
+        tokio::spawn(async move {
+            let _held = (slot, counted);
+            let name = port.name;
+            let open = crate::metrics::get()
+                .active_connections
+                .with_label_values(&[name]);
+            open.inc();
+            let io: BoxedIo = match &port.settings.tls {
+                Some(tls) => match tls_handshake(tls, io, name).await {
+                    Some(stream) => {
+                        info.tls = true;
+                        stream
+                    }
+                    None => {
+                        open.dec();
+                        return;
+                    }
+                },
+                None => io,
+            };
+            let service = service_fn(move |req| handler(req, info));
+            let io = TokioIo::new(IdleIo::new(
+                io,
+                port.settings.idle_timeout,
+                port.settings.keep_alive_timeout,
+            ));
+            let conn = port.builder.serve_connection_with_upgrades(io, service);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(listener = name, error = %e, "connection closed with an error");
+            }
+            open.dec();
+        });
+    }
+}
+
+/// A connection counted in its worker's open connections until dropped.
+struct Counted {
+    port: Arc<Port>,
+    worker: usize,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.port.open[self.worker].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn tls_handshake(
+    tls: &crate::tls::Reloadable,
+    io: BoxedIo,
+    name: &'static str,
+) -> Option<BoxedIo> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(io)).await {
+        Ok(Ok(stream)) => Some(Box::pin(stream)),
+        Ok(Err(e)) => {
+            tracing::debug!(listener = name, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(listener = name, "TLS handshake timed out");
+            None
+        }
     }
 }
 
@@ -281,7 +570,7 @@ pub fn redirect_to_https<B>(req: &Request<B>, https_port: u16) -> Response<Proxy
         })
         .filter(|h| !h.is_empty());
     let Some(host) = host else {
-        return crate::proxy::json(
+        return crate::http::json(
             http::StatusCode::BAD_REQUEST,
             r#"{"status":400,"message":"This port redirects to HTTPS, but the request names no Host"}"#,
         );
@@ -292,7 +581,7 @@ pub fn redirect_to_https<B>(req: &Request<B>, https_port: u16) -> Response<Proxy
     } else {
         format!("https://{host}:{https_port}{path}")
     };
-    let mut resp = crate::proxy::empty(http::StatusCode::MOVED_PERMANENTLY);
+    let mut resp = crate::http::empty(http::StatusCode::MOVED_PERMANENTLY);
     if let Ok(v) = http::HeaderValue::from_str(&location) {
         resp.headers_mut().insert(http::header::LOCATION, v);
     }
@@ -314,48 +603,92 @@ type BoxedIo = Pin<Box<dyn IoStream>>;
 trait IoStream: AsyncRead + AsyncWrite + Send {}
 impl<T: AsyncRead + AsyncWrite + Send> IoStream for T {}
 
-/// A connection already waiting in the listener's queue, without waiting for one.
-fn accept_queued(listener: &Listener) -> Option<io::Result<(BoxedIo, ConnInfo)>> {
-    let Listener::Tcp(l) = listener else {
-        return None;
+/// A connection just accepted, still registered with this worker's runtime.
+enum Accepted {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Accepted {
+    fn into_io(self) -> io::Result<BoxedIo> {
+        Ok(match self {
+            Accepted::Tcp(s) => Box::pin(s),
+            Accepted::Unix(s) => Box::pin(s),
+        })
+    }
+
+    /// Leaves this runtime, to be registered with another worker's.
+    fn into_std(self) -> io::Result<HandedStream> {
+        Ok(match self {
+            Accepted::Tcp(s) => HandedStream::Tcp(s.into_std()?),
+            Accepted::Unix(s) => HandedStream::Unix(s.into_std()?),
+        })
+    }
+}
+
+impl HandedStream {
+    /// Registers the connection with the current worker's runtime.
+    fn into_io(self) -> io::Result<BoxedIo> {
+        Ok(match self {
+            HandedStream::Tcp(s) => Box::pin(TcpStream::from_std(s)?),
+            HandedStream::Unix(s) => Box::pin(UnixStream::from_std(s)?),
+        })
+    }
+}
+
+fn tcp_info(stream: &TcpStream, addr: SocketAddr) -> ConnInfo {
+    let _ = stream.set_nodelay(true);
+    ConnInfo {
+        remote_ip: Some(addr.ip()),
+        tls: false,
+    }
+}
+
+const UNIX_INFO: ConnInfo = ConnInfo {
+    remote_ip: None,
+    tls: false,
+};
+
+/// A connection already waiting in the listener's queue, without waiting for one. Asks the
+/// socket itself: the runtime may not have seen the newest ones yet.
+fn accept_queued(listener: &Listener) -> Option<io::Result<(Accepted, ConnInfo)>> {
+    let accepted = match listener {
+        Listener::Tcp(l) => socket2::SockRef::from(l).accept(),
+        Listener::Unix(l, _) => socket2::SockRef::from(l).accept(),
     };
-    let (socket, addr) = match socket2::SockRef::from(l).accept() {
+    let (socket, addr) = match accepted {
         Ok(pair) => pair,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
         Err(e) => return Some(Err(e)),
     };
-    let stream = std::net::TcpStream::from(socket);
-    let converted = stream
-        .set_nonblocking(true)
-        .and_then(|()| TcpStream::from_std(stream));
-    Some(converted.map(|stream| {
-        let _ = stream.set_nodelay(true);
-        let info = ConnInfo {
-            remote_ip: addr.as_socket().map(|a| a.ip()),
-            tls: false,
-        };
-        (Box::pin(stream) as BoxedIo, info)
-    }))
+    let registered = socket.set_nonblocking(true).and_then(|()| match listener {
+        Listener::Tcp(_) => {
+            let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+            let info = match addr.as_socket() {
+                Some(addr) => tcp_info(&stream, addr),
+                None => UNIX_INFO,
+            };
+            Ok((Accepted::Tcp(stream), info))
+        }
+        Listener::Unix(..) => {
+            let fd = std::os::fd::OwnedFd::from(socket);
+            let stream = UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))?;
+            Ok((Accepted::Unix(stream), UNIX_INFO))
+        }
+    });
+    Some(registered)
 }
 
-async fn accept(listener: &Listener) -> io::Result<(BoxedIo, ConnInfo)> {
+async fn accept(listener: &Listener) -> io::Result<(Accepted, ConnInfo)> {
     match listener {
         Listener::Tcp(l) => {
             let (stream, addr) = l.accept().await?;
-            let _ = stream.set_nodelay(true);
-            let info = ConnInfo {
-                remote_ip: Some(addr.ip()),
-                tls: false,
-            };
-            Ok((Box::pin(stream), info))
+            let info = tcp_info(&stream, addr);
+            Ok((Accepted::Tcp(stream), info))
         }
         Listener::Unix(l, _) => {
             let (stream, _) = l.accept().await?;
-            let info = ConnInfo {
-                remote_ip: None,
-                tls: false,
-            };
-            Ok((Box::pin(stream), info))
+            Ok((Accepted::Unix(stream), UNIX_INFO))
         }
     }
 }

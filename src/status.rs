@@ -15,11 +15,11 @@ use serde_json::json;
 
 use crate::auth::Auth;
 use crate::control::Control;
+use crate::http::json;
+use crate::http::ProxyBody;
 use crate::hub::Hub;
 use crate::metrics;
-use crate::proxy::json;
 use crate::routes::{format_timestamp, now_ms, RouteTable};
-use crate::upstream::ProxyBody;
 
 /// How recently the hub must have answered for hubgate (with authentication on) to be ready.
 const HUB_FRESH: Duration = Duration::from_secs(30);
@@ -203,7 +203,7 @@ impl Status {
                 m.certificate_expiry.with_label_values(&[tls.name()]).set(t);
             }
         }
-        let mut resp = Response::new(crate::proxy::full_body(m.render()));
+        let mut resp = Response::new(crate::http::full_body(m.render()));
         resp.headers_mut().insert(
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -90,6 +90,17 @@ pub struct StoredRoute {
     pub last_activity: i64,
 }
 
+impl StoredRoute {
+    /// The route as a store keeps it.
+    pub fn of(route: &crate::routes::Route) -> Self {
+        StoredRoute {
+            key: route.key().to_owned(),
+            data: route.data().to_map(),
+            last_activity: route.last_activity_ms(),
+        }
+    }
+}
+
 /// One change in a stored batch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]

@@ -52,6 +52,8 @@ pub struct Target {
     /// Where the target's query is in `raw`, when it is not empty: merged in front of a
     /// request's query as CHP does.
     query: Option<Span>,
+    /// How far `raw` names the server (scheme and authority): the key of its connection pool.
+    origin_end: u32,
 }
 
 /// A byte range of a target's URL.
@@ -123,6 +125,7 @@ impl Target {
         let query = query
             .map(|q| Span::of(s, q).ok_or_else(too_long))
             .transpose()?;
+        let origin_end = Span::of(s, authority).ok_or_else(too_long)?.end;
 
         let (endpoint, scheme, authority) = match scheme.to_ascii_lowercase().as_str() {
             "http" | "https" => {
@@ -157,6 +160,7 @@ impl Target {
             authority,
             path,
             query,
+            origin_end,
         })
     }
 
@@ -182,23 +186,49 @@ impl Target {
         &self.authority
     }
 
+    /// The scheme and authority as given (`http://host:port`): requests whose targets share it
+    /// share connections.
+    pub fn origin(&self) -> &str {
+        self.raw
+            .get(..self.origin_end as usize)
+            .unwrap_or(&self.raw)
+    }
+
+    /// The request target a request to this server carries (RFC 9112 origin-form): the given
+    /// path, then the target's query and the request's, as CHP merges them.
+    ///
+    /// # Errors
+    /// When `path` and `query` do not form a valid request target (they come from a request that
+    /// hyper already parsed, so this means a bug or a hostile byte hyper let through).
+    pub fn origin_form(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+        Uri::builder()
+            .path_and_query(self.path_and_query(path, query))
+            .build()
+    }
+
+    fn path_and_query(&self, path: &str, query: Option<&str>) -> String {
+        let own = self.query.map(|q| q.get(&self.raw));
+        let theirs = query.filter(|q| !q.is_empty());
+        let len = |q: Option<&str>| q.map_or(0, |q| q.len() + 1);
+        let mut merged = String::with_capacity(path.len() + len(own) + len(theirs));
+        merged.push_str(path);
+        for (i, q) in own.into_iter().chain(theirs).enumerate() {
+            merged.push(if i == 0 { '?' } else { '&' });
+            merged.push_str(q);
+        }
+        merged
+    }
+
     /// The absolute URI for a request to this target with the given path and query.
     ///
     /// # Errors
     /// When `path` and `query` do not form a valid request target (they come from a request that
     /// hyper already parsed, so this means a bug or a hostile byte hyper let through).
     pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
-        let path_query = self.query.map(|q| q.get(&self.raw));
-        let merged = match (path_query, query) {
-            (Some(t), Some(r)) if !r.is_empty() => format!("{path}?{t}&{r}"),
-            (Some(t), _) => format!("{path}?{t}"),
-            (None, Some(r)) if !r.is_empty() => format!("{path}?{r}"),
-            _ => path.to_owned(),
-        };
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
-            .path_and_query(merged)
+            .path_and_query(self.path_and_query(path, query))
             .build()
     }
 }
@@ -254,6 +284,19 @@ mod tests {
             t.uri("/x", None).unwrap().to_string(),
             "https://hub.example.com/x"
         );
+    }
+
+    #[test]
+    fn origins_name_the_server_and_origin_forms_carry_no_server() {
+        let t = Target::parse("http://127.0.0.1:8888/prefix?a=1").unwrap();
+        assert_eq!(t.origin(), "http://127.0.0.1:8888");
+        assert_eq!(t.origin_form("/x", Some("b=2")).unwrap(), "/x?a=1&b=2");
+        assert_eq!(t.origin_form("/x", Some("")).unwrap(), "/x?a=1");
+        let t = Target::parse("https://hub.example").unwrap();
+        assert_eq!(t.origin(), "https://hub.example");
+        assert_eq!(t.origin_form("/", None).unwrap(), "/");
+        let t = Target::parse("http+unix://%2Ftmp%2Fs.sock/p").unwrap();
+        assert_eq!(t.origin(), "http+unix://%2Ftmp%2Fs.sock");
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Connections to targets: one pooled HTTP/1.1 client for `http://`, `https://` (rustls) and
-//! `http+unix://` targets, and the classification of its failures.
+//! Connections to targets: dialing (`http://`, `https://` with rustls, `http+unix://`), each
+//! worker's own pool of HTTP/1.1 connections for forwarded requests ([`pool`]), the pooled
+//! client that control-plane calls to the hub go through, and the classification of failures.
 //!
 //! hyper-util's pooling client keys its pool by scheme and authority; a Unix-socket target travels
 //! under the `http+unix` scheme with its socket path hex-encoded as the authority (see
@@ -12,9 +13,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use http::uri::Authority;
 use http::Uri;
-use http_body_util::combinators::BoxBody;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -24,16 +24,19 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::target::{hex_decode, UNIX_SCHEME};
+use crate::http::ProxyBody;
+use crate::target::{hex_decode, Endpoint, UNIX_SCHEME};
 
-/// Bodies sent to targets and returned to clients.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+mod pool;
 
-/// The pooled client every forwarded request goes through.
+pub use pool::{Pool, PoolSettings, PooledBody, SendError};
+
+/// The pooled client the hub's API is called through (control plane: handshakes, credential
+/// checks, OAuth). Forwarded requests go through each worker's [`Pool`] instead.
 pub type UpstreamClient = Client<Connector, ProxyBody>;
 
 /// How long a TCP (and TLS) connection to a target may take before the request fails with 503.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Builds the client, with the TLS configuration for `https://` targets.
 pub fn client(tls: rustls::ClientConfig) -> UpstreamClient {
@@ -78,30 +81,50 @@ async fn connect(tls: TlsConnector, uri: Uri) -> io::Result<UpstreamStream> {
     let authority = uri
         .authority()
         .ok_or_else(|| invalid("target has no authority"))?;
-    match uri.scheme_str() {
-        Some(UNIX_SCHEME) => {
-            let path = hex_decode(authority.as_str())
+    let endpoint = match uri.scheme_str() {
+        Some(UNIX_SCHEME) => Endpoint::Unix(
+            hex_decode(authority.as_str())
                 .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(|| invalid("bad unix socket authority"))?;
-            Ok(UpstreamStream::Unix(UnixStream::connect(path).await?))
-        }
-        Some("http") => {
+                .ok_or_else(|| invalid("bad unix socket authority"))?,
+        ),
+        Some("http") => Endpoint::Http,
+        Some("https") => Endpoint::Https,
+        _ => return Err(invalid("unsupported target scheme")),
+    };
+    dial(&tls, &endpoint, authority).await
+}
+
+/// Opens a connection to a target's server (without a time limit: callers set theirs).
+///
+/// # Errors
+/// The connect, TLS handshake or name error.
+pub async fn dial(
+    tls: &TlsConnector,
+    endpoint: &Endpoint,
+    authority: &Authority,
+) -> io::Result<UpstreamStream> {
+    match endpoint {
+        Endpoint::Unix(path) => Ok(UpstreamStream::Unix(UnixStream::connect(path).await?)),
+        Endpoint::Http => {
             let tcp =
                 TcpStream::connect((host(authority.host()), authority.port_u16().unwrap_or(80)))
                     .await?;
             tune(&tcp)?;
             Ok(UpstreamStream::Tcp(tcp))
         }
-        Some("https") => {
+        Endpoint::Https => {
             let host = host(authority.host());
             let tcp = TcpStream::connect((host, authority.port_u16().unwrap_or(443))).await?;
             tune(&tcp)?;
-            let name = ServerName::try_from(host.to_owned())
-                .map_err(|_| invalid("target host is not a valid TLS server name"))?;
+            let name = ServerName::try_from(host.to_owned()).map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "target host is not a valid TLS server name",
+                )
+            })?;
             let stream = tls.connect(name, tcp).await?;
             Ok(UpstreamStream::Tls(Box::new(stream)))
         }
-        _ => Err(invalid("unsupported target scheme")),
     }
 }
 

@@ -22,9 +22,9 @@ use super::{
     ApiError,
 };
 use crate::control::{Applied, Op};
-use crate::proxy::json;
+use crate::http::json;
+use crate::http::ProxyBody;
 use crate::routes::{Change, Route, Snapshot};
-use crate::upstream::ProxyBody;
 
 /// The media type with which JupyterHub asks for (and answers with) wrapped pages.
 const PAGINATION: &str = "application/jupyterhub-pagination+json";

@@ -15,7 +15,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
 use super::{cookie, redirect, refusal, Auth, Identity};
-use crate::upstream::ProxyBody;
+use crate::http::ProxyBody;
 
 /// The cookie holding the PKCE verifier while a login is under way.
 pub const STATE_COOKIE: &str = "hubgate-oauth-state";

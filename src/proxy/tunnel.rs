@@ -1,5 +1,6 @@
-//! The byte copy inside a websocket tunnel, both ways, holding no buffer while the websocket is
-//! idle.
+//! Websocket tunnels: once client and target have both switched protocols, the bytes between
+//! them, copied both ways, holding no buffer while the websocket is idle, and closed in order
+//! when hubgate stops.
 //!
 //! `tokio::io::copy_bidirectional` gives each direction an 8 KiB buffer for the tunnel's whole
 //! life: 16 KiB per websocket, most of the ~18 KiB each one cost, though a notebook's websocket
@@ -11,16 +12,22 @@ use std::future::poll_fn;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
 
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::metrics;
+use crate::routes::Route;
 
 /// The most one read takes; what `copy_bidirectional` reads at a time too.
 const CHUNK: usize = 8 * 1024;
 
 /// Copies `a` to `b` and `b` to `a` until both have ended (each end is passed on as a shutdown
 /// of the other side's writes), or one fails.
-pub(super) async fn copy_both<A, B>(a: &mut A, b: &mut B) -> io::Result<()>
+async fn copy_both<A, B>(a: &mut A, b: &mut B) -> io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -123,6 +130,105 @@ impl Pump {
                 }
             }
         }
+    }
+}
+
+/// Copies bytes both ways between an upgraded client and target until either side closes, or
+/// until hubgate stops, when both sides get an orderly TCP close.
+pub(super) async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    route: Arc<Route>,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "websocket upgrade failed");
+            return;
+        }
+    };
+    let mut client = ActivityIo {
+        inner: TokioIo::new(client),
+        route: route.clone(),
+    };
+    let mut upstream = ActivityIo {
+        inner: TokioIo::new(upstream),
+        route,
+    };
+    let m = metrics::get();
+    m.websockets.inc();
+    m.active_websockets.inc();
+    let opened = Instant::now();
+    tokio::select! {
+        copied = copy_both(&mut client, &mut upstream) => {
+            if let Err(e) = copied {
+                tracing::debug!(error = %e, "websocket tunnel closed with an error");
+            }
+        }
+        _ = stopped(&mut closing) => {
+            use tokio::io::AsyncWriteExt;
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                let _ = client.shutdown().await;
+                let _ = upstream.shutdown().await;
+            })
+            .await;
+            tracing::debug!(route = %client.route.key(), "websocket closed for shutdown");
+        }
+    }
+    m.active_websockets.dec();
+    m.websocket_duration.observe(opened.elapsed().as_secs_f64());
+}
+
+/// Resolves once the flag is true (never, if its sender is gone without setting it).
+async fn stopped(flag: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if *flag.borrow_and_update() {
+            return;
+        }
+        if flag.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// An upgraded stream that records activity on its route for every read (so both directions of
+/// a websocket count, where CHP counts only one).
+struct ActivityIo<T> {
+    inner: T,
+    route: Arc<Route>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.route.touch();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

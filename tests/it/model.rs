@@ -34,6 +34,7 @@ use hubgate::routes::{Change, Route, RouteData, RouteTable, Snapshot};
 use hubgate::server::{self, ConnSettings, Listener};
 use hubgate::store::MemoryStore;
 use hubgate::target::Target;
+use hubgate::upstream::Pool;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use proptest::prelude::*;
@@ -477,7 +478,7 @@ async fn start_proxy(upstream: SocketAddr) -> (SocketAddr, Running) {
             .collect(),
     );
     let tls = hubgate::tls::client_config(&Default::default(), true).unwrap();
-    let client = hubgate::upstream::client(tls);
+    let client = hubgate::upstream::client(tls.clone());
     let hub_api = Target::parse(&format!("http://{upstream}/hub/api")).unwrap();
     let hub = Arc::new(Hub::new(
         hub_api,
@@ -506,7 +507,7 @@ async fn start_proxy(upstream: SocketAddr) -> (SocketAddr, Running) {
     let (close, closing) = tokio::sync::watch::channel(false);
     let proxy = Arc::new(Proxy::new(
         table,
-        client,
+        Pool::new(Arc::new(tls), Default::default()),
         ForwardOptions {
             host_routing: false,
             x_forward: true,
@@ -539,9 +540,7 @@ async fn start_proxy(upstream: SocketAddr) -> (SocketAddr, Running) {
         tls: None,
     };
     tokio::spawn(server::serve(
-        listener,
-        "proxy",
-        settings,
+        server::Intake::of(listener, "proxy", settings),
         move |req, info| proxy.clone().handle(req, info),
         stopped,
         Duration::from_secs(1),
