@@ -7,6 +7,7 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -25,10 +26,10 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::auth::{self, Auth, Verdict};
-use crate::config::{Config, ErrorPages};
 use crate::metrics::{self, RouteKind};
 use crate::path::{self, RequestPath};
 use crate::routes::{Route, RouteTable};
+use crate::target::Target;
 use crate::upstream::{FailureCause, ProxyBody, UpstreamClient};
 
 mod tunnel;
@@ -133,19 +134,15 @@ pub struct ForwardOptions {
     pub access_log: bool,
 }
 
-impl ForwardOptions {
-    pub fn from_config(config: &Config) -> Self {
-        ForwardOptions {
-            host_routing: config.host_routing,
-            x_forward: config.x_forward,
-            prepend_path: config.prepend_path,
-            include_prefix: config.include_prefix,
-            custom_headers: config.custom_headers.clone(),
-            proxy_timeout: config.proxy_timeout,
-            error_pages: config.error_pages.clone(),
-            access_log: config.access_log,
-        }
-    }
+/// Where error pages come from: `--error-target`, `--error-path`, or neither.
+#[derive(Debug, Clone)]
+pub enum ErrorPages {
+    /// hubgate's own small HTML pages.
+    Builtin,
+    /// GET `<target>/<code>?url=<path>`.
+    Target(Target),
+    /// `<dir>/<code>.html`, else `<dir>/error.html`.
+    Dir(PathBuf),
 }
 
 /// Why hubgate answered a request itself.

@@ -20,9 +20,19 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::watch;
 
-use crate::config::Listen;
 use crate::proxy::ConnInfo;
 use crate::upstream::ProxyBody;
+
+/// Where a listener binds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A host (IP or name, resolved at bind time; empty means all interfaces) and a port.
+    Tcp {
+        host: String,
+        port: u16,
+    },
+    Unix(PathBuf),
+}
 
 /// A bound listener.
 pub enum Listener {
