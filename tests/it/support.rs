@@ -54,6 +54,27 @@ pub const WAIT: Duration = Duration::from_secs(20);
 /// Pause between two polls of an `eventually` condition.
 const POLL: Duration = Duration::from_millis(25);
 
+/// A file of this repository, as text.
+pub fn repo_file(path: &str) -> String {
+    let full = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{}: {e}", full.display()))
+}
+
+/// The lines of the README's section `## {title}`, up to the next `## ` heading.
+pub fn readme_section(title: &str) -> Vec<String> {
+    let readme = repo_file("README.md");
+    let heading = format!("## {title}");
+    let lines: Vec<String> = readme
+        .lines()
+        .skip_while(|l| *l != heading)
+        .skip(1)
+        .take_while(|l| !l.starts_with("## "))
+        .map(str::to_owned)
+        .collect();
+    assert!(!lines.is_empty(), "README.md has no section {heading:?}");
+    lines
+}
+
 /// The body type of every request and response built by the tests.
 pub type Body = BoxBody<Bytes, Infallible>;
 pub type HttpClient = Client<HttpConnector, Body>;
