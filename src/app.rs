@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use tokio::sync::watch;
 
-use crate::config::{self, Config, Storage};
+use crate::config::{Config, Storage};
 use crate::control::{self, Control, Op};
 use crate::routes::{Change, Route, RouteData, RouteTable};
 use crate::server::{self, Bound, ConnSettings, Intake, Listener, Port};
@@ -203,10 +203,10 @@ impl Sockets {
         let redirect = match config.redirect {
             Some((port, _)) => {
                 let host = match &config.proxy_listen {
-                    config::Listen::Tcp { host, .. } => host.clone(),
-                    config::Listen::Unix(_) => String::new(),
+                    server::Listen::Tcp { host, .. } => host.clone(),
+                    server::Listen::Unix(_) => String::new(),
                 };
-                Some(Listener::bind(&config::Listen::Tcp { host, port }).await?)
+                Some(Listener::bind(&server::Listen::Tcp { host, port }).await?)
             }
             None => None,
         };

@@ -187,293 +187,421 @@ fn histogram_vec(
     h
 }
 
-impl Metrics {
-    fn new() -> Self {
-        let r = Registry::new();
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("a valid metric");
+    r.register(Box::new(g.clone())).expect("a unique metric");
+    g
+}
+
+/// The request path's series: traffic, latency, bytes and failures on the public port.
+struct Traffic {
+    requests: Lazy<IntCounter>,
+    duration: Lazy<Histogram>,
+    upstream: Lazy<Histogram>,
+    overhead: Histogram,
+    request_bytes: Lazy<IntCounter>,
+    response_bytes: Lazy<IntCounter>,
+    upstream_errors: Vec<IntCounter>,
+    no_route: IntCounter,
+}
+
+impl Traffic {
+    fn register(r: &Registry) -> Self {
         let requests_vec = counter_vec(
-            &r,
+            r,
             "hubgate_requests_total",
             "Requests on the public port, by route kind, method and status class.",
             &["kind", "method", "status_class"],
         );
-        let requests = Lazy::new(
-            move |l| requests_vec.with_label_values(l),
-            KINDS.len() * METHODS.len() * CLASSES.len(),
-        );
-        let by_kind = |v: &HistogramVec| {
-            let v = v.clone();
+        let by_kind = |name: &str, help: &str| {
+            let v = histogram_vec(r, name, help, &["kind"], LATENCY);
             Lazy::new(move |l| v.with_label_values(l), KINDS.len())
         };
-        let duration_vec = histogram_vec(
-            &r,
-            "hubgate_request_duration_seconds",
-            "From a request's head arriving to its response's head leaving, by route kind.",
-            &["kind"],
-            LATENCY,
-        );
-        let upstream_vec = histogram_vec(
-            &r,
-            "hubgate_upstream_duration_seconds",
-            "Time spent waiting for the target's response head, by route kind.",
-            &["kind"],
-            LATENCY,
-        );
         let bytes = |name: &str, help: &str| {
-            let v = counter_vec(&r, name, help, &["kind"]);
+            let v = counter_vec(r, name, help, &["kind"]);
             Lazy::new(move |l| v.with_label_values(l), KINDS.len())
         };
-        let request_bytes = bytes(
-            "hubgate_request_bytes_total",
-            "Request body bytes forwarded to targets, by route kind.",
-        );
-        let response_bytes = bytes(
-            "hubgate_response_bytes_total",
-            "Response body bytes forwarded to clients, by route kind.",
-        );
         let errors_vec = counter_vec(
-            &r,
+            r,
             "hubgate_upstream_errors_total",
             "Requests that failed at the target (answered 503), by cause.",
             &["cause"],
         );
-        let upstream_errors = CAUSES
-            .iter()
-            .map(|c| errors_vec.with_label_values(&[c]))
-            .collect();
-
-        let process = prometheus::process_collector::ProcessCollector::new(
-            std::process::id() as i32,
-            "hubgate",
-        );
-        r.register(Box::new(process)).expect("a unique metric");
-        let build = IntGaugeVec::new(
-            Opts::new("hubgate_build_info", "Always 1; the version is a label."),
-            &["version"],
-        )
-        .expect("a valid metric");
-        r.register(Box::new(build.clone()))
-            .expect("a unique metric");
-        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        let start_time_seconds = gauge(
-            &r,
-            "hubgate_start_time_seconds",
-            "When this hubgate started, seconds since the Unix epoch.",
-        );
-        start_time_seconds.set(chrono::Utc::now().timestamp());
-
-        let m = Metrics {
-            requests,
-            duration: by_kind(&duration_vec),
-            upstream: by_kind(&upstream_vec),
+        Traffic {
+            requests: Lazy::new(
+                move |l| requests_vec.with_label_values(l),
+                KINDS.len() * METHODS.len() * CLASSES.len(),
+            ),
+            duration: by_kind(
+                "hubgate_request_duration_seconds",
+                "From a request's head arriving to its response's head leaving, by route kind.",
+            ),
+            upstream: by_kind(
+                "hubgate_upstream_duration_seconds",
+                "Time spent waiting for the target's response head, by route kind.",
+            ),
             overhead: histogram(
-                &r,
+                r,
                 "hubgate_overhead_seconds",
                 "hubgate's own share of a proxied request's duration (total minus upstream).",
                 OVERHEAD,
             ),
-            request_bytes,
-            response_bytes,
-            active_connections: {
-                let g = IntGaugeVec::new(
-                    Opts::new(
-                        "hubgate_active_connections",
-                        "Open client connections, by listener.",
-                    ),
-                    &["listener"],
-                )
-                .expect("a valid metric");
-                r.register(Box::new(g.clone())).expect("a unique metric");
-                g
-            },
-            active_websockets: gauge(&r, "hubgate_active_websockets", "Open websocket tunnels."),
+            request_bytes: bytes(
+                "hubgate_request_bytes_total",
+                "Request body bytes forwarded to targets, by route kind.",
+            ),
+            response_bytes: bytes(
+                "hubgate_response_bytes_total",
+                "Response body bytes forwarded to clients, by route kind.",
+            ),
+            upstream_errors: CAUSES
+                .iter()
+                .map(|c| errors_vec.with_label_values(&[c]))
+                .collect(),
+            no_route: counter(
+                r,
+                "hubgate_no_route_total",
+                "Requests no route matched (answered 404).",
+            ),
+        }
+    }
+}
+
+/// Client connections and websocket tunnels.
+struct Connections {
+    active_connections: IntGaugeVec,
+    active_websockets: IntGauge,
+    websockets: IntCounter,
+    websocket_duration: Histogram,
+    connections_refused: IntCounter,
+    client_timeouts: IntCounter,
+}
+
+impl Connections {
+    fn register(r: &Registry) -> Self {
+        Connections {
+            active_connections: gauge_vec(
+                r,
+                "hubgate_active_connections",
+                "Open client connections, by listener.",
+                &["listener"],
+            ),
+            active_websockets: gauge(r, "hubgate_active_websockets", "Open websocket tunnels."),
             websockets: counter(
-                &r,
+                r,
                 "hubgate_websocket_connections_total",
                 "Websocket tunnels opened.",
             ),
             websocket_duration: histogram(
-                &r,
+                r,
                 "hubgate_websocket_duration_seconds",
                 "How long websocket tunnels stayed open.",
                 LIFETIME,
             ),
-            upstream_errors,
-            last_upstream_failure_ms: AtomicI64::new(0),
-            no_route: counter(
-                &r,
-                "hubgate_no_route_total",
-                "Requests no route matched (answered 404).",
-            ),
-
             connections_refused: counter(
-                &r,
+                r,
                 "hubgate_connections_refused_total",
                 "Connections answered 503 and closed because a listener was at --max-connections.",
             ),
             client_timeouts: counter(
-                &r,
+                r,
                 "hubgate_client_timeouts_total",
                 "Client connections closed for sending nothing in time (--keep-alive-timeout, --timeout).",
             ),
-            routes: gauge(&r, "hubgate_routes", "Routes in the table."),
+        }
+    }
+}
+
+/// The route table, its API and its store.
+struct Table {
+    routes: IntGauge,
+    table_version: IntGauge,
+    api_operations: IntCounterVec,
+    change_size: HistogramVec,
+    change_apply: HistogramVec,
+    store_writes: IntCounterVec,
+    store_write_seconds: Histogram,
+    store_reachable: IntGauge,
+    store_conflicts: IntCounter,
+    store_events: IntCounterVec,
+}
+
+impl Table {
+    fn register(r: &Registry) -> Self {
+        Table {
+            routes: gauge(r, "hubgate_routes", "Routes in the table."),
             table_version: gauge(
-                &r,
+                r,
                 "hubgate_route_table_version",
                 "The route table's version.",
             ),
             api_operations: counter_vec(
-                &r,
+                r,
                 "hubgate_api_operations_total",
                 "Route API operations, by operation and result.",
                 &["op", "result"],
             ),
             change_size: histogram_vec(
-                &r,
+                r,
                 "hubgate_route_change_size",
                 "Routes in each sync or batch, by operation.",
                 &["op"],
                 SIZES,
             ),
             change_apply: histogram_vec(
-                &r,
+                r,
                 "hubgate_route_change_apply_seconds",
                 "Time to apply a sync or batch (store write included), by operation.",
                 &["op"],
                 LATENCY,
             ),
             store_writes: counter_vec(
-                &r,
+                r,
                 "hubgate_store_writes_total",
                 "Writes to the route store, by result.",
                 &["result"],
             ),
             store_write_seconds: histogram(
-                &r,
+                r,
                 "hubgate_store_write_seconds",
                 "Time for one (grouped) write to the route store to be durable.",
                 LATENCY,
             ),
-            last_store_failure_ms: AtomicI64::new(0),
             store_reachable: gauge(
-                &r,
+                r,
                 "hubgate_store_reachable",
                 "Whether the route store answers (1) or not (0).",
             ),
             store_conflicts: counter(
-                &r,
+                r,
                 "hubgate_store_conflicts_total",
                 "Writes computed again because another replica changed the table first.",
             ),
             store_events: counter_vec(
-                &r,
+                r,
                 "hubgate_store_events_total",
                 "Changes of other replicas received from the shared route store, by kind.",
                 &["kind"],
             ),
+        }
+    }
+}
 
-            auth_decisions: {
-                let v = counter_vec(
-                    &r,
-                    "hubgate_auth_decisions_total",
-                    "Authentication decisions on protected routes, by outcome.",
-                    &["outcome"],
-                );
-                AUTH_OUTCOMES.map(|o| v.with_label_values(&[o]))
-            },
+/// Authentication at the edge and the calls it makes to the hub.
+struct AuthAndHub {
+    auth_decisions: [IntCounter; 4],
+    auth_cache: IntCounterVec,
+    auth_cache_entries: IntGauge,
+    hub_requests: IntCounterVec,
+    hub_request_seconds: HistogramVec,
+}
+
+impl AuthAndHub {
+    fn register(r: &Registry) -> Self {
+        let decisions = counter_vec(
+            r,
+            "hubgate_auth_decisions_total",
+            "Authentication decisions on protected routes, by outcome.",
+            &["outcome"],
+        );
+        AuthAndHub {
+            auth_decisions: AUTH_OUTCOMES.map(|o| decisions.with_label_values(&[o])),
             auth_cache: counter_vec(
-                &r,
+                r,
                 "hubgate_auth_cache_total",
                 "Credential cache lookups, by result (hit, miss, coalesced, stale), and evictions.",
                 &["result"],
             ),
-            auth_cache_entries: gauge(
-                &r,
-                "hubgate_auth_cache_entries",
-                "Credentials in the cache.",
-            ),
+            auth_cache_entries: gauge(r, "hubgate_auth_cache_entries", "Credentials in the cache."),
             hub_requests: counter_vec(
-                &r,
+                r,
                 "hubgate_hub_requests_total",
                 "Calls to the hub's API, by endpoint and status (or error).",
                 &["endpoint", "status"],
             ),
             hub_request_seconds: histogram_vec(
-                &r,
+                r,
                 "hubgate_hub_request_seconds",
                 "Duration of calls to the hub's API, by endpoint.",
                 &["endpoint"],
                 LATENCY,
             ),
+        }
+    }
+}
 
-            chp_requests_web: counter(&r, "requests_web", "Count of web requests (as CHP)."),
-            chp_requests_ws: counter(&r, "requests_ws", "Count of websocket requests (as CHP)."),
-            chp_requests_proxy: counter_vec(
-                &r,
+/// configurable-http-proxy's metric names, with CHP's meaning.
+struct Chp {
+    requests_web: IntCounter,
+    requests_ws: IntCounter,
+    requests_proxy: IntCounterVec,
+    requests_api: IntCounterVec,
+    api_route_get: IntCounter,
+    api_route_add: IntCounter,
+    api_route_delete: IntCounter,
+    find_target: Histogram,
+    last_activity_updating: Histogram,
+}
+
+impl Chp {
+    fn register(r: &Registry) -> Self {
+        Chp {
+            requests_web: counter(r, "requests_web", "Count of web requests (as CHP)."),
+            requests_ws: counter(r, "requests_ws", "Count of websocket requests (as CHP)."),
+            requests_proxy: counter_vec(
+                r,
                 "requests_proxy",
                 "Count of proxy requests, by status (as CHP).",
                 &["status"],
             ),
-            chp_requests_api: counter_vec(
-                &r,
+            requests_api: counter_vec(
+                r,
                 "requests_api",
                 "Count of API requests, by status (as CHP).",
                 &["status"],
             ),
-            chp_api_route_get: counter(
-                &r,
+            api_route_get: counter(
+                r,
                 "api_route_get",
                 "Count of API route get requests (as CHP).",
             ),
-            chp_api_route_add: counter(
-                &r,
+            api_route_add: counter(
+                r,
                 "api_route_add",
                 "Count of API route add requests (as CHP).",
             ),
-            chp_api_route_delete: counter(
-                &r,
+            api_route_delete: counter(
+                r,
                 "api_route_delete",
                 "Count of API route delete requests (as CHP).",
             ),
-            chp_find_target: histogram(
-                &r,
+            find_target: histogram(
+                r,
                 "find_target_for_req",
                 "Time to find a request's route, seconds (a summary in CHP).",
                 OVERHEAD,
             ),
-            chp_last_activity_updating: histogram(
-                &r,
+            last_activity_updating: histogram(
+                r,
                 "last_activity_updating",
                 "Time to record a route's activity, seconds (a summary in CHP).",
                 OVERHEAD,
             ),
+        }
+    }
+}
+
+/// The process itself: its resources, version, start time and certificates.
+struct Process {
+    start_time_seconds: IntGauge,
+    certificate_expiry: IntGaugeVec,
+}
+
+impl Process {
+    fn register(r: &Registry) -> Self {
+        let process = prometheus::process_collector::ProcessCollector::new(
+            std::process::id() as i32,
+            "hubgate",
+        );
+        r.register(Box::new(process)).expect("a unique metric");
+        let build = gauge_vec(
+            r,
+            "hubgate_build_info",
+            "Always 1; the version is a label.",
+            &["version"],
+        );
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let start_time_seconds = gauge(
+            r,
+            "hubgate_start_time_seconds",
+            "When this hubgate started, seconds since the Unix epoch.",
+        );
+        start_time_seconds.set(chrono::Utc::now().timestamp());
+        Process {
             start_time_seconds,
-            certificate_expiry: {
-                let g = IntGaugeVec::new(
-                    Opts::new(
-                        "hubgate_tls_certificate_expiry_seconds",
-                        "When a listener's certificate expires, seconds since the Unix epoch.",
-                    ),
-                    &["listener"],
-                )
-                .expect("a valid metric");
-                r.register(Box::new(g.clone())).expect("a unique metric");
-                g
-            },
+            certificate_expiry: gauge_vec(
+                r,
+                "hubgate_tls_certificate_expiry_seconds",
+                "When a listener's certificate expires, seconds since the Unix epoch.",
+                &["listener"],
+            ),
+        }
+    }
+}
+
+impl Metrics {
+    /// Registers every family, in groups, and lays them out flat for the code that uses them.
+    fn new() -> Self {
+        let r = Registry::new();
+        let (t, c) = (Traffic::register(&r), Connections::register(&r));
+        let (table, auth, chp) = (
+            Table::register(&r),
+            AuthAndHub::register(&r),
+            Chp::register(&r),
+        );
+        let process = Process::register(&r);
+        let m = Metrics {
             registry: r,
+            requests: t.requests,
+            duration: t.duration,
+            upstream: t.upstream,
+            overhead: t.overhead,
+            request_bytes: t.request_bytes,
+            response_bytes: t.response_bytes,
+            active_connections: c.active_connections,
+            active_websockets: c.active_websockets,
+            websockets: c.websockets,
+            websocket_duration: c.websocket_duration,
+            upstream_errors: t.upstream_errors,
+            last_upstream_failure_ms: AtomicI64::new(0),
+            no_route: t.no_route,
+            connections_refused: c.connections_refused,
+            client_timeouts: c.client_timeouts,
+            routes: table.routes,
+            table_version: table.table_version,
+            api_operations: table.api_operations,
+            change_size: table.change_size,
+            change_apply: table.change_apply,
+            store_writes: table.store_writes,
+            store_write_seconds: table.store_write_seconds,
+            last_store_failure_ms: AtomicI64::new(0),
+            store_reachable: table.store_reachable,
+            store_conflicts: table.store_conflicts,
+            store_events: table.store_events,
+            auth_decisions: auth.auth_decisions,
+            auth_cache: auth.auth_cache,
+            auth_cache_entries: auth.auth_cache_entries,
+            hub_requests: auth.hub_requests,
+            hub_request_seconds: auth.hub_request_seconds,
+            chp_requests_web: chp.requests_web,
+            chp_requests_ws: chp.requests_ws,
+            chp_requests_proxy: chp.requests_proxy,
+            chp_requests_api: chp.requests_api,
+            chp_api_route_get: chp.api_route_get,
+            chp_api_route_add: chp.api_route_add,
+            chp_api_route_delete: chp.api_route_delete,
+            chp_find_target: chp.find_target,
+            chp_last_activity_updating: chp.last_activity_updating,
+            start_time_seconds: process.start_time_seconds,
+            certificate_expiry: process.certificate_expiry,
         };
-        // One series of each lazily made family exists from the start, so every family (and its
-        // type) is in the first scrape and `rate()` has a zero to start from for the commonest
-        // traffic; the rest appear as they happen.
+        m.seed();
+        m
+    }
+
+    /// One series of each lazily made family exists from the start, so every family (and its
+    /// type) is in the first scrape and `rate()` has a zero to start from for the commonest
+    /// traffic; the rest appear as they happen.
+    fn seed(&self) {
         let user = RouteKind::User as usize;
-        m.requests
+        self.requests
             .get(user * METHODS.len() * CLASSES.len() + 1, || {
                 [KINDS[user], METHODS[0], CLASSES[1]]
             });
-        m.duration.get(user, || [KINDS[user]]);
-        m.upstream.get(user, || [KINDS[user]]);
-        m.request_bytes(RouteKind::User);
-        m.response_bytes(RouteKind::User);
-        m
+        self.duration.get(user, || [KINDS[user]]);
+        self.upstream.get(user, || [KINDS[user]]);
+        self.request_bytes(RouteKind::User);
+        self.response_bytes(RouteKind::User);
     }
 
     /// Records one request answered on the public port.

@@ -12,6 +12,7 @@
 //! failed) are decided in [`ProxyError::status`] and rendered in [`Proxy::error_response`].
 
 use std::convert::Infallible;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,11 +23,11 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::auth::{self, Auth, Verdict};
-use crate::config::{Config, ErrorPages};
 use crate::http::{empty, empty_body, ConnInfo, ProxyBody};
 use crate::metrics;
 use crate::path::{self, RequestPath};
 use crate::routes::{Route, RouteKind, RouteTable};
+use crate::target::Target;
 use crate::upstream::{FailureCause, Pool, SendError};
 
 mod body;
@@ -65,19 +66,15 @@ pub struct ForwardOptions {
     pub access_log: bool,
 }
 
-impl ForwardOptions {
-    pub fn from_config(config: &Config) -> Self {
-        ForwardOptions {
-            host_routing: config.host_routing,
-            x_forward: config.x_forward,
-            prepend_path: config.prepend_path,
-            include_prefix: config.include_prefix,
-            custom_headers: config.custom_headers.clone(),
-            proxy_timeout: config.proxy_timeout,
-            error_pages: config.error_pages.clone(),
-            access_log: config.access_log,
-        }
-    }
+/// Where error pages come from: `--error-target`, `--error-path`, or neither.
+#[derive(Debug, Clone)]
+pub enum ErrorPages {
+    /// hubgate's own small HTML pages.
+    Builtin,
+    /// GET `<target>/<code>?url=<path>`.
+    Target(Target),
+    /// `<dir>/<code>.html`, else `<dir>/error.html`.
+    Dir(PathBuf),
 }
 
 /// Why hubgate answered a request itself.

@@ -29,8 +29,18 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::config::Listen;
 use crate::http::{ConnInfo, ProxyBody};
+
+/// Where a listener binds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A host (IP or name, resolved at bind time; empty means all interfaces) and a port.
+    Tcp {
+        host: String,
+        port: u16,
+    },
+    Unix(PathBuf),
+}
 
 /// Sockets bound and listening, not yet tied to a runtime: each worker registers its own.
 pub enum Bound {

@@ -7,7 +7,8 @@
 
 use std::sync::OnceLock;
 
-use hubgate::config::{Cli, Config, FileConfig};
+use clap::Parser;
+use hubgate::config::{Cli, Config, Options};
 use libfuzzer_sys::fuzz_target;
 
 fn file() -> &'static std::path::Path {
@@ -23,10 +24,8 @@ fn file() -> &'static std::path::Path {
 }
 
 fn load() -> Result<Config, hubgate::config::ConfigError> {
-    let cli = Cli {
-        config: Some(file().to_owned()),
-        ..Cli::default()
-    };
+    let path = file().to_str().expect("a UTF-8 scratch path");
+    let cli = Cli::try_parse_from(["hubgate", "--config", path]).expect("one flag parses");
     Config::load(cli, &|_| None)
 }
 
@@ -34,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let parsed = toml::from_str::<FileConfig>(text);
+    let parsed = toml::from_str::<Options>(text);
     std::fs::write(file(), text).expect("the scratch file is writable");
     match load() {
         Ok(config) => {

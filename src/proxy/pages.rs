@@ -9,7 +9,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
-use crate::config::ErrorPages;
+use super::ErrorPages;
 use crate::http::{empty_body, html, ProxyBody};
 use crate::path;
 use crate::target::Target;

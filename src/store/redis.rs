@@ -17,6 +17,7 @@
 //! (trimmed while it was away) reloads the whole table.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,7 +32,14 @@ use super::{
     Batch, Loaded, Revocation, Store, StoreError, StoreEvent, StoreHealth, StoredChange,
     StoredRoute,
 };
-use crate::config::RedisSettings;
+
+/// Where the Redis store is and how to reach it: `--redis-url`, `--redis-prefix`, `--redis-ca`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    pub url: String,
+    pub prefix: String,
+    pub ca: Option<PathBuf>,
+}
 
 /// About how many entries the log keeps (`XADD MAXLEN ~`). A replica away for longer than this
 /// many changes reloads the whole table when it comes back.

@@ -61,6 +61,41 @@ async fn start_with_alice(gate: Builder) -> (Hubgate, Backend) {
     (gate, backend)
 }
 
+/// hubgate in front of `hub` with alice's default server a websocket peer.
+async fn start_with_alices_websocket(hub: &FakeHub) -> (Hubgate, WsPeer) {
+    let gate = with_hub(hub).start().await;
+    let peer = WsPeer::start().await;
+    gate.add_route_data(
+        "/user/alice",
+        server_route(&format!("http://{}", peer.addr), "alice", ""),
+    )
+    .await;
+    (gate, peer)
+}
+
+/// Starts `gate` with alice's and bob's default servers, each an echo backend of its own.
+async fn start_with_alice_and_bob(gate: Builder) -> (Hubgate, Backend, Backend) {
+    let (gate, alice_server) = start_with_alice(gate).await;
+    let bob_server = Backend::echo().await;
+    gate.add_route_data("/user/bob", server_route(&bob_server.url(""), "bob", ""))
+        .await;
+    (gate, alice_server, bob_server)
+}
+
+/// hubgate with alice's server, URL tokens allowed and sessions signed with `SECRET_1`, and a
+/// session alice got with her token: `(gate, alice's server, her token, the session's JWT)`.
+async fn alice_with_a_session(hub: &FakeHub) -> (Hubgate, Backend, String, String) {
+    let (gate, backend) = start_with_alice(
+        with_hub(hub)
+            .args(["--allow-token-in-url"])
+            .env("HUBGATE_SESSION_SECRETS", SECRET_1),
+    )
+    .await;
+    let token = own_token(hub, "alice");
+    let session = session_via_url_token(&gate, "/user/alice/lab", &token).await;
+    (gate, backend, token, session)
+}
+
 /// `DELETE path` on the API with the right token, asserting 204.
 async fn revoke(gate: &Hubgate, path: &str) {
     let resp = gate.api_delete(path).await;
@@ -716,13 +751,7 @@ async fn a_token_in_the_url_is_refused_for_plain_requests_by_default() {
 #[tokio::test]
 async fn a_token_in_the_url_is_accepted_for_a_websocket_handshake() {
     let hub = hub().await;
-    let gate = with_hub(&hub).start().await;
-    let peer = WsPeer::start().await;
-    gate.add_route_data(
-        "/user/alice",
-        server_route(&format!("http://{}", peer.addr), "alice", ""),
-    )
-    .await;
+    let (gate, peer) = start_with_alices_websocket(&hub).await;
     let token = own_token(&hub, "alice");
     let url = format!(
         "ws://{}/user/alice/api/kernels/k1/channels?session_id=s1&token={token}",
@@ -838,13 +867,7 @@ async fn a_url_token_never_travels_on_however_its_name_is_encoded() {
 #[tokio::test]
 async fn a_websocket_url_token_never_travels_on_however_its_name_is_encoded() {
     let hub = hub().await;
-    let gate = with_hub(&hub).start().await;
-    let peer = WsPeer::start().await;
-    gate.add_route_data(
-        "/user/alice",
-        server_route(&format!("http://{}", peer.addr), "alice", ""),
-    )
-    .await;
+    let (gate, peer) = start_with_alices_websocket(&hub).await;
     let token = own_token(&hub, "alice");
     let url = format!(
         "ws://{}/user/alice/api/kernels/k1/channels?session_id=s1&%74oken={token}",
@@ -1078,14 +1101,7 @@ async fn sessions_are_shared_by_replicas_with_the_same_secret_and_survive_rotati
 #[tokio::test]
 async fn forged_or_expired_session_cookies_are_refused() {
     let hub = hub().await;
-    let (gate, backend) = start_with_alice(
-        with_hub(&hub)
-            .args(["--allow-token-in-url"])
-            .env("HUBGATE_SESSION_SECRETS", SECRET_1),
-    )
-    .await;
-    let token = own_token(&hub, "alice");
-    let session = session_via_url_token(&gate, "/user/alice/lab", &token).await;
+    let (gate, backend, _token, session) = alice_with_a_session(&hub).await;
     let claims = jwt_claims(&session);
 
     // The claims as hubgate wrote them, signed again with the right secret: accepted, so the
@@ -1139,14 +1155,7 @@ async fn forged_or_expired_session_cookies_are_refused() {
 #[tokio::test]
 async fn an_expired_session_renews_with_its_hub_token_until_the_hub_refuses_it() {
     let hub = hub().await;
-    let (gate, backend) = start_with_alice(
-        with_hub(&hub)
-            .args(["--allow-token-in-url"])
-            .env("HUBGATE_SESSION_SECRETS", SECRET_1),
-    )
-    .await;
-    let token = own_token(&hub, "alice");
-    let session = session_via_url_token(&gate, "/user/alice/lab", &token).await;
+    let (gate, backend, token, session) = alice_with_a_session(&hub).await;
     let mut claims = jwt_claims(&session);
     assert_eq!(
         claims["tok"],
@@ -1238,54 +1247,58 @@ async fn the_server_never_receives_hubgates_session_cookie() {
 // ---------------------------------------------------------------------------------------------
 // Identity headers and the hub's cookie
 
+/// Starts `gate` with alice's server and an open hub route (`/hub`), both one echo backend.
+async fn start_with_alice_and_the_hub(gate: Builder) -> (Hubgate, Backend) {
+    let (gate, backend) = start_with_alice(gate).await;
+    gate.add_route_data("/hub", json!({"target": backend.url(""), "hub": true}))
+        .await;
+    (gate, backend)
+}
+
+/// The `X-Forwarded-User` that reached the servers when a request claimed to be mallory's:
+/// alice's, with her token, to her server; and an anonymous one to the open hub route.
+async fn forwarded_users_when_posing_as_mallory(
+    gate: &Hubgate,
+    hub: &FakeHub,
+) -> (Option<String>, Option<String>) {
+    let auth = format!("token {}", own_token(hub, "alice"));
+    let mallory = ("x-forwarded-user", "mallory");
+    let alice = gate
+        .get_with("/user/alice/lab", &[("authorization", &auth), mallory])
+        .await;
+    let alice = echoed(&alice, "alice posing as mallory");
+    let anonymous = gate.get_with("/hub/home", &[mallory]).await;
+    let anonymous = echoed(&anonymous, "anonymous posing as mallory on an open route");
+    (
+        echoed_header(&alice, "x-forwarded-user"),
+        echoed_header(&anonymous, "x-forwarded-user"),
+    )
+}
+
 #[tokio::test]
 async fn a_forged_x_forwarded_user_never_reaches_the_server() {
     let hub = hub().await;
-    let (gate, backend) = start_with_alice(with_hub(&hub)).await;
-    gate.add_route_data("/hub", json!({"target": backend.url(""), "hub": true}))
-        .await;
-    let token = own_token(&hub, "alice");
-    let auth = format!("token {token}");
-    let doc = echoed(
-        &gate
-            .get_with(
-                "/user/alice/lab",
-                &[("authorization", &auth), ("x-forwarded-user", "mallory")],
-            )
-            .await,
-        "alice posing as mallory",
+    let (gate, _backend) = start_with_alice_and_the_hub(with_hub(&hub)).await;
+    let (alice, anonymous) = forwarded_users_when_posing_as_mallory(&gate, &hub).await;
+    assert_eq!(alice, None, "alice posing as mallory");
+    assert_eq!(
+        anonymous, None,
+        "anonymous posing as mallory on an open route"
     );
-    assert_eq!(echoed_header(&doc, "x-forwarded-user"), None, "{doc}");
-    let doc = echoed(
-        &gate
-            .get_with("/hub/home", &[("x-forwarded-user", "mallory")])
-            .await,
-        "anonymous posing as mallory on an open route",
-    );
-    assert_eq!(echoed_header(&doc, "x-forwarded-user"), None, "{doc}");
 }
 
 #[tokio::test]
 async fn the_identity_header_carries_the_user_the_hub_vouched_for() {
     let hub = hub().await;
-    let (gate, backend) =
-        start_with_alice(with_hub(&hub).args(["--identity-header", "X-Forwarded-User"])).await;
-    gate.add_route_data("/hub", json!({"target": backend.url(""), "hub": true}))
-        .await;
-    let token = own_token(&hub, "alice");
-    let auth = format!("token {token}");
-    let doc = echoed(
-        &gate
-            .get_with(
-                "/user/alice/lab",
-                &[("authorization", &auth), ("x-forwarded-user", "mallory")],
-            )
-            .await,
-        "alice posing as mallory",
-    );
+    let (gate, _backend) = start_with_alice_and_the_hub(
+        with_hub(&hub).args(["--identity-header", "X-Forwarded-User"]),
+    )
+    .await;
+    let (alice, anonymous) = forwarded_users_when_posing_as_mallory(&gate, &hub).await;
+    assert_eq!(alice.as_deref(), Some("alice"), "alice posing as mallory");
     assert_eq!(
-        echoed_header(&doc, "x-forwarded-user").as_deref(),
-        Some("alice")
+        anonymous, None,
+        "anonymous posing as mallory on an open route"
     );
     let admin = hub.issue_token("carol", Some(&["access:servers"]));
     let doc = echoed(&gate.get_as("/user/alice/lab", &admin).await, "carol");
@@ -1294,13 +1307,6 @@ async fn the_identity_header_carries_the_user_the_hub_vouched_for() {
         Some("carol"),
         "the header names who sent the request, not the server's owner"
     );
-    let doc = echoed(
-        &gate
-            .get_with("/hub/home", &[("x-forwarded-user", "mallory")])
-            .await,
-        "anonymous posing as mallory on an open route",
-    );
-    assert_eq!(echoed_header(&doc, "x-forwarded-user"), None, "{doc}");
 }
 
 #[tokio::test]
@@ -1506,16 +1512,8 @@ async fn a_thousand_concurrent_requests_with_a_new_token_make_one_hub_call() {
 #[tokio::test]
 async fn revoking_a_user_asks_the_hub_again_and_voids_their_sessions() {
     let hub = hub().await;
-    let gate = with_hub(&hub).args(["--allow-token-in-url"]).start().await;
-    let alice_server = Backend::echo().await;
-    let bob_server = Backend::echo().await;
-    gate.add_route_data(
-        "/user/alice",
-        server_route(&alice_server.url(""), "alice", ""),
-    )
-    .await;
-    gate.add_route_data("/user/bob", server_route(&bob_server.url(""), "bob", ""))
-        .await;
+    let (gate, _alice_server, _bob_server) =
+        start_with_alice_and_bob(with_hub(&hub).args(["--allow-token-in-url"])).await;
     let alice = own_token(&hub, "alice");
     let bob = own_token(&hub, "bob");
     let alice_session = session_via_url_token(&gate, "/user/alice/lab", &alice).await;
@@ -1760,16 +1758,7 @@ async fn a_slow_hub_delays_but_does_not_break_a_check() {
 #[tokio::test]
 async fn path_tricks_never_reach_another_users_server() {
     let hub = hub().await;
-    let gate = with_hub(&hub).start().await;
-    let alice_server = Backend::echo().await;
-    let bob_server = Backend::echo().await;
-    gate.add_route_data(
-        "/user/alice",
-        server_route(&alice_server.url(""), "alice", ""),
-    )
-    .await;
-    gate.add_route_data("/user/bob", server_route(&bob_server.url(""), "bob", ""))
-        .await;
+    let (gate, alice_server, bob_server) = start_with_alice_and_bob(with_hub(&hub)).await;
     let bob = own_token(&hub, "bob");
     for path in [
         "/user/alice/..",

@@ -5,27 +5,22 @@
 //! JSON), the log says why, nothing acknowledged is lost, a refused change leaves nothing half
 //! applied, and hubgate recovers by itself once the fault goes away.
 //!
-//! Some faults need hubgate started differently from the harness's `Hubgate`: with
-//! `JUPYTERHUB_API_TOKEN`, or with `SIGXFSZ` ignored so that a write past a file size limit
-//! fails with `EFBIG` (the disk-full stand-in: no tmpfs or loop mount is needed, and the limit
-//! can be set and lifted on the running process with `prlimit`). `Proc` does that.
+//! The disk-full stand-in is a file size limit: hubgate starts with `SIGXFSZ` ignored (the
+//! harness's `Builder::prelude`) so that a write past the limit fails with `EFBIG`; no tmpfs or
+//! loop mount is needed, and the limit is set and lifted on the running process with `prlimit`.
 
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex,
     },
-    thread,
-    time::{Duration, Instant},
 };
 
-use http::{header, Method, Request, StatusCode};
-use hyper_util::{client::legacy::Client, rt::TokioExecutor};
-use serde_json::{json, Map, Value};
+use http::{Method, Request, StatusCode};
+use serde_json::json;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpSocket, TcpStream},
@@ -34,10 +29,7 @@ use tokio::{
 
 use crate::abuse::{exchange, fresh_get, logged, parse_responses, Recorder, Reply};
 use crate::fakehub::{Endpoint, FakeHub, Mode};
-use crate::support::{
-    eventually, full, http_client, random_token, send, HttpClient, Hubgate, Resp, STARTUP_TIMEOUT,
-    WAIT,
-};
+use crate::support::{eventually, http_client, random_token, send, Hubgate, Resp, WAIT};
 
 // ---------------------------------------------------------------------------------------------
 // A target with switchable faults
@@ -549,249 +541,20 @@ async fn a_target_stalled_in_the_middle_of_a_body_is_cut_by_the_idle_timeout() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Starting hubgate with an environment, or with SIGXFSZ ignored
-
-/// A hubgate process started by this module; killed on drop.
-struct Proc {
-    child: Child,
-    log: Arc<Mutex<String>>,
-    proxy: SocketAddr,
-    api: SocketAddr,
-    token: String,
-    client: HttpClient,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// How to start a `Proc`.
-#[derive(Clone, Default)]
-struct Launch {
-    args: Vec<String>,
-    env: Vec<(String, String)>,
-    /// Shell commands run before `exec`ing hubgate (signal dispositions set to ignore and
-    /// resource limits are inherited across `exec`).
-    shell: Vec<&'static str>,
-    token: String,
-}
-
-impl Launch {
-    fn new(args: &[&str]) -> Launch {
-        Launch {
-            args: args.iter().map(|a| (*a).to_owned()).collect(),
-            token: random_token(),
-            ..Launch::default()
-        }
-    }
-
-    fn env(mut self, name: &str, value: &str) -> Launch {
-        self.env.push((name.to_owned(), value.to_owned()));
-        self
-    }
-
-    /// With `SIGXFSZ` ignored, a write past `RLIMIT_FSIZE` fails with `EFBIG` instead of
-    /// killing the process.
-    fn ignoring_xfsz(mut self) -> Launch {
-        self.shell.push("trap '' XFSZ");
-        self
-    }
-
-    /// At most 4 GiB of address space: a hubgate that tries to hold far more fails fast instead
-    /// of eating the machine.
-    fn memory_capped(mut self) -> Launch {
-        self.shell.push("ulimit -v 4194304");
-        self
-    }
-
-    fn spawn(&self) -> (Child, Arc<Mutex<String>>) {
-        let bin = env!("CARGO_BIN_EXE_hubgate");
-        let mut cmd = if self.shell.is_empty() {
-            Command::new(bin)
-        } else {
-            let script = format!("{}; exec \"$0\" \"$@\"", self.shell.join("; "));
-            let mut cmd = Command::new("sh");
-            cmd.args(["-c", &script, bin]);
-            cmd
-        };
-        cmd.args(["--ip", "127.0.0.1", "--port", "0"])
-            .args(["--api-ip", "127.0.0.1", "--api-port", "0"])
-            .args(&self.args);
-        for (name, _) in std::env::vars_os() {
-            let name = name.to_string_lossy().into_owned();
-            if name.starts_with("HUBGATE_")
-                || name.starts_with("JUPYTERHUB_")
-                || name == "RUST_LOG"
-                || name == "CONFIGPROXY_AUTH_TOKEN"
-            {
-                cmd.env_remove(name);
-            }
-        }
-        cmd.env("CONFIGPROXY_AUTH_TOKEN", &self.token);
-        for (name, value) in &self.env {
-            cmd.env(name, value);
-        }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn hubgate");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let sink = log.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        (child, log)
-    }
-
-    /// Runs hubgate expecting it to exit by itself within `WAIT`: its status and its log.
-    async fn run_to_exit(&self) -> (std::process::ExitStatus, String) {
-        let (mut child, log) = self.spawn();
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = child.try_wait().expect("poll hubgate") {
-                // The log thread ends with the pipe; give it a moment to take the last lines.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                return (status, log.lock().unwrap().clone());
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "hubgate {:?} did not exit within {WAIT:?}:\n{}",
-                    self.args,
-                    log.lock().unwrap()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    async fn start(&self) -> Proc {
-        let (mut child, log) = self.spawn();
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        let (proxy, api) = loop {
-            let text = log.lock().unwrap().clone();
-            if let (Some(proxy), Some(api)) = (listening(&text, "proxy"), listening(&text, "api")) {
-                break (proxy, api);
-            }
-            if let Some(status) = child.try_wait().expect("poll hubgate") {
-                panic!("hubgate {:?} exited with {status}:\n{text}", self.args);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "hubgate {:?} did not listen within {STARTUP_TIMEOUT:?}:\n{text}",
-                self.args
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        };
-        Proc {
-            child,
-            log,
-            proxy,
-            api,
-            token: self.token.clone(),
-            // No pooling: a connection hubgate closes for idleness is never reused.
-            client: Client::builder(TokioExecutor::new())
-                .pool_max_idle_per_host(0)
-                .build_http(),
-        }
-    }
-}
-
-/// The address of a `listening listener=<which> addr=<ip:port>` log line.
-fn listening(log: &str, which: &str) -> Option<SocketAddr> {
-    let listener = format!("listener={which}");
-    log.lines()
-        .filter(|l| l.contains("listening") && l.split_whitespace().any(|w| w == listener))
-        .find_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("addr="))
-                .and_then(|a| a.parse().ok())
-        })
-}
-
-impl Proc {
-    fn logs(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn is_running(&mut self) -> bool {
-        self.child.try_wait().expect("poll hubgate").is_none()
-    }
-
-    /// SIGKILL, and wait for the exit.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    async fn api(&self, method: Method, path: &str, body: &str) -> Resp {
-        let req = Request::builder()
-            .method(method)
-            .uri(format!("http://{}{path}", self.api))
-            .header(header::AUTHORIZATION, format!("token {}", self.token))
-            .body(full(body.to_owned()))
-            .unwrap();
-        send(&self.client, req).await
-    }
-
-    async fn routes(&self) -> Map<String, Value> {
-        let resp = self.api(Method::GET, "/api/routes", "").await;
-        assert_eq!(resp.status, StatusCode::OK, "{resp:?}");
-        match resp.json() {
-            Value::Object(map) => map,
-            other => panic!("GET /api/routes: {other}"),
-        }
-    }
-
-    async fn version(&self) -> u64 {
-        let resp = self.api(Method::GET, "/api/routes", "").await;
-        resp.headers
-            .get("x-hubgate-version")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no x-hubgate-version: {resp:?}"))
-    }
-
-    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Resp {
-        let mut req = Request::get(format!("http://{}{path}", self.proxy));
-        for (name, value) in headers {
-            req = req.header(*name, *value);
-        }
-        send(&self.client, req.body(crate::support::empty()).unwrap()).await
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // The hub
 
 /// A hub with user alice, and a hubgate authenticating against it, with a target for alice's
 /// server (`/user/alice`) and an open route (`/open`) that needs no hub.
 struct HubSetup {
     hub: FakeHub,
-    hg: Proc,
+    hg: Hubgate,
     alice: Recorder,
     open: Recorder,
 }
 
 /// Alice's server at `/user/alice` and a route that needs no hub at `/open`, each to a target
 /// of its own.
-async fn alice_and_open_routes(hg: &Proc) -> (Recorder, Recorder) {
+async fn alice_and_open_routes(hg: &Hubgate) -> (Recorder, Recorder) {
     let alice = Recorder::start().await;
     let open = Recorder::start().await;
     for (path, data) in [
@@ -801,14 +564,7 @@ async fn alice_and_open_routes(hg: &Proc) -> (Recorder, Recorder) {
         ),
         ("/open", json!({"target": open.url()})),
     ] {
-        let resp = hg
-            .api(
-                Method::POST,
-                &format!("/api/routes{path}"),
-                &data.to_string(),
-            )
-            .await;
-        assert_eq!(resp.status, StatusCode::CREATED, "{resp:?}");
+        hg.add_route_data(path, data).await;
     }
     (alice, open)
 }
@@ -817,7 +573,8 @@ impl HubSetup {
     async fn start() -> HubSetup {
         let hub = FakeHub::start(&random_token()).await;
         hub.add_user("alice", false, &[]);
-        let hg = Launch::new(&["--hub-api-url", &hub.api_url()])
+        let hg = Hubgate::builder()
+            .args(["--hub-api-url", &hub.api_url()])
             .env("JUPYTERHUB_API_TOKEN", hub.service_token())
             .start()
             .await;
@@ -843,7 +600,7 @@ impl HubSetup {
 
     async fn get_as(&self, path: &str, token: &str) -> Resp {
         let auth = format!("token {token}");
-        self.hg.get(path, &[("authorization", &auth)]).await
+        self.hg.get_with(path, &[("authorization", &auth)]).await
     }
 }
 
@@ -889,7 +646,7 @@ async fn a_slow_hub_holds_only_the_requests_that_need_it() {
     })
     .await;
     // While the hub sits on that check, nothing else waits for it.
-    assert_eq!(s.hg.get("/open/x", &[]).await.status, StatusCode::OK);
+    assert_eq!(s.hg.get("/open/x").await.status, StatusCode::OK);
     assert_eq!(
         s.get_as("/user/alice/b", &cached).await.status,
         StatusCode::OK
@@ -937,7 +694,7 @@ async fn a_hub_that_is_down_or_broken_means_503_json_and_hubgate_recovers_by_its
         )
         .await;
         // A route that needs no hub is served all along.
-        assert_eq!(s.hg.get("/open/x", &[]).await.status, StatusCode::OK);
+        assert_eq!(s.hg.get("/open/x").await.status, StatusCode::OK);
         s.hub.set_down(false);
         s.hub.set_mode(Mode::Normal);
         // The failure was not remembered as a refusal: the same token works at once.
@@ -953,7 +710,8 @@ async fn a_hub_that_is_gone_leaves_open_routes_open_and_shows_in_the_status() {
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let gone = socket.local_addr().unwrap();
-    let hg = Launch::new(&["--hub-api-url", &format!("http://{gone}/hub/api")])
+    let hg = Hubgate::builder()
+        .args(["--hub-api-url", &format!("http://{gone}/hub/api")])
         .env(
             "JUPYTERHUB_API_TOKEN",
             "service-token-of-a-hub-that-is-gone",
@@ -963,10 +721,12 @@ async fn a_hub_that_is_gone_leaves_open_routes_open_and_shows_in_the_status() {
     let (alice, _open) = alice_and_open_routes(&hg).await;
     let token = "a-token-nobody-can-check";
     let auth = format!("token {token}");
-    let resp = hg.get("/user/alice/lab", &[("authorization", &auth)]).await;
+    let resp = hg
+        .get_with("/user/alice/lab", &[("authorization", &auth)])
+        .await;
     assert_json_refusal(&resp, StatusCode::SERVICE_UNAVAILABLE, token, "hub gone");
     assert!(alice.paths().is_empty());
-    assert_eq!(hg.get("/open/x", &[]).await.status, StatusCode::OK);
+    assert_eq!(hg.get("/open/x").await.status, StatusCode::OK);
     logged(
         || hg.logs(),
         "saying the hub refused connections",
@@ -1028,19 +788,18 @@ fn assert_store_refusal(resp: &Resp, what: &str) {
 async fn a_store_whose_disk_refuses_writes_answers_503_changes_nothing_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let target = Recorder::start().await;
-    let path = dir.path().display().to_string();
-    let launch =
-        Launch::new(&["--storage-backend", "file", "--storage-path", &path]).ignoring_xfsz();
-    let mut hg = launch.start().await;
+    // With SIGXFSZ ignored, a write past RLIMIT_FSIZE fails with EFBIG instead of killing.
+    let launch = || {
+        Hubgate::builder()
+            .file_store(dir.path())
+            .prelude("trap '' XFSZ")
+    };
+    let mut hg = launch().start().await;
     for key in ["/a", "/b"] {
-        let body = json!({"target": target.url()}).to_string();
-        let resp = hg
-            .api(Method::POST, &format!("/api/routes{key}"), &body)
-            .await;
-        assert_eq!(resp.status, StatusCode::CREATED, "{resp:?}");
+        hg.add_route(key, &target.url()).await;
     }
     let before = hg.routes().await;
-    let version = hg.version().await;
+    let version = hg.table_version().await;
 
     // The disk takes 10 more bytes, then refuses: the next record is torn half way.
     let len = log_len(dir.path());
@@ -1062,9 +821,14 @@ async fn a_store_whose_disk_refuses_writes_answers_503_changes_nothing_and_loses
     ];
     for (method, path, body) in &refused {
         let what = format!("{method} {path}");
-        assert_store_refusal(&hg.api(method.clone(), path, body).await, &what);
+        let resp = hg.api(method.clone(), path, body.clone()).await;
+        assert_store_refusal(&resp, &what);
         assert_eq!(hg.routes().await, before, "{what}: the table changed");
-        assert_eq!(hg.version().await, version, "{what}: the version moved");
+        assert_eq!(
+            hg.table_version().await,
+            version,
+            "{what}: the version moved"
+        );
     }
     assert_eq!(log_len(dir.path()), len, "the torn record was cut back");
     logged(
@@ -1081,20 +845,20 @@ async fn a_store_whose_disk_refuses_writes_answers_503_changes_nothing_and_loses
         "{status}"
     );
     // Requests are served from the table all along.
-    assert_eq!(hg.get("/a/x", &[]).await.status, StatusCode::OK);
+    assert_eq!(hg.get("/a/x").await.status, StatusCode::OK);
 
     // The disk has room again: the next change goes through, with no restart.
     file_size_limit(hg.pid(), None);
-    let resp = hg.api(Method::POST, "/api/routes/c", &body).await;
+    let resp = hg.api(Method::POST, "/api/routes/c", body).await;
     assert_eq!(resp.status, StatusCode::CREATED, "{resp:?}");
-    assert_eq!(hg.version().await, version + 1);
+    assert_eq!(hg.table_version().await, version + 1);
     let after = hg.routes().await;
     assert!(hg.is_running());
 
     // Everything acknowledged is there after a crash, and nothing refused is; the log loads
     // clean (the torn record was never left in it).
-    hg.kill();
-    let hg = launch.start().await;
+    hg.stop("KILL").await;
+    let hg = launch().start().await;
     let mut reloaded = hg.routes().await;
     let mut expected = after.clone();
     for table in [&mut reloaded, &mut expected] {
@@ -1103,13 +867,13 @@ async fn a_store_whose_disk_refuses_writes_answers_503_changes_nothing_and_loses
         }
     }
     assert_eq!(reloaded, expected);
-    assert_eq!(hg.version().await, version + 1);
+    assert_eq!(hg.table_version().await, version + 1);
     let logs = hg.logs();
     assert!(
         !logs.contains("damaged") && !logs.contains("torn"),
         "{logs}"
     );
-    assert_eq!(hg.get("/c/x", &[]).await.status, StatusCode::OK);
+    assert_eq!(hg.get("/c/x").await.status, StatusCode::OK);
 }
 
 #[tokio::test]
@@ -1117,11 +881,14 @@ async fn a_route_log_that_is_not_a_regular_file_is_refused_at_start() {
     // /dev/full takes no write and reads as endless zeros: loading it would never end.
     let dir = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink("/dev/full", dir.path().join("routes.log")).unwrap();
-    let path = dir.path().display().to_string();
-    let (status, log) = Launch::new(&["--storage-backend", "file", "--storage-path", &path])
-        .memory_capped()
+    // At most 4 GiB of address space: a hubgate that tries to hold far more fails fast instead
+    // of eating the machine.
+    let out = Hubgate::builder()
+        .file_store(dir.path())
+        .prelude("ulimit -v 4194304")
         .run_to_exit()
         .await;
+    let (status, log) = (out.status, String::from_utf8_lossy(&out.stderr));
     assert!(!status.success(), "{status}\n{log}");
     assert!(
         log.contains("routes.log") && log.contains("not a regular file"),

@@ -175,6 +175,31 @@ fn with_hub(hub_url: &str, hub_token: &str) -> Builder {
         .env("JUPYTERHUB_API_TOKEN", hub_token)
 }
 
+/// A hub and a file store that hubgates started one after another share.
+struct FileStoreRuns {
+    dir: tempfile::TempDir,
+    hub: FakeHub,
+    hub_token: String,
+}
+
+impl FileStoreRuns {
+    async fn new() -> FileStoreRuns {
+        FileStoreRuns {
+            dir: tempfile::tempdir().unwrap(),
+            hub: FakeHub::start().await,
+            hub_token: random_token(),
+        }
+    }
+
+    /// Start a hubgate on the shared store that asks the shared hub.
+    async fn start(&self) -> Hubgate {
+        with_hub(&self.hub.api_url(), &self.hub_token)
+            .file_store(self.dir.path())
+            .start()
+            .await
+    }
+}
+
 fn assert_hub_token(calls: &[HubCall], hub_token: &str) {
     for call in calls {
         assert_eq!(
@@ -208,25 +233,17 @@ async fn a_fresh_hubgate_asks_the_hub_to_sync() {
 
 #[tokio::test]
 async fn a_restarted_file_store_with_its_routes_does_not_ask_the_hub() {
-    let dir = tempfile::tempdir().unwrap();
-    let hub = FakeHub::start().await;
-    let hub_token = random_token();
-    let url = hub.api_url();
+    let runs = FileStoreRuns::new().await;
+    let (hub, hub_token) = (&runs.hub, &runs.hub_token);
 
-    let mut gate = with_hub(&url, &hub_token)
-        .file_store(dir.path())
-        .start()
-        .await;
+    let mut gate = runs.start().await;
     hub.wait_for_calls(Method::POST, 1, WAIT).await;
-    assert_hub_token(&hub.proxy_calls(Method::POST), &hub_token);
+    assert_hub_token(&hub.proxy_calls(Method::POST), hub_token);
     gate.add_route("/user/a", "http://127.0.0.1:9").await;
     let before = gate.routes().await;
     gate.stop("TERM").await;
 
-    let gate = with_hub(&url, &hub_token)
-        .file_store(dir.path())
-        .start()
-        .await;
+    let gate = runs.start().await;
     assert_eq!(gate.routes().await, before, "the file store lost the table");
     // A call of our own as a barrier: had hubgate started a handshake of its own when it came
     // up, that call would have reached the hub first.
@@ -244,27 +261,19 @@ async fn a_restarted_file_store_with_its_routes_does_not_ask_the_hub() {
 
 #[tokio::test]
 async fn an_empty_file_store_asks_again_when_the_first_run_never_reached_the_hub() {
-    let dir = tempfile::tempdir().unwrap();
-    let hub = FakeHub::start().await;
+    let runs = FileStoreRuns::new().await;
+    let hub = &runs.hub;
     hub.state.fail_always.store(true, Ordering::SeqCst);
-    let hub_token = random_token();
-    let url = hub.api_url();
 
     // First run: the hub only fails, and hubgate is stopped before any handshake succeeded.
-    let mut gate = with_hub(&url, &hub_token)
-        .file_store(dir.path())
-        .start()
-        .await;
+    let mut gate = runs.start().await;
     hub.wait_for_calls(Method::POST, 1, WAIT).await;
     gate.stop("TERM").await;
     let failed = hub.proxy_calls(Method::POST).len();
 
     // Second run: the store is still empty and was never synced; the hub now answers.
     hub.state.fail_always.store(false, Ordering::SeqCst);
-    let gate = with_hub(&url, &hub_token)
-        .file_store(dir.path())
-        .start()
-        .await;
+    let gate = runs.start().await;
     assert_eq!(
         Value::Object(gate.routes().await),
         json!({}),
@@ -283,36 +292,28 @@ async fn an_empty_file_store_asks_again_when_the_first_run_never_reached_the_hub
 
 #[tokio::test]
 async fn a_damaged_log_asks_the_hub_to_sync() {
-    let dir = tempfile::tempdir().unwrap();
-    let hub = FakeHub::start().await;
-    let hub_token = random_token();
-    let url = hub.api_url();
+    let runs = FileStoreRuns::new().await;
+    let (hub, hub_token) = (&runs.hub, &runs.hub_token);
 
-    let mut gate = with_hub(&url, &hub_token)
-        .file_store(dir.path())
-        .start()
-        .await;
+    let mut gate = runs.start().await;
     hub.wait_for_calls(Method::POST, 1, WAIT).await;
     gate.add_route("/user/a", "http://127.0.0.1:9").await;
     gate.stop("TERM").await;
     let mut log = std::fs::OpenOptions::new()
         .append(true)
-        .open(dir.path().join("routes.log"))
+        .open(runs.dir.path().join("routes.log"))
         .expect("open routes.log");
     std::io::Write::write_all(&mut log, b"deadbeef {\"batch\":{\"vers").unwrap();
     drop(log);
 
-    let gate = with_hub(&url, &hub_token)
-        .file_store(dir.path())
-        .start()
-        .await;
+    let gate = runs.start().await;
     let routes = Value::Object(gate.routes().await);
     assert_eq!(
         routes["/user/a"]["target"], "http://127.0.0.1:9",
         "{routes}"
     );
     hub.wait_for_calls(Method::POST, 2, WAIT).await;
-    assert_hub_token(&hub.proxy_calls(Method::POST), &hub_token);
+    assert_hub_token(&hub.proxy_calls(Method::POST), hub_token);
 }
 
 #[tokio::test]

@@ -7,7 +7,8 @@
 //! - `support`: the harness (starting hubgate, backends, HTTP helpers, `eventually`).
 //! - `api`: the REST API on the API address.
 //! - `proxy`: routing, forwarding, headers and error pages on the public address.
-//! - `cli`: command-line parsing, version, and configuration errors.
+//! - `cli`: command-line parsing, version, configuration errors, and the documented options.
+//! - `docs`: the README's contributor map against `src/lib.rs`.
 //! - `websocket`: websocket upgrades through the proxy.
 //! - `streaming`: large and incremental bodies pass through without buffering.
 //! - `abuse`: hostile clients: smuggling, bad headers, size limits, HTTP/2 resets, floods.
@@ -20,6 +21,7 @@ mod api;
 mod auth;
 mod certs;
 mod cli;
+mod docs;
 mod durability;
 mod fakehub;
 mod faults;

@@ -17,7 +17,7 @@ use http::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio_tungstenite::{connect_async, tungstenite::Message};
 
-use crate::metrics_support::{assert_delta, scrape, start_with_metrics, wait_for, Scrape, TinyHub};
+use crate::metrics_support::{deltas, scrape, start_with_metrics, wait_for, Scrape, TinyHub};
 use crate::support::{
     dead_port, parse_timestamp, random_token, silent_backend, Backend, Hubgate, Resp, WsPeer, WAIT,
 };
@@ -138,49 +138,35 @@ async fn a_proxied_request_counts_once_in_every_family_and_its_bytes_exactly() {
     let after = scrape(&gate).await;
 
     let get_2xx = [("kind", "user"), ("method", "GET"), ("status_class", "2xx")];
-    assert_delta(&before, &after, "hubgate_requests_total", &get_2xx, 1.0);
+    deltas(&before, &after).of("hubgate_requests_total", &get_2xx, 1.0);
     assert_eq!(
         after.sum("hubgate_requests_total", &[]) - before.sum("hubgate_requests_total", &[]),
         1.0,
         "one request must count once in hubgate_requests_total: {:?}",
         after.series("hubgate_requests_total")
     );
-    assert_delta(
-        &before,
-        &after,
-        "hubgate_request_duration_seconds_count",
-        &user,
-        1.0,
-    );
-    assert_delta(
-        &before,
-        &after,
-        "hubgate_request_duration_seconds_bucket",
-        &[("kind", "user"), ("le", "+Inf")],
-        1.0,
-    );
-    assert_delta(
-        &before,
-        &after,
-        "hubgate_upstream_duration_seconds_count",
-        &user,
-        1.0,
-    );
-    assert_delta(&before, &after, "hubgate_overhead_seconds_count", &[], 1.0);
-    assert_delta(
-        &before,
-        &after,
-        "hubgate_response_bytes_total",
-        &user,
-        resp.body.len() as f64,
-    );
-    assert_delta(&before, &after, "hubgate_request_bytes_total", &user, 0.0);
-    assert_delta(&before, &after, "hubgate_no_route_total", &[], 0.0);
+    deltas(&before, &after)
+        .of("hubgate_request_duration_seconds_count", &user, 1.0)
+        .of(
+            "hubgate_request_duration_seconds_bucket",
+            &[("kind", "user"), ("le", "+Inf")],
+            1.0,
+        )
+        .of("hubgate_upstream_duration_seconds_count", &user, 1.0)
+        .of("hubgate_overhead_seconds_count", &[], 1.0)
+        .of(
+            "hubgate_response_bytes_total",
+            &user,
+            resp.body.len() as f64,
+        )
+        .of("hubgate_request_bytes_total", &user, 0.0)
+        .of("hubgate_no_route_total", &[], 0.0);
     // CHP's names, with CHP's meaning.
-    assert_delta(&before, &after, "requests_web", &[], 1.0);
-    assert_delta(&before, &after, "requests_ws", &[], 0.0);
-    assert_delta(&before, &after, "requests_proxy", &[("status", "200")], 1.0);
-    assert_delta(&before, &after, "find_target_for_req_count", &[], 1.0);
+    deltas(&before, &after)
+        .of("requests_web", &[], 1.0)
+        .of("requests_ws", &[], 0.0)
+        .of("requests_proxy", &[("status", "200")], 1.0)
+        .of("find_target_for_req_count", &[], 1.0);
 
     // An upload: its body counts as request bytes, byte for byte.
     let upload = "0123456789abcdef".repeat(1000) + "tail";
@@ -205,31 +191,18 @@ async fn a_proxied_request_counts_once_in_every_family_and_its_bytes_exactly() {
         ("method", "POST"),
         ("status_class", "2xx"),
     ];
-    assert_delta(&before, &after, "hubgate_requests_total", &post_2xx, 1.0);
-    assert_delta(&before, &after, "hubgate_requests_total", &get_2xx, 0.0);
-    assert_delta(
-        &before,
-        &after,
-        "hubgate_request_bytes_total",
-        &user,
-        upload.len() as f64,
-    );
-    assert_delta(
-        &before,
-        &after,
-        "hubgate_response_bytes_total",
-        &user,
-        resp.body.len() as f64,
-    );
-    assert_delta(
-        &before,
-        &after,
-        "hubgate_request_duration_seconds_count",
-        &user,
-        1.0,
-    );
-    assert_delta(&before, &after, "requests_web", &[], 1.0);
-    assert_delta(&before, &after, "requests_proxy", &[("status", "200")], 1.0);
+    deltas(&before, &after)
+        .of("hubgate_requests_total", &post_2xx, 1.0)
+        .of("hubgate_requests_total", &get_2xx, 0.0)
+        .of("hubgate_request_bytes_total", &user, upload.len() as f64)
+        .of(
+            "hubgate_response_bytes_total",
+            &user,
+            resp.body.len() as f64,
+        )
+        .of("hubgate_request_duration_seconds_count", &user, 1.0)
+        .of("requests_web", &[], 1.0)
+        .of("requests_proxy", &[("status", "200")], 1.0);
 }
 
 #[tokio::test]
@@ -240,22 +213,22 @@ async fn a_request_no_route_matches_counts_as_kind_none_and_no_route() {
     assert_status(&resp, StatusCode::NOT_FOUND, "GET without a route", &gate);
     let after = scrape(&gate).await;
 
-    assert_delta(&before, &after, "hubgate_no_route_total", &[], 1.0);
-    assert_delta(
-        &before,
-        &after,
-        "hubgate_requests_total",
-        &[("kind", "none"), ("method", "GET"), ("status_class", "4xx")],
-        1.0,
-    );
+    deltas(&before, &after)
+        .of("hubgate_no_route_total", &[], 1.0)
+        .of(
+            "hubgate_requests_total",
+            &[("kind", "none"), ("method", "GET"), ("status_class", "4xx")],
+            1.0,
+        );
     assert_eq!(
         after.sum("hubgate_requests_total", &[]) - before.sum("hubgate_requests_total", &[]),
         1.0,
         "{:?}",
         after.series("hubgate_requests_total")
     );
-    assert_delta(&before, &after, "requests_proxy", &[("status", "404")], 1.0);
-    assert_delta(&before, &after, "requests_web", &[], 1.0);
+    deltas(&before, &after)
+        .of("requests_proxy", &[("status", "404")], 1.0)
+        .of("requests_web", &[], 1.0);
     assert_eq!(
         after.sum("hubgate_upstream_errors_total", &[]),
         before.sum("hubgate_upstream_errors_total", &[]),
@@ -286,22 +259,19 @@ async fn failing_targets_count_by_cause_refused_and_timeout() {
         &gate,
     );
     let after = scrape(&gate).await;
-    assert_delta(
-        &before,
-        &after,
-        "hubgate_upstream_errors_total",
-        &[("cause", "refused")],
-        1.0,
-    );
-    assert_delta(
-        &before,
-        &after,
-        "hubgate_upstream_errors_total",
-        &[("cause", "timeout")],
-        0.0,
-    );
-    assert_delta(&before, &after, "hubgate_requests_total", &get_5xx, 1.0);
-    assert_delta(&before, &after, "requests_proxy", &[("status", "503")], 1.0);
+    deltas(&before, &after)
+        .of(
+            "hubgate_upstream_errors_total",
+            &[("cause", "refused")],
+            1.0,
+        )
+        .of(
+            "hubgate_upstream_errors_total",
+            &[("cause", "timeout")],
+            0.0,
+        )
+        .of("hubgate_requests_total", &get_5xx, 1.0)
+        .of("requests_proxy", &[("status", "503")], 1.0);
 
     let before = after;
     let resp = gate.get_with("/user/bob/lab", &[]).await;
@@ -312,21 +282,18 @@ async fn failing_targets_count_by_cause_refused_and_timeout() {
         &gate,
     );
     let after = scrape(&gate).await;
-    assert_delta(
-        &before,
-        &after,
-        "hubgate_upstream_errors_total",
-        &[("cause", "timeout")],
-        1.0,
-    );
-    assert_delta(
-        &before,
-        &after,
-        "hubgate_upstream_errors_total",
-        &[("cause", "refused")],
-        0.0,
-    );
-    assert_delta(&before, &after, "hubgate_requests_total", &get_5xx, 1.0);
+    deltas(&before, &after)
+        .of(
+            "hubgate_upstream_errors_total",
+            &[("cause", "timeout")],
+            1.0,
+        )
+        .of(
+            "hubgate_upstream_errors_total",
+            &[("cause", "refused")],
+            0.0,
+        )
+        .of("hubgate_requests_total", &get_5xx, 1.0);
     assert_eq!(
         after.sum("hubgate_upstream_errors_total", &[])
             - before.sum("hubgate_upstream_errors_total", &[]),
@@ -386,29 +353,16 @@ async fn a_websocket_counts_while_open_and_once_closed() {
         1.0,
         "the tunnel is still open"
     );
-    assert_delta(
-        &before,
-        &open,
-        "hubgate_websocket_connections_total",
-        &[],
-        1.0,
-    );
-    assert_delta(
-        &before,
-        &open,
-        "hubgate_websocket_duration_seconds_count",
-        &[],
-        0.0,
-    );
-    assert_delta(&before, &open, "requests_ws", &[], 1.0);
-    assert_delta(&before, &open, "requests_web", &[], 0.0);
-    assert_delta(
-        &before,
-        &open,
-        "hubgate_requests_total",
-        &[("kind", "user"), ("method", "GET"), ("status_class", "1xx")],
-        1.0,
-    );
+    deltas(&before, &open)
+        .of("hubgate_websocket_connections_total", &[], 1.0)
+        .of("hubgate_websocket_duration_seconds_count", &[], 0.0)
+        .of("requests_ws", &[], 1.0)
+        .of("requests_web", &[], 0.0)
+        .of(
+            "hubgate_requests_total",
+            &[("kind", "user"), ("method", "GET"), ("status_class", "1xx")],
+            1.0,
+        );
 
     ws.close(None).await.unwrap();
     while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, ws.next()).await {}
@@ -433,14 +387,9 @@ async fn a_websocket_counts_while_open_and_once_closed() {
     })
     .await;
     let after = scrape(&gate).await;
-    assert_delta(
-        &before,
-        &after,
-        "hubgate_websocket_connections_total",
-        &[],
-        1.0,
-    );
-    assert_delta(&before, &after, "requests_ws", &[], 1.0);
+    deltas(&before, &after)
+        .of("hubgate_websocket_connections_total", &[], 1.0)
+        .of("requests_ws", &[], 1.0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -462,34 +411,22 @@ async fn api_operations_count_by_operation_and_result_and_the_table_gauges_match
         .await;
     assert_status(&resp, StatusCode::CREATED, "POST a route", &gate);
     let s1 = scrape(&gate).await;
-    assert_delta(&s0, &s1, "api_route_add", &[], 1.0);
-    assert_delta(
-        &s0,
-        &s1,
-        "hubgate_api_operations_total",
-        &op("route_add", "2xx"),
-        1.0,
-    );
-    assert_delta(&s0, &s1, "requests_api", &[("status", "201")], 1.0);
-    assert_delta(
-        &s0,
-        &s1,
-        "hubgate_store_writes_total",
-        &[("result", "ok")],
-        1.0,
-    );
+    deltas(&s0, &s1)
+        .of("api_route_add", &[], 1.0)
+        .of("hubgate_api_operations_total", &op("route_add", "2xx"), 1.0)
+        .of("requests_api", &[("status", "201")], 1.0)
+        .of("hubgate_store_writes_total", &[("result", "ok")], 1.0);
 
     let (version, routes) = listing(&gate).await;
     let s2 = scrape(&gate).await;
-    assert_delta(&s1, &s2, "api_route_get", &[], 1.0);
-    assert_delta(
-        &s1,
-        &s2,
-        "hubgate_api_operations_total",
-        &op("routes_list", "2xx"),
-        1.0,
-    );
-    assert_delta(&s1, &s2, "requests_api", &[("status", "200")], 1.0);
+    deltas(&s1, &s2)
+        .of("api_route_get", &[], 1.0)
+        .of(
+            "hubgate_api_operations_total",
+            &op("routes_list", "2xx"),
+            1.0,
+        )
+        .of("requests_api", &[("status", "200")], 1.0);
     assert_eq!(
         s2.get("hubgate_routes", &[]),
         Some(routes),
@@ -504,37 +441,25 @@ async fn api_operations_count_by_operation_and_result_and_the_table_gauges_match
     let resp = gate.api(Method::DELETE, "/api/routes/user/alice", "").await;
     assert_status(&resp, StatusCode::NO_CONTENT, "DELETE a route", &gate);
     let s3 = scrape(&gate).await;
-    assert_delta(&s2, &s3, "api_route_delete", &[], 1.0);
-    assert_delta(
-        &s2,
-        &s3,
-        "hubgate_api_operations_total",
-        &op("route_delete", "2xx"),
-        1.0,
-    );
-    assert_delta(&s2, &s3, "requests_api", &[("status", "204")], 1.0);
+    deltas(&s2, &s3)
+        .of("api_route_delete", &[], 1.0)
+        .of(
+            "hubgate_api_operations_total",
+            &op("route_delete", "2xx"),
+            1.0,
+        )
+        .of("requests_api", &[("status", "204")], 1.0);
 
     let resp = gate
         .api(Method::POST, "/api/routes/user/bob", "{this is not json")
         .await;
     assert_status(&resp, StatusCode::BAD_REQUEST, "POST a bad body", &gate);
     let s4 = scrape(&gate).await;
-    assert_delta(
-        &s3,
-        &s4,
-        "hubgate_api_operations_total",
-        &op("route_add", "4xx"),
-        1.0,
-    );
-    assert_delta(
-        &s3,
-        &s4,
-        "hubgate_api_operations_total",
-        &op("route_add", "2xx"),
-        0.0,
-    );
-    assert_delta(&s3, &s4, "api_route_add", &[], 0.0);
-    assert_delta(&s3, &s4, "requests_api", &[("status", "400")], 1.0);
+    deltas(&s3, &s4)
+        .of("hubgate_api_operations_total", &op("route_add", "4xx"), 1.0)
+        .of("hubgate_api_operations_total", &op("route_add", "2xx"), 0.0)
+        .of("api_route_add", &[], 0.0)
+        .of("requests_api", &[("status", "400")], 1.0);
 
     let desired = json!({
         "/user/carol": user_route(&backend.url(""), "carol"),
@@ -546,34 +471,15 @@ async fn api_operations_count_by_operation_and_result_and_the_table_gauges_match
         .await;
     assert_status(&resp, StatusCode::OK, "POST /api/proxy (sync)", &gate);
     let s5 = scrape(&gate).await;
-    assert_delta(
-        &s4,
-        &s5,
-        "hubgate_route_change_size_count",
-        &[("op", "sync")],
-        1.0,
-    );
-    assert_delta(
-        &s4,
-        &s5,
-        "hubgate_route_change_size_sum",
-        &[("op", "sync")],
-        3.0,
-    );
-    assert_delta(
-        &s4,
-        &s5,
-        "hubgate_route_change_apply_seconds_count",
-        &[("op", "sync")],
-        1.0,
-    );
-    assert_delta(
-        &s4,
-        &s5,
-        "hubgate_api_operations_total",
-        &op("sync", "2xx"),
-        1.0,
-    );
+    deltas(&s4, &s5)
+        .of("hubgate_route_change_size_count", &[("op", "sync")], 1.0)
+        .of("hubgate_route_change_size_sum", &[("op", "sync")], 3.0)
+        .of(
+            "hubgate_route_change_apply_seconds_count",
+            &[("op", "sync")],
+            1.0,
+        )
+        .of("hubgate_api_operations_total", &op("sync", "2xx"), 1.0);
 
     let (version, routes) = listing(&gate).await;
     assert_eq!(routes, 3.0, "the sync left exactly its three routes");
@@ -610,79 +516,38 @@ async fn auth_decisions_cache_lookups_and_hub_calls_are_counted() {
     let resp = gate.get_as("/user/alice/tree", &alice).await;
     assert_status(&resp, StatusCode::OK, "alice with her token", &gate);
     let s1 = scrape(&gate).await;
-    assert_delta(
-        &s0,
-        &s1,
-        "hubgate_auth_decisions_total",
-        &outcome("allowed"),
-        1.0,
-    );
-    assert_delta(&s0, &s1, "hubgate_auth_cache_total", &cache("miss"), 1.0);
-    assert_delta(&s0, &s1, "hubgate_auth_cache_total", &cache("hit"), 0.0);
-    assert_delta(
-        &s0,
-        &s1,
-        "hubgate_hub_requests_total",
-        &hub_user("200"),
-        1.0,
-    );
+    deltas(&s0, &s1)
+        .of("hubgate_auth_decisions_total", &outcome("allowed"), 1.0)
+        .of("hubgate_auth_cache_total", &cache("miss"), 1.0)
+        .of("hubgate_auth_cache_total", &cache("hit"), 0.0)
+        .of("hubgate_hub_requests_total", &hub_user("200"), 1.0);
     assert_eq!(hub.user_calls(), 1, "the hub saw one GET /user");
 
     let resp = gate.get_as("/user/alice/tree", &alice).await;
     assert_status(&resp, StatusCode::OK, "alice again", &gate);
     let s2 = scrape(&gate).await;
-    assert_delta(
-        &s1,
-        &s2,
-        "hubgate_auth_decisions_total",
-        &outcome("allowed"),
-        1.0,
-    );
-    assert_delta(&s1, &s2, "hubgate_auth_cache_total", &cache("hit"), 1.0);
-    assert_delta(&s1, &s2, "hubgate_auth_cache_total", &cache("miss"), 0.0);
-    assert_delta(
-        &s1,
-        &s2,
-        "hubgate_hub_requests_total",
-        &hub_user("200"),
-        0.0,
-    );
+    deltas(&s1, &s2)
+        .of("hubgate_auth_decisions_total", &outcome("allowed"), 1.0)
+        .of("hubgate_auth_cache_total", &cache("hit"), 1.0)
+        .of("hubgate_auth_cache_total", &cache("miss"), 0.0)
+        .of("hubgate_hub_requests_total", &hub_user("200"), 0.0);
     assert_eq!(hub.user_calls(), 1, "a cache hit does not ask the hub");
 
     let resp = gate.get_as("/user/alice/tree", &bob).await;
     assert_status(&resp, StatusCode::FORBIDDEN, "bob on alice's server", &gate);
     let s3 = scrape(&gate).await;
-    assert_delta(
-        &s2,
-        &s3,
-        "hubgate_auth_decisions_total",
-        &outcome("denied"),
-        1.0,
-    );
-    assert_delta(
-        &s2,
-        &s3,
-        "hubgate_auth_decisions_total",
-        &outcome("allowed"),
-        0.0,
-    );
-    assert_delta(&s2, &s3, "hubgate_auth_cache_total", &cache("miss"), 1.0);
-    assert_delta(
-        &s2,
-        &s3,
-        "hubgate_hub_requests_total",
-        &hub_user("200"),
-        1.0,
-    );
+    deltas(&s2, &s3)
+        .of("hubgate_auth_decisions_total", &outcome("denied"), 1.0)
+        .of("hubgate_auth_decisions_total", &outcome("allowed"), 0.0)
+        .of("hubgate_auth_cache_total", &cache("miss"), 1.0)
+        .of("hubgate_hub_requests_total", &hub_user("200"), 1.0);
 
     let resp = gate
         .get_with("/user/alice/tree", &[("accept", "application/json")])
         .await;
     assert_status(&resp, StatusCode::UNAUTHORIZED, "no credentials", &gate);
     let s4 = scrape(&gate).await;
-    assert_delta(
-        &s3,
-        &s4,
+    deltas(&s3, &s4).of(
         "hubgate_auth_decisions_total",
         &outcome("no_credentials"),
         1.0,
@@ -709,27 +574,10 @@ async fn auth_decisions_cache_lookups_and_hub_calls_are_counted() {
         &gate,
     );
     let s5 = scrape(&gate).await;
-    assert_delta(
-        &s4,
-        &s5,
-        "hubgate_auth_decisions_total",
-        &outcome("hub_error"),
-        1.0,
-    );
-    assert_delta(
-        &s4,
-        &s5,
-        "hubgate_hub_requests_total",
-        &hub_user("error"),
-        1.0,
-    );
-    assert_delta(
-        &s4,
-        &s5,
-        "hubgate_hub_requests_total",
-        &hub_user("200"),
-        0.0,
-    );
+    deltas(&s4, &s5)
+        .of("hubgate_auth_decisions_total", &outcome("hub_error"), 1.0)
+        .of("hubgate_hub_requests_total", &hub_user("error"), 1.0)
+        .of("hubgate_hub_requests_total", &hub_user("200"), 0.0);
     assert_eq!(
         s5.sum("hubgate_auth_decisions_total", &[]) - s0.sum("hubgate_auth_decisions_total", &[]),
         5.0,

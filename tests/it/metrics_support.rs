@@ -276,6 +276,26 @@ pub fn assert_delta(
     );
 }
 
+/// The changes between two scrapes, asserted one series at a time:
+/// `deltas(&before, &after).of("requests_web", &[], 1.0).of(...)`.
+pub fn deltas<'a>(before: &'a Scrape, after: &'a Scrape) -> Deltas<'a> {
+    Deltas { before, after }
+}
+
+pub struct Deltas<'a> {
+    before: &'a Scrape,
+    after: &'a Scrape,
+}
+
+impl Deltas<'_> {
+    /// Asserts that `name{labels}` grew by exactly `expected`.
+    #[track_caller]
+    pub fn of(&self, name: &str, labels: &[(&str, &str)], expected: f64) -> &Self {
+        assert_delta(self.before, self.after, name, labels, expected);
+        self
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Polling with the last observation in the failure message
 

@@ -7,6 +7,7 @@
 //! Every test starts hubgate with `Hubgate::start(flags)` or `Hubgate::builder()`: the builder
 //! sets the environment (`env`; nothing hubgate reads is inherited), a metrics listener
 //! (`metrics`), a file store (`file_store`), the test's own listeners (`without_listen_args`),
+//! a shell prelude run before hubgate is `exec`ed (`prelude`: ignored signals, resource limits),
 //! and `spawn` hands over a process that is not listening yet (Unix sockets). The process lives
 //! until the value is dropped, so a test can signal it, wait for its exit status, and start
 //! another on the same data.
@@ -53,6 +54,27 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 pub const WAIT: Duration = Duration::from_secs(20);
 /// Pause between two polls of an `eventually` condition.
 const POLL: Duration = Duration::from_millis(25);
+
+/// A file of this repository, as text.
+pub fn repo_file(path: &str) -> String {
+    let full = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{}: {e}", full.display()))
+}
+
+/// The lines of the README's section `## {title}`, up to the next `## ` heading.
+pub fn readme_section(title: &str) -> Vec<String> {
+    let readme = repo_file("README.md");
+    let heading = format!("## {title}");
+    let lines: Vec<String> = readme
+        .lines()
+        .skip_while(|l| *l != heading)
+        .skip(1)
+        .take_while(|l| !l.starts_with("## "))
+        .map(str::to_owned)
+        .collect();
+    assert!(!lines.is_empty(), "README.md has no section {heading:?}");
+    lines
+}
 
 /// The body type of every request and response built by the tests.
 pub type Body = BoxBody<Bytes, Infallible>;
@@ -231,6 +253,8 @@ pub struct Builder {
     env: Vec<(String, String)>,
     listen_args: bool,
     metrics: bool,
+    /// Shell commands run before hubgate is `exec`ed in their place.
+    prelude: Vec<String>,
 }
 
 impl Builder {
@@ -285,8 +309,24 @@ impl Builder {
         self
     }
 
+    /// Run this shell command first (`trap '' XFSZ`, `ulimit -v 4194304`), then `exec` hubgate:
+    /// ignored signals and resource limits survive the `exec`, so hubgate starts with them and
+    /// keeps its pid (for `prlimit` on the running process).
+    pub fn prelude(mut self, command: &str) -> Self {
+        self.prelude.push(command.to_owned());
+        self
+    }
+
     fn command(&self) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hubgate"));
+        let bin = env!("CARGO_BIN_EXE_hubgate");
+        let mut cmd = if self.prelude.is_empty() {
+            Command::new(bin)
+        } else {
+            let script = format!("{}; exec \"$0\" \"$@\"", self.prelude.join("; "));
+            let mut cmd = Command::new("sh");
+            cmd.args(["-c", &script, bin]);
+            cmd
+        };
         if self.listen_args {
             cmd.args([
                 "--ip",
@@ -578,6 +618,7 @@ impl Hubgate {
             env: Vec::new(),
             listen_args: true,
             metrics: false,
+            prelude: Vec::new(),
         }
     }
 

@@ -919,27 +919,41 @@ fn watched_paths() -> Vec<String> {
         .collect()
 }
 
+/// A hubgate whose table (version 1) holds `BIG` user routes to `old`, and `/` to `root`.
+async fn big_table(old: &Backend, root: &Backend) -> Hubgate {
+    let hg = Hubgate::start(&[]).await;
+    let load = user_table(BIG, &old.url(""), |_| true, &[("/", root.url("").as_str())]);
+    let resp = big_api(&hg, Method::POST, "/api/proxy", load).await;
+    assert_summary(&resp, "load", [BIG as u64 + 1, 0, 0, 0], 1, false);
+    hg
+}
+
+/// Posts the sync `table` while requests run on the watched paths, checks its summary (`what`,
+/// `counts`), and returns what the requests saw before and after it returned.
+async fn sync_under_traffic(
+    hg: &Hubgate,
+    table: String,
+    what: &str,
+    counts: [u64; 4],
+) -> Vec<Observed> {
+    let traffic = Traffic::start(hg.client.clone(), hg.proxy, watched_paths());
+    traffic.wait_for(false, 30).await;
+    let resp = big_api(hg, Method::POST, "/api/proxy", table).await;
+    assert_summary(&resp, what, counts, 2, false);
+    traffic.synced.store(true, Ordering::SeqCst);
+    traffic.wait_for(true, 60).await;
+    traffic.finish().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_under_traffic_switches_every_route_at_once() {
     let old = Backend::fixed(200, "text/plain", "old").await;
     let new = Backend::fixed(200, "text/plain", "new").await;
     let root = Backend::fixed(200, "text/plain", "root").await;
-    let hg = Hubgate::start(&[]).await;
+    let hg = big_table(&old, &root).await;
     let root_target = root.url("");
-    let extra = [("/", root_target.as_str())];
-
-    let load = user_table(BIG, &old.url(""), |_| true, &extra);
-    let resp = big_api(&hg, Method::POST, "/api/proxy", load).await;
-    assert_summary(&resp, "load", [BIG as u64 + 1, 0, 0, 0], 1, false);
-    let switch = user_table(BIG, &new.url(""), |_| true, &extra);
-
-    let traffic = Traffic::start(hg.client.clone(), hg.proxy, watched_paths());
-    traffic.wait_for(false, 30).await;
-    let resp = big_api(&hg, Method::POST, "/api/proxy", switch).await;
-    assert_summary(&resp, "switch", [0, BIG as u64, 0, 1], 2, false);
-    traffic.synced.store(true, Ordering::SeqCst);
-    traffic.wait_for(true, 60).await;
-    let seen = traffic.finish().await;
+    let switch = user_table(BIG, &new.url(""), |_| true, &[("/", root_target.as_str())]);
+    let seen = sync_under_traffic(&hg, switch, "switch", [0, BIG as u64, 0, 1]).await;
 
     let mut counts = [0usize; 2];
     for o in &seen {
@@ -991,23 +1005,15 @@ async fn a_sync_under_traffic_switches_every_route_at_once() {
 async fn a_sync_removing_half_the_routes_never_fails_kept_ones() {
     let old = Backend::fixed(200, "text/plain", "old").await;
     let root = Backend::fixed(200, "text/plain", "root").await;
-    let hg = Hubgate::start(&[]).await;
-    let root_target = root.url("");
-    let extra = [("/", root_target.as_str())];
-
-    let load = user_table(BIG, &old.url(""), |_| true, &extra);
-    let resp = big_api(&hg, Method::POST, "/api/proxy", load).await;
-    assert_summary(&resp, "load", [BIG as u64 + 1, 0, 0, 0], 1, false);
-    let halve = user_table(BIG, &old.url(""), |i| i % 2 == 0, &extra);
-
-    let traffic = Traffic::start(hg.client.clone(), hg.proxy, watched_paths());
-    traffic.wait_for(false, 30).await;
-    let resp = big_api(&hg, Method::POST, "/api/proxy", halve).await;
+    let hg = big_table(&old, &root).await;
+    let halve = user_table(
+        BIG,
+        &old.url(""),
+        |i| i % 2 == 0,
+        &[("/", root.url("").as_str())],
+    );
     let half = (BIG / 2) as u64;
-    assert_summary(&resp, "halve", [0, 0, half, half + 1], 2, false);
-    traffic.synced.store(true, Ordering::SeqCst);
-    traffic.wait_for(true, 60).await;
-    let seen = traffic.finish().await;
+    let seen = sync_under_traffic(&hg, halve, "halve", [0, 0, half, half + 1]).await;
     for o in &seen {
         assert!(
             matches!(&o.outcome, Ok((StatusCode::OK, body)) if body == "old"),
