@@ -176,6 +176,15 @@ where
             match inflight.get(&key) {
                 Some(call) => (call.clone(), Source::Coalesced),
                 None => {
+                    // A call that ended since the look-up above (on another worker) has filled
+                    // the cache by now: it inserts before it leaves `inflight`. Asking again
+                    // under the lock keeps it to one hub call per credential.
+                    if let Some(entry) = self.entries.get(&key) {
+                        if Instant::now() < entry.fresh_until {
+                            self.stats.hits.inc();
+                            return Ok((entry, Source::Hit));
+                        }
+                    }
                     let call = self.start(key.clone(), fetch());
                     inflight.insert(key.clone(), call.clone());
                     (call, Source::Miss)
