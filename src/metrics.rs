@@ -28,6 +28,8 @@ const METHODS: [&str; 8] = [
     "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "other",
 ];
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+/// How many status codes CHP's `requests_proxy` can be labelled with (100 to 599).
+const STATUSES: usize = 500;
 /// Outcomes of an authentication decision, in [`AuthOutcome`] order.
 const AUTH_OUTCOMES: [&str; 4] = ["allowed", "denied", "no_credentials", "hub_error"];
 
@@ -75,8 +77,11 @@ impl<M> Lazy<M> {
         }
     }
 
-    fn get<const N: usize>(&self, i: usize, labels: impl FnOnce() -> [&'static str; N]) -> &M {
-        self.cells[i].get_or_init(|| (self.make)(&labels()))
+    fn get<L: AsRef<str>, const N: usize>(&self, i: usize, labels: impl FnOnce() -> [L; N]) -> &M {
+        self.cells[i].get_or_init(|| {
+            let labels = labels();
+            (self.make)(&labels.each_ref().map(AsRef::as_ref))
+        })
     }
 }
 
@@ -127,7 +132,8 @@ pub struct Metrics {
 
     chp_requests_web: IntCounter,
     chp_requests_ws: IntCounter,
-    chp_requests_proxy: IntCounterVec,
+    /// By status code, 100 to 599 (CHP's label is the code itself).
+    chp_requests_proxy: Lazy<IntCounter>,
     pub chp_requests_api: IntCounterVec,
     pub chp_api_route_get: IntCounter,
     pub chp_api_route_add: IntCounter,
@@ -575,7 +581,10 @@ impl Metrics {
             hub_request_seconds: auth.hub_request_seconds,
             chp_requests_web: chp.requests_web,
             chp_requests_ws: chp.requests_ws,
-            chp_requests_proxy: chp.requests_proxy,
+            chp_requests_proxy: {
+                let family = chp.requests_proxy;
+                Lazy::new(move |l| family.with_label_values(l), STATUSES)
+            },
             chp_requests_api: chp.requests_api,
             chp_api_route_get: chp.api_route_get,
             chp_api_route_add: chp.api_route_add,
@@ -637,14 +646,13 @@ impl Metrics {
         } else {
             self.chp_requests_web.inc();
         }
-        if kind != RouteKind::None || status != 404 {
-            self.chp_requests_proxy
-                .with_label_values(&[&status.to_string()])
-                .inc();
-        } else {
+        if kind == RouteKind::None && status == 404 {
             self.no_route.inc();
-            self.chp_requests_proxy.with_label_values(&["404"]).inc();
         }
+        let code = usize::from(status.clamp(100, 599));
+        self.chp_requests_proxy
+            .get(code - 100, || [code.to_string()])
+            .inc();
     }
 
     pub fn auth_decision(&self, outcome: AuthOutcome) {

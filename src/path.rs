@@ -189,12 +189,23 @@ fn count_encoded_slashes(seg: &str) -> usize {
 /// CHP's proxy library does (`/foo` + `/bar` = `/foo/bar`, `/foo/` + `/bar` = `/foo/bar`).
 pub fn join(base: &str, rest: &str) -> String {
     let mut out = String::with_capacity(base.len() + rest.len() + 1);
+    join_into(&mut out, base, rest);
+    out
+}
+
+/// [`join`], written into `out` (which must be empty), so a caller can add a query to the same
+/// string.
+pub fn join_into(out: &mut String, base: &str, rest: &str) {
+    let rooted = base.starts_with('/') || (base.is_empty() && rest.starts_with('/'));
+    if !rooted {
+        out.push('/');
+    }
     out.push_str(base);
     if rest.is_empty() {
         if out.is_empty() {
             out.push('/');
         }
-        return out;
+        return;
     }
     match (out.ends_with('/'), rest.starts_with('/')) {
         (true, true) => out.push_str(&rest[1..]),
@@ -204,10 +215,6 @@ pub fn join(base: &str, rest: &str) -> String {
         }
         _ => out.push_str(rest),
     }
-    if !out.starts_with('/') {
-        out.insert(0, '/');
-    }
-    out
 }
 
 #[cfg(test)]

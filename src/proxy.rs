@@ -11,6 +11,7 @@
 //! All statuses a user can see from hubgate itself (404 no route, 400 undecodable path, 503 target
 //! failed) are decided in [`ProxyError::status`] and rendered in [`Proxy::error_response`].
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,7 +35,7 @@ mod body;
 mod pages;
 mod tunnel;
 
-use body::{AccessRecord, ActivityBody, LoggedBody, Watched};
+use body::{AccessRecord, ActivityBody, LoggedBody, TargetBody, Watched};
 
 /// What the metrics and the access log need to know about a request once it is answered.
 struct Trace {
@@ -391,14 +392,13 @@ impl Proxy {
         } else {
             "/"
         };
-        let query = if grant.strip_token {
-            auth::strip_token_param(req.uri().query())
-        } else {
-            req.uri().query().map(str::to_owned)
+        let query = match grant.strip_token {
+            true => auth::strip_token_param(req.uri().query()).map(Cow::Owned),
+            false => req.uri().query().map(Cow::Borrowed),
         };
         let uri = route
             .target()
-            .origin_form(&path::join(base, rest), query.as_deref())
+            .origin_form(base, rest, query.as_deref())
             .map_err(|_| ProxyError::BadPath(path::PathError::BadEscape))?;
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, websocket);
@@ -429,17 +429,17 @@ impl Proxy {
         websocket: bool,
         client_failed: &ClientFailure,
         trace: &mut Trace,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+    ) -> Result<Response<TargetBody>, ProxyError> {
         let target = route.target();
         tracing::debug!(route = %route.key(), ?target, "forwarding");
         let started = Instant::now();
         let sent = async {
             if websocket {
                 let resp = self.pool.send_upgrade(target, req).await?;
-                Ok::<_, SendError>(resp.map(BodyExt::boxed))
+                Ok::<_, SendError>(resp.map(TargetBody::Upgrade))
             } else {
                 let resp = self.pool.send(target, req).await?;
-                Ok(resp.map(BodyExt::boxed))
+                Ok(resp.map(TargetBody::Pooled))
             }
         };
         let result = match self.opts.proxy_timeout {
@@ -449,7 +449,7 @@ impl Proxy {
             None => sent.await,
         };
         trace.upstream = Some(started.elapsed());
-        result.map_err(|e| match client_failed.get() {
+        result.map_err(|e| match client_failed.as_ref().and_then(|f| f.get()) {
             Some(why) => ProxyError::ClientBody(why.clone()),
             None => ProxyError::Upstream(FailureCause::of(&e), error_chain(&e)),
         })
@@ -458,7 +458,7 @@ impl Proxy {
     /// The target's answer as the client gets it; a switch of protocols becomes a tunnel.
     fn client_response(
         &self,
-        mut resp: Response<ProxyBody>,
+        mut resp: Response<TargetBody>,
         route: Arc<Route>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         set_cookie: Option<HeaderValue>,
@@ -504,16 +504,16 @@ impl Proxy {
 }
 
 /// Why the client's request body failed, once it has: a forwarded request that fails because of
-/// it is the client's fault.
-type ClientFailure = Arc<std::sync::OnceLock<String>>;
+/// it is the client's fault. `None` for a request without a body.
+type ClientFailure = Option<Arc<std::sync::OnceLock<String>>>;
 
 /// The request body the target gets: counted, touching the route, noting its own failure. A
 /// request without a body sends none, and needs no watching.
 fn watch_request_body(body: Incoming, route: &Arc<Route>) -> (ProxyBody, ClientFailure) {
-    let client_failed = ClientFailure::default();
     if body.is_end_stream() {
-        return (empty_body(), client_failed);
+        return (empty_body(), None);
     }
+    let client_failed = Arc::new(std::sync::OnceLock::new());
     let counter = metrics::get().request_bytes(route.kind());
     let noted = client_failed.clone();
     let body = Watched::new(
@@ -522,12 +522,12 @@ fn watch_request_body(body: Incoming, route: &Arc<Route>) -> (ProxyBody, ClientF
             let _ = noted.set(e.to_string());
         },
     );
-    (body.boxed(), client_failed)
+    (body.boxed(), Some(client_failed))
 }
 
 /// The response body the client gets: counted, touching the route while it succeeds, and
 /// logged when the target fails in the middle of it.
-fn watch_response_body(body: ProxyBody, route: Arc<Route>, status: StatusCode) -> ProxyBody {
+fn watch_response_body(body: TargetBody, route: Arc<Route>, status: StatusCode) -> ProxyBody {
     let counter = metrics::get().response_bytes(route.kind());
     let counted = (status.as_u16() < 300).then_some(route.clone());
     Watched::new(
@@ -571,14 +571,11 @@ fn add_forwarded(
         (false, false) => "http",
     };
     let host_str = host.and_then(|h| h.to_str().ok());
-    let ip = conn.remote_ip.map(|ip| ip.to_canonical().to_string());
-    append_forwarded(headers, X_FORWARDED_FOR, ip.as_deref().unwrap_or(""));
-    append_forwarded(
-        headers,
-        X_FORWARDED_PORT,
-        &forwarded_port(host_str, conn.tls),
-    );
-    append_forwarded(headers, X_FORWARDED_PROTO, proto);
+    append_forwarded(headers, X_FORWARDED_FOR, client_address(conn.remote_ip));
+    if let Some(port) = value_of(forwarded_port(host_str, conn.tls)) {
+        append_forwarded(headers, X_FORWARDED_PORT, port);
+    }
+    append_forwarded(headers, X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     if let Some(h) = host {
         headers.entry(X_FORWARDED_HOST).or_insert_with(|| h.clone());
     }
@@ -616,18 +613,34 @@ fn header_has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool
 
 /// Removes hop-by-hop headers, including those the `Connection` header names. For a websocket
 /// handshake, `Connection: upgrade` and `Upgrade` are what make it one, so they stay.
+///
+/// Most messages carry none, and finding that out by looking at the names present is cheaper
+/// than asking the map for each of them.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .filter_map(|t| HeaderName::try_from(t.trim()).ok())
-        .collect();
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
+    let mut connection = headers.get_all(header::CONNECTION).iter();
+    let (first, more) = (connection.next().cloned(), connection.next().is_some());
+    let named: Vec<HeaderValue> = match more {
+        // Several `Connection` lines are rare; one is the usual case and needs no list.
+        true => headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .cloned()
+            .collect(),
+        false => Vec::new(),
+    };
     let upgrade = keep_upgrade
         .then(|| headers.get(header::UPGRADE).cloned())
         .flatten();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    for value in first.iter().chain(&named) {
+        let tokens = value.to_str().ok().into_iter().flat_map(|s| s.split(','));
+        for token in tokens.map(str::trim).filter(|t| !t.is_empty()) {
+            headers.remove(token);
+        }
+    }
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     if let Some(upgrade) = upgrade {
@@ -656,26 +669,58 @@ fn host_without_port(host: &str) -> &str {
     host.split(':').next().unwrap_or(host)
 }
 
-fn forwarded_port(host: Option<&str>, tls: bool) -> String {
+fn forwarded_port(host: Option<&str>, tls: bool) -> &str {
     let port = host.and_then(|h| {
         let after = match h.rfind(']') {
             Some(end) => &h[end + 1..],
             None => h,
         };
-        after.rsplit_once(':').map(|(_, p)| p.to_owned())
+        after.rsplit_once(':').map(|(_, p)| p)
     });
     port.filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-        .unwrap_or_else(|| if tls { "443" } else { "80" }.to_owned())
+        .unwrap_or(if tls { "443" } else { "80" })
+}
+
+/// A header value from a string that is most often one of a few constants.
+fn value_of(s: &str) -> Option<HeaderValue> {
+    match s {
+        "80" => Some(HeaderValue::from_static("80")),
+        "443" => Some(HeaderValue::from_static("443")),
+        _ => HeaderValue::from_str(s).ok(),
+    }
+}
+
+/// The client's address as `X-Forwarded-For` writes it, formatted without a heap string.
+fn client_address(ip: Option<std::net::IpAddr>) -> HeaderValue {
+    use std::io::Write;
+    let Some(ip) = ip else {
+        return HeaderValue::from_static("");
+    };
+    let mut buf = [0u8; 64];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    let _ = write!(cursor, "{}", ip.to_canonical());
+    let n = usize::try_from(cursor.position()).unwrap_or(0);
+    HeaderValue::from_bytes(&buf[..n]).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// Appends to an `X-Forwarded-*` header with `,` as CHP's proxy library does.
-fn append_forwarded(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    let joined = match headers.get(&name).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.is_empty() => format!("{existing},{value}"),
-        _ => value.to_owned(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&joined) {
-        headers.insert(name, v);
+fn append_forwarded(headers: &mut HeaderMap, name: HeaderName, value: HeaderValue) {
+    match headers.entry(name) {
+        header::Entry::Vacant(e) => {
+            e.insert(value);
+        }
+        header::Entry::Occupied(mut e) => {
+            let existing = e.get().to_str().ok().filter(|v| !v.is_empty());
+            let joined = match (existing, value.to_str()) {
+                (Some(existing), Ok(value)) => {
+                    HeaderValue::from_str(&format!("{existing},{value}")).ok()
+                }
+                _ => Some(value),
+            };
+            if let Some(joined) = joined {
+                e.insert(joined);
+            }
+        }
     }
 }
 
@@ -732,9 +777,17 @@ mod tests {
     #[test]
     fn forwarded_values_append_with_commas() {
         let mut h = HeaderMap::new();
-        append_forwarded(&mut h, X_FORWARDED_FOR, "127.0.0.1");
+        append_forwarded(
+            &mut h,
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("127.0.0.1"),
+        );
         assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.1");
-        append_forwarded(&mut h, X_FORWARDED_FOR, "10.0.0.1");
+        append_forwarded(
+            &mut h,
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("10.0.0.1"),
+        );
         assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.1,10.0.0.1");
     }
 

@@ -200,18 +200,25 @@ impl Target {
     /// # Errors
     /// When `path` and `query` do not form a valid request target (they come from a request that
     /// hyper already parsed, so this means a bug or a hostile byte hyper let through).
-    pub fn origin_form(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+    pub fn origin_form(
+        &self,
+        base: &str,
+        rest: &str,
+        query: Option<&str>,
+    ) -> Result<Uri, http::Error> {
         Uri::builder()
-            .path_and_query(self.path_and_query(path, query))
+            .path_and_query(self.path_and_query(base, rest, query))
             .build()
     }
 
-    fn path_and_query(&self, path: &str, query: Option<&str>) -> String {
+    /// `base` and `rest` joined as [`crate::path::join`] does, then the queries, in one string.
+    fn path_and_query(&self, base: &str, rest: &str, query: Option<&str>) -> String {
         let own = self.query.map(|q| q.get(&self.raw));
         let theirs = query.filter(|q| !q.is_empty());
         let len = |q: Option<&str>| q.map_or(0, |q| q.len() + 1);
-        let mut merged = String::with_capacity(path.len() + len(own) + len(theirs));
-        merged.push_str(path);
+        let mut merged =
+            String::with_capacity(base.len() + rest.len() + 2 + len(own) + len(theirs));
+        crate::path::join_into(&mut merged, base, rest);
         for (i, q) in own.into_iter().chain(theirs).enumerate() {
             merged.push(if i == 0 { '?' } else { '&' });
             merged.push_str(q);
@@ -228,7 +235,7 @@ impl Target {
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
-            .path_and_query(self.path_and_query(path, query))
+            .path_and_query(self.path_and_query(path, "", query))
             .build()
     }
 }
@@ -290,11 +297,11 @@ mod tests {
     fn origins_name_the_server_and_origin_forms_carry_no_server() {
         let t = Target::parse("http://127.0.0.1:8888/prefix?a=1").unwrap();
         assert_eq!(t.origin(), "http://127.0.0.1:8888");
-        assert_eq!(t.origin_form("/x", Some("b=2")).unwrap(), "/x?a=1&b=2");
-        assert_eq!(t.origin_form("/x", Some("")).unwrap(), "/x?a=1");
+        assert_eq!(t.origin_form("/x", "", Some("b=2")).unwrap(), "/x?a=1&b=2");
+        assert_eq!(t.origin_form("/x", "/y", Some("")).unwrap(), "/x/y?a=1");
         let t = Target::parse("https://hub.example").unwrap();
         assert_eq!(t.origin(), "https://hub.example");
-        assert_eq!(t.origin_form("/", None).unwrap(), "/");
+        assert_eq!(t.origin_form("/", "", None).unwrap(), "/");
         let t = Target::parse("http+unix://%2Ftmp%2Fs.sock/p").unwrap();
         assert_eq!(t.origin(), "http+unix://%2Ftmp%2Fs.sock");
     }

@@ -14,6 +14,43 @@ use prometheus::IntCounter;
 
 use crate::http::ProxyBody;
 use crate::routes::Route;
+use crate::upstream::PooledBody;
+
+/// A target's response body: from a pooled connection, or from one that switched protocols.
+/// An enum rather than a box: one allocation less on every request.
+pub(super) enum TargetBody {
+    Pooled(PooledBody),
+    Upgrade(hyper::body::Incoming),
+}
+
+impl Body for TargetBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            TargetBody::Pooled(b) => Pin::new(b).poll_frame(cx),
+            TargetBody::Upgrade(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            TargetBody::Pooled(b) => b.is_end_stream(),
+            TargetBody::Upgrade(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            TargetBody::Pooled(b) => b.size_hint(),
+            TargetBody::Upgrade(b) => b.size_hint(),
+        }
+    }
+}
 
 /// One access-log line's worth, written when the response body is done (or dropped).
 pub(super) struct AccessRecord {

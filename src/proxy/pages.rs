@@ -11,7 +11,6 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 use super::ErrorPages;
 use crate::http::{empty_body, html, ProxyBody};
-use crate::path;
 use crate::target::Target;
 use crate::upstream::{Pool, SendError};
 
@@ -33,9 +32,8 @@ pub(super) async fn error_page(
     match pages {
         ErrorPages::Builtin => {}
         ErrorPages::Target(target) => {
-            let path = path::join(target.path(), status.as_str());
             let query = format!("url={}", utf8_percent_encode(original, QUERY_VALUE));
-            match target.origin_form(&path, Some(&query)) {
+            match target.origin_form(target.path(), status.as_str(), Some(&query)) {
                 Ok(uri) => match fetch(pool, target, uri).await {
                     Ok((headers, body)) => {
                         let mut resp = Response::new(body);
