@@ -27,8 +27,8 @@ fi
 "$venv/bin/schemathesis" --version
 
 python_files=(tests/schemathesis/run.py examples/sync_table.py)
-"$venv/bin/ruff" check "${python_files[@]}"
-"$venv/bin/ruff" format --check "${python_files[@]}"
+"$venv/bin/ruff" check --no-cache "${python_files[@]}"
+"$venv/bin/ruff" format --no-cache --check "${python_files[@]}"
 
 cargo build --bin hubgate
 "$venv/bin/python" tests/schemathesis/run.py \

@@ -128,7 +128,7 @@ class Echo(http.server.BaseHTTPRequestHandler):
 
 
 def schemathesis(
-    binary: Path, base: str, token: str, report: Path, extra: list[str]
+    binary: Path, base: str, token: str, report: Path, work: Path, extra: list[str]
 ) -> dict:
     """Runs schemathesis; returns its figures (from its JSON report) or exits on failure."""
     args = [
@@ -148,7 +148,9 @@ def schemathesis(
         " ".join(a if token not in a else "<token header>" for a in args),
         flush=True,
     )
-    code = subprocess.call(args)
+    # In the work directory: schemathesis keeps its cache of past failures (replayed first the
+    # next time) in `.schemathesis/` under the directory it runs in.
+    code = subprocess.call(args, cwd=work)
     elapsed = time.monotonic() - started
     figures = summarise(report)
     figures["seconds"] = round(elapsed, 1)
@@ -241,6 +243,9 @@ def main() -> int:
     parser.add_argument("--max-time", default="120")
     parser.add_argument("--seed", default=None)
     opts = parser.parse_args()
+    # schemathesis runs in the work directory; every path it is given must not depend on that.
+    for name in ("hubgate", "schemathesis", "work"):
+        setattr(opts, name, getattr(opts, name).resolve())
 
     started = time.monotonic()
     opts.work.mkdir(parents=True, exist_ok=True)
@@ -262,6 +267,7 @@ def main() -> int:
             f"http://{hg.api}",
             token,
             run_dir / "api.json",
+            opts.work,
             [
                 "--phases", "examples,coverage,fuzzing,stateful",
                 "--max-examples", opts.max_examples,
@@ -276,6 +282,7 @@ def main() -> int:
             f"http://{hg.metrics}",
             token,
             run_dir / "metrics.json",
+            opts.work,
             [
                 "--include-path-regex", "^/(metrics|health/)",
                 "--exclude-checks", "ignored_auth",
