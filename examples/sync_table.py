@@ -1,7 +1,8 @@
 """Keep hubgate's route table equal to a JSON file, and print what changed.
 
 What a platform other than JupyterHub does with hubgate: it knows which workspaces run and where,
-writes them down as `{path: {"target": url, ...}}`, and makes hubgate's table exactly that. Only
+writes them down as `{path: {"target": url, ...}}` (paths as in a URL: a literal `%` is `%25`),
+and makes hubgate's table exactly that. Only
 the operations of hubgate's OpenAPI document (docs/openapi.json) are used, with nothing but the
 Python standard library:
 

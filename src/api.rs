@@ -575,6 +575,13 @@ impl Api {
 /// it. Shared by `/api/routes` and `/api/proxy`.
 fn build_route(raw_key: &str, data: Value, host_routing: bool) -> Result<Route, ApiError> {
     let key = path::route_key(raw_key)?;
+    // Requests have their dot segments resolved before routing, in every encoding: a route
+    // whose whole path is one could never be reached (deeper ones can, with `%2F` between).
+    if key == "/." || key == "/.." {
+        return Err(ApiError::Invalid(format!(
+            "Route path '{key}' is a dot segment, which no request can reach"
+        )));
+    }
     let Value::Object(mut data) = data else {
         return Err(ApiError::NoTarget);
     };

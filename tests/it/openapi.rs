@@ -470,3 +470,26 @@ async fn numbers_in_route_data_survive_a_restart_exactly() {
     let hg = Hubgate::builder().file_store(dir.path()).start().await;
     check(&hg.api_get("/api/routes/floats").await, "after a restart");
 }
+
+/// A route whose whole path was `.` or `..` was accepted, and listed, but no request could ever
+/// reach it: request paths have their dot segments resolved (in every encoding) before routing.
+/// Deeper keys with such segments stay reachable (`/x/./y` through `/x%2F.%2Fy`).
+#[tokio::test]
+async fn a_route_no_request_can_reach_is_refused() {
+    let hg = Hubgate::start(&[]).await;
+    let body = r#"{"target": "http://127.0.0.1:9"}"#;
+    for path in ["/api/routes/..", "/api/routes/%2E", "/api/routes/%2e%2E/"] {
+        let resp = hg.api_post(path, body).await;
+        assert_json_error(&resp, StatusCode::BAD_REQUEST, path);
+    }
+    let sync =
+        json!({"/ok": {"target": "http://127.0.0.1:9"}, "/..": {"target": "http://127.0.0.1:9"}});
+    let resp = hg.api(Method::POST, "/api/proxy", sync.to_string()).await;
+    assert_json_error(&resp, StatusCode::BAD_REQUEST, "sync");
+    assert!(hg.routes().await.is_empty());
+
+    let backend = crate::support::Backend::echo().await;
+    hg.add_route("/x/./y", &backend.url("")).await;
+    let resp = hg.get("/x%2F.%2Fy/z").await;
+    assert_eq!(resp.status, StatusCode::OK, "{resp:?}");
+}

@@ -172,8 +172,16 @@ def summarise(report: Path) -> dict:
 
 
 def quote_key(key: str) -> str:
-    """A request path that decodes to `key`."""
-    return "/".join(urllib.parse.quote(seg, safe="") for seg in key.split("/"))
+    """A request path that hubgate looks up as `key`.
+
+    Each segment is percent-encoded. A key with a `.` or `..` segment (the API takes any) is
+    reached only with its slashes encoded too: hubgate resolves dot segments in a request's
+    path before it decodes it, as browsers do, and `%2F` is no separator there.
+    """
+    segments = key.split("/")
+    if any(seg in (".", "..") for seg in segments):
+        return "/" + urllib.parse.quote(key[1:], safe="")
+    return "/".join(urllib.parse.quote(seg, safe="") for seg in segments)
 
 
 def check_table(hg: Hubgate, echo_port: int) -> dict:
@@ -189,7 +197,10 @@ def check_table(hg: Hubgate, echo_port: int) -> dict:
             key,
             route,
         )
-        status, _, one = hg.request("GET", "/api/routes" + quote_key(key))
+        # The whole key as one encoded segment: `/api/routes/` alone would list the table.
+        status, _, one = hg.request(
+            "GET", "/api/routes/" + urllib.parse.quote(key, safe="")
+        )
         assert status == 200, (
             f"{key!r} is listed but GET /api/routes/... answers {status}"
         )
@@ -197,11 +208,13 @@ def check_table(hg: Hubgate, echo_port: int) -> dict:
 
     # One sync points every route at the echo server, each at a path of its own, keeping keys
     # and data: it must change exactly the routes whose target differs and keep every key.
+    # A body's keys are paths as in a URL, percent-decoded; a listing's are decoded already, so
+    # a literal `%` goes back as `%25` (as the document says).
     desired = {}
     for i, (key, route) in enumerate(table.items()):
         data = {k: v for k, v in route.items() if k != "last_activity"}
         data["target"] = f"http://127.0.0.1:{echo_port}/route-{i}"
-        desired[key] = data
+        desired[key.replace("%", "%25")] = data
     status, _, body = hg.request("POST", "/api/proxy", desired)
     assert status == 200, (status, body)
     summary = json.loads(body)
@@ -211,7 +224,7 @@ def check_table(hg: Hubgate, echo_port: int) -> dict:
 
     routed = 0
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    for i, key in enumerate(desired):
+    for i, key in enumerate(table):
         url = f"http://{hg.proxy}{quote_key(key)}"
         try:
             with opener.open(url, timeout=30) as resp:
