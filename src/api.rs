@@ -4,6 +4,10 @@
 //!
 //! Every failure status and body is decided in [`ApiError`]. Route changes go through
 //! [`Control`], which makes them durable before requests see them, all-or-nothing.
+//!
+//! The router dispatches on [`ENDPOINTS`], the list of every path and method it answers; the
+//! OpenAPI document (`docs/openapi.json`, served at `/api/openapi.json`) describes exactly that
+//! list, which `tests/it/openapi.rs` checks in both directions.
 
 mod sync;
 
@@ -30,6 +34,114 @@ use crate::target::Target;
 
 const ROUTES: &str = "/api/routes";
 
+/// The OpenAPI 3.1 document of this API, as kept in the repository. JSON rather than YAML so
+/// that it is served as it is, with no YAML parser in the dependency tree.
+pub const OPENAPI: &str = include_str!("../docs/openapi.json");
+
+/// One path of the API port and the methods the router answers there.
+pub struct Endpoint {
+    /// The path as the OpenAPI document writes it. A final `{parameter}` stands for the rest of
+    /// the request's path (slashes included; the handler decides what it accepts).
+    pub path: &'static str,
+    /// Any other method gets 405 with these in `Allow`.
+    pub methods: &'static [&'static str],
+    handler: Handler,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Handler {
+    Live,
+    Ready,
+    Metrics,
+    Status,
+    Openapi,
+    Routes,
+    Proxy,
+    Handshake,
+    Revoke,
+    LogLevel,
+}
+
+/// Every endpoint of the API port, in the order the router tries them. The router dispatches
+/// on this list and nothing else, so a path is answered if and only if it is here.
+pub const ENDPOINTS: &[Endpoint] = &[
+    Endpoint {
+        path: "/health/live",
+        methods: &["GET", "HEAD"],
+        handler: Handler::Live,
+    },
+    Endpoint {
+        path: "/health/ready",
+        methods: &["GET", "HEAD"],
+        handler: Handler::Ready,
+    },
+    Endpoint {
+        path: "/metrics",
+        methods: &["GET", "HEAD"],
+        handler: Handler::Metrics,
+    },
+    Endpoint {
+        path: "/api/status",
+        methods: &["GET"],
+        handler: Handler::Status,
+    },
+    Endpoint {
+        path: "/api/openapi.json",
+        methods: &["GET"],
+        handler: Handler::Openapi,
+    },
+    Endpoint {
+        path: "/api/routes",
+        methods: &["GET", "POST", "DELETE"],
+        handler: Handler::Routes,
+    },
+    Endpoint {
+        path: "/api/routes/{route_path}",
+        methods: &["GET", "POST", "DELETE"],
+        handler: Handler::Routes,
+    },
+    Endpoint {
+        path: "/api/proxy",
+        methods: &["GET", "POST", "PATCH"],
+        handler: Handler::Proxy,
+    },
+    Endpoint {
+        path: "/api/handshake",
+        methods: &["POST"],
+        handler: Handler::Handshake,
+    },
+    Endpoint {
+        path: "/api/auth/cache",
+        methods: &["DELETE"],
+        handler: Handler::Revoke,
+    },
+    Endpoint {
+        path: "/api/auth/cache/users/{name}",
+        methods: &["DELETE"],
+        handler: Handler::Revoke,
+    },
+    Endpoint {
+        path: "/api/log-level",
+        methods: &["GET", "PUT"],
+        handler: Handler::LogLevel,
+    },
+];
+
+impl Endpoint {
+    /// Whether a request for `path` is this endpoint's.
+    fn answers(&self, path: &str) -> bool {
+        match self.path.find('{') {
+            None => path == self.path,
+            Some(i) => path.starts_with(&self.path[..i]),
+        }
+    }
+}
+
+/// The endpoint that answers requests for `path`, if any.
+pub fn endpoint(path: &str) -> Option<&'static Endpoint> {
+    ENDPOINTS.iter().find(|e| e.answers(path))
+}
+
 /// The response header that carries the table version a listing was taken at.
 pub const VERSION_HEADER: &str = "x-hubgate-version";
 
@@ -39,8 +151,9 @@ pub const VERSION_HEADER: &str = "x-hubgate-version";
 pub enum ApiError {
     #[error("Not Found")]
     NotFound,
+    /// With the methods the path answers, for `Allow`.
     #[error("Method not supported")]
-    Method,
+    Method(&'static [&'static str]),
     /// 403 with an empty body, exactly as CHP.
     #[error("forbidden")]
     Forbidden,
@@ -63,6 +176,10 @@ pub enum ApiError {
     Invalid(String),
     #[error("Invalid {0} parameter: expected a non-negative integer")]
     BadParam(&'static str),
+    #[error("Invalid {0} parameter: expected true or false (or 1, 0, yes, no)")]
+    BadFlag(&'static str),
+    #[error("Unknown query parameter '{0}' (this request takes {1})")]
+    UnknownParam(String, &'static str),
     #[error("Changes since version {since} are no longer known (history starts at {floor}); fetch the whole table")]
     Gone { since: u64, floor: u64 },
     #[error("{0}")]
@@ -79,7 +196,7 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             ApiError::NotFound => StatusCode::NOT_FOUND,
-            ApiError::Method => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Gone { .. } => StatusCode::GONE,
@@ -88,6 +205,8 @@ impl ApiError {
             ApiError::Hub(_) => StatusCode::BAD_GATEWAY,
             ApiError::Invalid(_)
             | ApiError::BadParam(_)
+            | ApiError::BadFlag(_)
+            | ApiError::UnknownParam(..)
             | ApiError::BadJson(_)
             | ApiError::NoTarget
             | ApiError::BadTarget(_)
@@ -103,7 +222,13 @@ impl ApiError {
             return empty(status);
         }
         let body = serde_json::json!({"status": status.as_u16(), "message": self.to_string()});
-        json(status, body.to_string())
+        let mut resp = json(status, body.to_string());
+        if let ApiError::Method(allowed) = self {
+            if let Ok(allow) = http::HeaderValue::from_str(&allowed.join(", ")) {
+                resp.headers_mut().insert(header::ALLOW, allow);
+            }
+        }
+        resp
     }
 }
 
@@ -184,44 +309,55 @@ impl Api {
     }
 
     async fn route(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
-        match req.uri().path() {
-            "/health/live" => return Ok(self.status.live()),
-            "/health/ready" => return Ok(self.status.ready()),
-            "/metrics" | "/api/status" => {
-                if req.method() != Method::GET {
-                    return Err(ApiError::Method);
-                }
-                self.authorize(&req)?;
-                return Ok(if req.uri().path() == "/metrics" {
-                    self.status.metrics()
-                } else {
-                    self.status.report()
-                });
-            }
-            "/api/proxy" => {
-                self.require_loaded()?;
-                return self.proxy_resource(req).await;
-            }
-            p if p == "/api/auth/cache" || p.starts_with("/api/auth/cache/") => {
-                if req.method() != Method::DELETE {
-                    return Err(ApiError::Method);
-                }
-                self.authorize(&req)?;
-                return self.revoke(p).await;
-            }
-            "/api/log-level" => {
-                self.authorize(&req)?;
-                return self.log_level(req).await;
-            }
-            "/api/handshake" => {
-                if req.method() != Method::POST {
-                    return Err(ApiError::Method);
-                }
-                self.authorize(&req)?;
-                return self.handshake().await;
-            }
-            _ => {}
+        let endpoint = endpoint(req.uri().path()).ok_or(ApiError::NotFound)?;
+        if !endpoint.methods.contains(&req.method().as_str()) {
+            return Err(ApiError::Method(endpoint.methods));
         }
+        match endpoint.handler {
+            Handler::Live => Ok(self.status.live()),
+            Handler::Ready => Ok(self.status.ready()),
+            Handler::Metrics => {
+                self.authorize(&req)?;
+                Ok(self.status.metrics())
+            }
+            Handler::Status => {
+                self.authorize(&req)?;
+                Ok(self.status.report())
+            }
+            // Behind the token like everything else on this port but the probes: the document
+            // is public (it is in the repository), but a stranger at the API port should not
+            // learn what answers there, nor its version.
+            Handler::Openapi => {
+                self.authorize(&req)?;
+                Ok(json(StatusCode::OK, Bytes::from_static(OPENAPI.as_bytes())))
+            }
+            Handler::Proxy => {
+                self.require_loaded()?;
+                self.proxy_resource(req, endpoint.methods).await
+            }
+            Handler::Revoke => {
+                self.authorize(&req)?;
+                let path = req.uri().path().to_owned();
+                self.revoke(&path).await
+            }
+            Handler::LogLevel => {
+                self.authorize(&req)?;
+                self.log_level(req, endpoint.methods).await
+            }
+            Handler::Handshake => {
+                self.authorize(&req)?;
+                self.handshake().await
+            }
+            Handler::Routes => self.routes(req, endpoint.methods).await,
+        }
+    }
+
+    /// `/api/routes` and `/api/routes/<path>`, as configurable-http-proxy answers them.
+    async fn routes(
+        &self,
+        req: Request<Incoming>,
+        methods: &'static [&'static str],
+    ) -> Result<Response<ProxyBody>, ApiError> {
         let rest = match req.uri().path().strip_prefix(ROUTES) {
             Some(rest) if rest.is_empty() || rest.starts_with('/') => rest.to_owned(),
             _ => return Err(ApiError::NotFound),
@@ -250,7 +386,7 @@ impl Api {
                 self.authorize(&req)?;
                 self.delete(&rest).await
             }
-            _ => Err(ApiError::Method),
+            _ => Err(ApiError::Method(methods)),
         }
     }
 
@@ -297,7 +433,11 @@ impl Api {
 
     /// `GET /api/log-level` says the current level filter; `PUT` with `{"level": "debug"}` (or a
     /// full `tracing` filter) changes it until the next restart.
-    async fn log_level(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
+    async fn log_level(
+        &self,
+        req: Request<Incoming>,
+        methods: &'static [&'static str],
+    ) -> Result<Response<ProxyBody>, ApiError> {
         let level = match *req.method() {
             Method::GET => crate::logging::level().unwrap_or_default(),
             Method::PUT => {
@@ -307,7 +447,7 @@ impl Api {
                 })?;
                 crate::logging::set_level(wanted).map_err(ApiError::Invalid)?
             }
-            _ => return Err(ApiError::Method),
+            _ => return Err(ApiError::Method(methods)),
         };
         Ok(json(
             StatusCode::OK,
@@ -373,8 +513,11 @@ impl Api {
     }
 
     fn list(&self, query: Option<&str>) -> Result<Response<ProxyBody>, ApiError> {
+        // Both parameters are checked even when `since` makes the filter moot.
+        let since = changes_since(query)?;
+        let idle = inactive_since(query)?;
         let snapshot = self.table.snapshot();
-        let body = match changes_since(query)? {
+        let body = match since {
             Some(since) => {
                 let changes = snapshot.changes_since(since).ok_or(ApiError::Gone {
                     since,
@@ -383,7 +526,6 @@ impl Api {
                 serialize_routes(changes.put.iter(), &changes.removed)
             }
             None => {
-                let idle = inactive_since(query)?;
                 let sorted = snapshot.sorted();
                 let routes = sorted
                     .iter()
@@ -433,6 +575,13 @@ impl Api {
 /// it. Shared by `/api/routes` and `/api/proxy`.
 fn build_route(raw_key: &str, data: Value, host_routing: bool) -> Result<Route, ApiError> {
     let key = path::route_key(raw_key)?;
+    // Requests have their dot segments resolved before routing, in every encoding: a route
+    // whose whole path is one could never be reached (deeper ones can, with `%2F` between).
+    if key == "/." || key == "/.." {
+        return Err(ApiError::Invalid(format!(
+            "Route path '{key}' is a dot segment, which no request can reach"
+        )));
+    }
     let Value::Object(mut data) = data else {
         return Err(ApiError::NoTarget);
     };
@@ -440,12 +589,29 @@ fn build_route(raw_key: &str, data: Value, host_routing: bool) -> Result<Route, 
         Some(Value::String(t)) => Target::parse(t)?,
         _ => return Err(ApiError::NoTarget),
     };
+    check_protection(&data)?;
     data.remove("last_activity");
     if host_routing && key != "/" {
         let host = key[1..].split('/').next().unwrap_or_default().to_owned();
         data.insert("host".to_owned(), Value::String(host));
     }
     Ok(Route::new(key.into(), target, data, host_routing))
+}
+
+/// The members authentication reads must mean what they say: a `user` that is not a string, or
+/// an `auth` of another value, would otherwise be read as absent and leave the route open.
+fn check_protection(data: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
+    for field in ["user", "server_name", "service"] {
+        if data.get(field).is_some_and(|v| !v.is_string()) {
+            return Err(ApiError::Invalid(format!("'{field}' must be a string")));
+        }
+    }
+    match data.get("auth").map(Value::as_str) {
+        None | Some(Some("required" | "none")) => Ok(()),
+        Some(_) => Err(ApiError::Invalid(
+            "'auth' must be \"required\" or \"none\"".into(),
+        )),
+    }
 }
 
 /// A bounded label naming what an API request does.
@@ -457,6 +623,7 @@ fn operation(method: &Method, path: &str) -> &'static str {
         (_, "/health/live" | "/health/ready") => "health",
         (_, "/metrics") => "metrics",
         (_, "/api/status") => "status",
+        (_, "/api/openapi.json") => "openapi",
         ("GET", "/api/proxy") => "proxy_get",
         ("POST", "/api/proxy") => "sync",
         ("PATCH", "/api/proxy") => "batch",

@@ -217,10 +217,15 @@ impl Status {
         req: Request<B>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
-            return Ok(json(
+            let mut resp = json(
                 StatusCode::METHOD_NOT_ALLOWED,
                 r#"{"status":405,"message":"Method not supported"}"#,
-            ));
+            );
+            resp.headers_mut().insert(
+                http::header::ALLOW,
+                http::HeaderValue::from_static("GET, HEAD"),
+            );
+            return Ok(resp);
         }
         Ok(match req.uri().path() {
             "/metrics" => self.metrics(),

@@ -36,30 +36,35 @@ impl Api {
     pub(super) async fn proxy_resource(
         &self,
         req: Request<Incoming>,
+        methods: &'static [&'static str],
     ) -> Result<Response<ProxyBody>, ApiError> {
-        let method = req.method().clone();
-        if !matches!(method, Method::GET | Method::POST | Method::PATCH) {
-            return Err(ApiError::Method);
-        }
         self.authorize(&req)?;
-        match method {
-            Method::GET => self.page(&req),
+        let query = req.uri().query();
+        match *req.method() {
+            Method::GET => {
+                only_params(
+                    query,
+                    &["offset", "limit", "since"],
+                    "offset, limit and since",
+                )?;
+                self.page(&req)
+            }
             Method::POST => {
-                let dry_run = matches!(
-                    query_param(req.uri().query(), "dry_run").as_deref(),
-                    Some("true" | "1" | "yes")
-                );
+                only_params(query, &["dry_run"], "only dry_run")?;
+                let dry_run = flag_param(query, "dry_run")?;
                 let body = self
                     .read_body(req.into_body(), self.settings.max_sync_body)
                     .await?;
                 self.sync_json(body, dry_run).await
             }
-            _ => {
+            Method::PATCH => {
+                only_params(query, &[], "none")?;
                 let body = self
                     .read_json(req.into_body(), self.settings.max_sync_body)
                     .await?;
                 self.notify(body).await
             }
+            _ => Err(ApiError::Method(methods)),
         }
     }
 
@@ -71,10 +76,14 @@ impl Api {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .any(|v| v.contains(PAGINATION));
+        // Every parameter is checked, also those `since` makes moot: a bad one is a 400 always.
+        let since = changes_since(query)?;
+        let offset = int_param(query, "offset")?;
+        let limit = int_param(query, "limit")?;
         let snapshot = self.table.snapshot();
         let version = snapshot.version();
 
-        if let Some(since) = changes_since(query)? {
+        if let Some(since) = since {
             let changes = snapshot.changes_since(since).ok_or(ApiError::Gone {
                 since,
                 floor: snapshot.history_floor(),
@@ -87,8 +96,6 @@ impl Api {
             });
         }
 
-        let offset = int_param(query, "offset")?;
-        let limit = int_param(query, "limit")?;
         let sorted = snapshot.sorted();
         let total = sorted.len() as u64;
         if !wrapped && offset.is_none() && limit.is_none() {
@@ -228,6 +235,37 @@ impl Api {
             "batch"
         );
         Ok(summary(&applied, false))
+    }
+}
+
+/// Refuses a query parameter this request does not take: a misspelt `dry_run` must not turn a
+/// dry run into a real sync that replaces the whole table.
+fn only_params(
+    query: Option<&str>,
+    allowed: &[&str],
+    expected: &'static str,
+) -> Result<(), ApiError> {
+    let Some(query) = query else { return Ok(()) };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let raw = pair.split_once('=').map_or(pair, |(k, _)| k);
+        let name = crate::path::decode(&raw.replace('+', " "))
+            .map(|n| n.into_owned())
+            .unwrap_or_else(|_| raw.to_owned());
+        if !allowed.contains(&name.as_str()) {
+            return Err(ApiError::UnknownParam(name, expected));
+        }
+    }
+    Ok(())
+}
+
+/// A yes-or-no query parameter; absent is no. Any value but `true`/`false`, `1`/`0`, `yes`/`no`
+/// is refused rather than read as no.
+fn flag_param(query: Option<&str>, name: &'static str) -> Result<bool, ApiError> {
+    match query_param(query, name).as_deref() {
+        None => Ok(false),
+        Some("true" | "1" | "yes") => Ok(true),
+        Some("false" | "0" | "no") => Ok(false),
+        Some(_) => Err(ApiError::BadFlag(name)),
     }
 }
 

@@ -13,6 +13,7 @@
 //! - `streaming`: large and incremental bodies pass through without buffering.
 //! - `abuse`: hostile clients: smuggling, bad headers, size limits, HTTP/2 resets, floods.
 //! - `faults`: failing targets, hub and route store, and recovery once the fault is gone.
+//! - `openapi`: the OpenAPI document against the router, the example client, schemathesis findings.
 
 mod support;
 
@@ -36,6 +37,7 @@ mod limits;
 mod metrics;
 mod metrics_support;
 mod model;
+mod openapi;
 mod proxy;
 mod redis;
 mod streaming;
