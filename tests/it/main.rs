@@ -32,6 +32,7 @@ mod jupyterhub;
 mod jupyterhub_auth;
 mod jupyterhub_restart;
 mod jupyterhub_ssl;
+mod layers;
 mod lifecycle;
 mod limits;
 mod metrics;
