@@ -3,13 +3,15 @@
 # (not timed) so that the figure is the same on a busy machine as on a quiet one.
 #
 #   bash benches/load/budget.sh [--bin PATH] [--requests N] [--conns C] [--routes R] [--top K]
+#                               [--preload LIB]
 #
 # hubgate runs under `valgrind --tool=callgrind` with one worker; a backend (examples/fixedload
 # serve) answers a small body. After a warm-up (every connection opened, pools filled), the
 # counters are zeroed, N requests are sent on C keep-alive connections through one route of a
 # table of R, and the counters are dumped. Everything counted in that window is divided by N:
 # instructions (Ir), calls to malloc/calloc/realloc, and the top K functions by their own
-# instructions. `--bin` measures another build (e.g. an older commit's) the same way.
+# instructions. `--bin` measures another build (e.g. an older commit's) the same way;
+# `--preload` runs it with another allocator (e.g. /usr/lib/x86_64-linux-gnu/libjemalloc.so.2).
 #
 # Needs valgrind (installed from Debian when missing, as root) and builds hubgate and
 # examples/fixedload with cargo --release unless --bin is given.
@@ -25,6 +27,7 @@ REQUESTS=20000
 CONNS=32
 ROUTES=1000
 TOP=25
+PRELOAD=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --bin) BIN=${2:?}; shift ;;
@@ -32,6 +35,7 @@ while [ $# -gt 0 ]; do
         --conns) CONNS=${2:?}; shift ;;
         --routes) ROUTES=${2:?}; shift ;;
         --top) TOP=${2:?}; shift ;;
+        --preload) PRELOAD=${2:?}; shift ;;
         --keep) KEEP=1 ;;
         -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "budget.sh: unknown argument $1" >&2; exit 64 ;;
@@ -62,7 +66,7 @@ wait_port "$BACKEND_PORT" || die "backend did not start"
 
 # One worker: the budget is the work a request costs, not how it spreads. TOKIO_WORKER_THREADS
 # does the same for builds older than --workers.
-HUBGATE_WORKERS=1 TOKIO_WORKER_THREADS=1 CONFIGPROXY_AUTH_TOKEN=$TOKEN \
+HUBGATE_WORKERS=1 TOKIO_WORKER_THREADS=1 CONFIGPROXY_AUTH_TOKEN=$TOKEN LD_PRELOAD=$PRELOAD \
     start hubgate 0-63 valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" \
     "$BIN" --ip 127.0.0.1 --port "$PROXY_PORT" --api-ip 127.0.0.1 --api-port "$API_PORT" --log-level warn
 HG_PID=$LAST_PID
@@ -89,7 +93,7 @@ callgrind_control -d "$HG_PID" >/dev/null || die "callgrind_control -d failed"
 DUMP=$(ls "$WORK"/cg.out.* 2>/dev/null | head -1)
 [ -n "$DUMP" ] || die "no callgrind dump"
 
-python3 - "$DUMP" "$REQUESTS" "$TOP" "$BIN" <<'PY'
+python3 - "$DUMP" "$REQUESTS" "$TOP" "$BIN" "$PRELOAD" <<'PY'
 import re, subprocess, sys
 dump, n, top, binary = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 names, total, allocs = {}, 0, 0
@@ -108,7 +112,7 @@ with open(dump, errors="replace") as f:
             continue
         if line.startswith("calls=") and current_cfn in alloc_fns:
             allocs += int(line.split("=")[1].split()[0])
-print(f"binary: {binary}")
+print(f"binary: {binary}" + (f" (allocator preloaded: {sys.argv[5]})" if sys.argv[5] else ""))
 print(f"requests measured: {n}")
 print(f"instructions per request: {total / n:,.0f}")
 print(f"heap allocations per request (malloc+calloc+realloc calls): {allocs / n:.1f}")
