@@ -13,6 +13,7 @@
 //! - `streaming`: large and incremental bodies pass through without buffering.
 //! - `abuse`: hostile clients: smuggling, bad headers, size limits, HTTP/2 resets, floods.
 //! - `faults`: failing targets, hub and route store, and recovery once the fault is gone.
+//! - `workers`: the data plane's workers: spread, one connection limit, drain, reload, h2, ws.
 
 mod support;
 
@@ -42,3 +43,4 @@ mod streaming;
 mod sync;
 mod tls;
 mod websocket;
+mod workers;
