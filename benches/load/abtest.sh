@@ -30,28 +30,11 @@ done
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 command -v wrk >/dev/null || { echo "abtest.sh: needs wrk (apt-get install wrk)" >&2; exit 1; }
 TOKEN="ab-token-$$"
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/hgab.XXXXXX")
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
-    sleep 0.3
-    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-    local i
-    for i in $(seq 1 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    return 1
-}
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-BACKEND_PORT=$(port)
+BACKEND_PORT=$(free_port)
 mkdir -p "$WORK/tmp"
 cat >"$WORK/nginx.conf" <<EOF
 daemon off;
@@ -73,27 +56,26 @@ http {
     }
 }
 EOF
-"$NGINX" -p "$WORK" -c "$WORK/nginx.conf" >/dev/null 2>&1 &
-PIDS+=("$!")
-wait_port "$BACKEND_PORT" || { echo "backend did not start" >&2; exit 1; }
+ALL_CPUS="0-$(($(nproc) - 1))"
+start backend "$ALL_CPUS" "$NGINX" -p "$WORK" -c "$WORK/nginx.conf"
+wait_port "$BACKEND_PORT" || die "backend did not start: $(cat "$WORK/backend.log" "$WORK/error.log" 2>/dev/null)"
 
 run() {  # BIN: prints "req/s cpu_us_per_req"
     local bin=$1 p api pid out c0 c1
-    p=$(port); api=$(port)
-    env CONFIGPROXY_AUTH_TOKEN="$TOKEN" "$bin" --ip 127.0.0.1 --port "$p" --api-ip 127.0.0.1 \
-        --api-port "$api" --log-level warn >/dev/null 2>&1 &
-    pid=$!
-    PIDS+=("$pid")
-    wait_port "$api" && wait_port "$p" || { echo "hubgate did not start" >&2; exit 1; }
+    p=$(free_port); api=$(free_port)
+    start hubgate "$ALL_CPUS" env CONFIGPROXY_AUTH_TOKEN="$TOKEN" "$bin" --ip 127.0.0.1 --port "$p" \
+        --api-ip 127.0.0.1 --api-port "$api" --log-level warn
+    pid=$LAST_PID
+    wait_port "$api" && wait_port "$p" || die "hubgate did not start: $(cat "$WORK/hubgate.log")"
     timeout 120 python3 "$HERE/routeapi.py" sync --api "http://127.0.0.1:$api" --token "$TOKEN" \
         --target "http://127.0.0.1:$BACKEND_PORT" --count "$ROUTES" >/dev/null
     local url="http://127.0.0.1:$p/user/u$((ROUTES / 2))/small"
     timeout 30 wrk -t2 -c64 -d1s "$url" >/dev/null 2>&1
-    c0=$(ticks "$pid")
+    c0=$(cpu_ticks "$pid")
     out=$(timeout $((SECS + 30)) wrk -t2 -c64 -d"${SECS}s" "$url" 2>&1)
-    c1=$(ticks "$pid")
-    kill -TERM "$pid"; wait "$pid" 2>/dev/null
-    python3 - "$out" "$c0" "$c1" "$(getconf CLK_TCK)" <<'EOF'
+    c1=$(cpu_ticks "$pid")
+    stop "$pid"
+    python3 - "$out" "$c0" "$c1" "$CLK_TCK" <<'EOF'
 import re, sys
 out, c0, c1, tck = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 reqs = int(re.search(r"(\d+) requests in", out).group(1))

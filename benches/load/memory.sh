@@ -44,33 +44,17 @@ done
 [ -x "$BIN" ] || { echo "memory.sh: no $BIN" >&2; exit 1; }
 
 TOKEN="mem-token-$$"
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
-    sleep 0.3
-    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null; done
-}
-trap cleanup EXIT
-
-rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null; }
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-    local i
-    for i in $(seq 1 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    return 1
-}
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/hgmem.XXXXXX")
+ALL_CPUS="0-$(($(nproc) - 1))"
 say() { python3 -c 'import json,sys; print(json.dumps(dict(a.split("=",1) for a in sys.argv[1:])))' "$@"; }
 
 start_hubgate() {  # sets HG_PID, HG_PORT, HG_API
-    HG_PORT=$(port); local api; api=$(port)
-    env CONFIGPROXY_AUTH_TOKEN="$TOKEN" "$BIN" --ip 127.0.0.1 --port "$HG_PORT" --api-ip 127.0.0.1 \
-        --api-port "$api" --log-level warn "${EXTRA[@]}" >"/tmp/hgmem-$$.log" 2>&1 &
-    HG_PID=$!
-    PIDS+=("$HG_PID")
+    HG_PORT=$(free_port); local api; api=$(free_port)
+    start hubgate "$ALL_CPUS" env CONFIGPROXY_AUTH_TOKEN="$TOKEN" "$BIN" --ip 127.0.0.1 \
+        --port "$HG_PORT" --api-ip 127.0.0.1 --api-port "$api" --log-level warn "${EXTRA[@]}"
+    HG_PID=$LAST_PID
     HG_API=http://127.0.0.1:$api
     wait_port "$api" && wait_port "$HG_PORT" && sleep 1
 }
@@ -80,7 +64,7 @@ sync() {  # TARGET: one sync of ROUTES routes; prints the seconds it took
 }
 
 if [ "$ONLY" != ws ]; then
-    start_hubgate || { echo "hubgate did not start: $(cat /tmp/hgmem-$$.log)" >&2; exit 1; }
+    start_hubgate || die "hubgate did not start: $(cat "$WORK/hubgate.log")"
     empty=$(rss_kb "$HG_PID")
     say step=empty rss_kb="$empty"
     secs=$(sync http://127.0.0.1:9/)
@@ -99,7 +83,7 @@ if [ "$ONLY" != ws ]; then
     done
     sleep 2
     say step="2 s later" rss_kb="$(rss_kb "$HG_PID")"
-    kill -TERM "$HG_PID"; wait "$HG_PID" 2>/dev/null
+    stop "$HG_PID"
 fi
 
 if [ "$ONLY" != table ]; then
@@ -107,11 +91,10 @@ if [ "$ONLY" != table ]; then
     # The proxy holds two descriptors per websocket; leave room for its listeners.
     fit=$(( ($(ulimit -n) - 100) / 2 ))
     [ "$WS" -gt "$fit" ] && WS=$fit
-    ws_port=$(port)
-    "$WSLOAD" echo --listen "127.0.0.1:$ws_port" --secs 600 >/dev/null 2>&1 &
-    PIDS+=("$!")
-    wait_port "$ws_port" || { echo "echo backend did not start" >&2; exit 1; }
-    start_hubgate || { echo "hubgate did not start" >&2; exit 1; }
+    ws_port=$(free_port)
+    start wsecho "$ALL_CPUS" "$WSLOAD" echo --listen "127.0.0.1:$ws_port" --secs 600
+    wait_port "$ws_port" || die "echo backend did not start"
+    start_hubgate || die "hubgate did not start: $(cat "$WORK/hubgate.log")"
     curl -s -o /dev/null --max-time 10 -X POST -H "Authorization: token $TOKEN" \
         -d "{\"target\": \"http://127.0.0.1:$ws_port\"}" "$HG_API/api/routes/ws"
     res=$(timeout 300 "$WSLOAD" hold --url "ws://127.0.0.1:$HG_PORT/ws" --conns "$WS" \

@@ -2,14 +2,25 @@
 """Collects the load benchmark's rows and renders the one table and its ratios.
 
   report.py add --rows F --id ID --name NAME [--wrk JSON] [--rps ..] [--p50 ..] [--p99 ..]
-                [--mbps ..] [--rss-kb ..] [--errors ..] [--note ..] [--data JSON]
-  report.py render --rows F --meta F        markdown on stdout
+                [--mbps ..] [--rss-kb ..] [--errors ..] [--cpu-secs ..] [--cpu-user-secs ..]
+                [--cpu-sys-secs ..] [--ctx-vol ..] [--ctx-invol ..] [--note ..] [--data JSON]
+  report.py median --rows-in F1 F2 .. --out F   one row per id: the median of each figure
+  report.py render --rows F --meta F [--rows-in F1 F2 ..]   markdown on stdout (with the
+                                            rounds' rows: each round's ratios to nginx too)
 
-Every ratio is computed from rows of the same run; a ratio whose rows are missing says so.
+Every ratio is computed from rows of the same run (or, after `median`, from the medians of
+rounds that each measured every row); a ratio whose rows are missing says so.
 """
 import argparse
 import json
+import statistics
 import sys
+
+# Figures that `median` takes the median of, and which of them a row's note lists per round.
+FIGURES = ("rps", "p50", "p99", "mbps", "rss_kb", "errors", "requests", "cpu_secs", "cpu_us",
+           "user_us", "sys_us", "vcs", "ivcs")
+# (1 MiB rows show MB/s, the others requests/s).
+SHOWN_PER_ROUND = (("rps", "req/s", 0), ("mbps", "MB/s", 0), ("cpu_us", "CPU µs/req", 1))
 
 
 def load(path):
@@ -39,14 +50,60 @@ def cmd_add(a):
         v = getattr(a, k)
         if v not in (None, ""):
             row[k] = float(v)
-    if row.get("cpu_secs") is not None and row.get("requests"):
-        row["cpu_us"] = row["cpu_secs"] * 1e6 / row["requests"]
+    n = row.get("requests")
+    if row.get("cpu_secs") is not None and n:
+        row["cpu_us"] = row["cpu_secs"] * 1e6 / n
+    # Per request: user and kernel CPU, voluntary and involuntary context switches.
+    for arg, key, scale in (("cpu_user_secs", "user_us", 1e6), ("cpu_sys_secs", "sys_us", 1e6),
+                            ("ctx_vol", "vcs", 1), ("ctx_invol", "ivcs", 1)):
+        v = getattr(a, arg)
+        if v not in (None, "") and n:
+            row[key] = float(v) * scale / n
     if a.note:
         row["note"] = a.note
     if a.data:
         row["data"] = json.loads(a.data)
     with open(a.rows, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def cmd_median(a):
+    rounds = []
+    for path in a.rows_in:
+        rows, order = load(path)
+        rounds.append((rows, order))
+    order = []
+    for _, o in rounds:
+        order += [rid for rid in o if rid not in order]
+    with open(a.out, "w") as f:
+        for rid in order:
+            present = [rows[rid] for rows, _ in rounds if rid in rows]
+            row = dict(present[0])
+            per_round = {}
+            for k in FIGURES:
+                values = [r[k] for r in present if r.get(k) is not None]
+                if values:
+                    row[k] = statistics.median(values)
+                    per_round[k] = values
+            row["rounds"] = {"n": len(present), "of": len(rounds), "values": per_round}
+            f.write(json.dumps(row) + "\n")
+
+
+def round_note(r):
+    """The figures of each round behind a median, for the notes column."""
+    rounds = r.get("rounds")
+    if not rounds or rounds["of"] < 2:
+        return ""
+    parts = []
+    for key, label, digits in SHOWN_PER_ROUND:
+        if key == ("rps" if r["id"].endswith(".big") else "mbps"):
+            continue
+        values = rounds["values"].get(key)
+        if values and len(values) > 1:
+            parts.append(f"{label} " + " / ".join(fmt(v, digits) for v in values))
+    what = f"median of {rounds['n']} rounds" + (f" (of {rounds['of']})"
+                                                if rounds["n"] != rounds["of"] else "")
+    return f"{what}: {'; '.join(parts)}. " if parts else f"{what}. "
 
 
 def fmt(v, digits=1):
@@ -63,7 +120,7 @@ def fmt_ms(v):
     return f"{v:.3f}" if v < 1 else (f"{v:.2f}" if v < 100 else f"{v:,.0f}")
 
 
-def render(rows, order, meta):
+def render(rows, order, meta, rounds=()):
     out = []
     w = out.append
     w(f"# hubgate load benchmark, {meta.get('date', '')}")
@@ -80,27 +137,46 @@ def render(rows, order, meta):
     w("")
     w("## Results")
     w("")
-    w("| row | req/s | p50 ms | p99 ms | MB/s | RSS MiB | CPU µs/req | errors | notes |")
-    w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    w("| row | req/s | p50 ms | p99 ms | MB/s | RSS MiB | CPU µs/req | user µs/req "
+      "| kernel µs/req | ctx sw/req vol+invol | errors | notes |")
+    w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for rid in order:
         r = rows[rid]
         rss = r.get("rss_kb")
         err = r.get("errors")
-        w("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+        ctx = ""
+        if r.get("vcs") is not None and r.get("ivcs") is not None:
+            ctx = f"{r['vcs']:.2f}+{r['ivcs']:.2f}"
+        w("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             r["name"], fmt(r.get("rps"), 0), fmt_ms(r.get("p50")), fmt_ms(r.get("p99")),
             fmt(r.get("mbps"), 1), fmt(rss / 1024 if rss is not None else None, 1),
-            fmt(r.get("cpu_us"), 1),
-            "" if err is None else f"{err:.0f}", r.get("note", "")))
+            fmt(r.get("cpu_us"), 1), fmt(r.get("user_us"), 2), fmt(r.get("sys_us"), 2), ctx,
+            "" if err is None else f"{err:.0f}", round_note(r) + r.get("note", "")))
     w("")
     w("RSS: resident memory of the process under test (nginx: master and workers) after the row. "
       "CPU µs/req: user and system CPU that process used during the measured run, divided by the "
-      "requests: less sensitive than requests/s to whatever else shares the cores.")
+      "requests: less sensitive than requests/s to whatever else shares the cores; user and "
+      "kernel µs/req split it. ctx sw/req: voluntary and involuntary context switches of every "
+      "thread of that process (and its children), per request. With several rounds, every "
+      "figure is the median of the rounds' figures for that row.")
     w("")
-    w("## Ratios (same run)")
+    w(f"## Ratios ({meta.get('ratios_from', 'same run')})")
     w("")
     for line in ratios(rows):
+        # A subset of the rows (--rows) leaves out the ratios of the rows it did not run.
+        if meta.get("rows", "all") != "all" and line.endswith("n/a (row missing)"):
+            continue
         w(f"- {line}")
     w("")
+    if len(rounds) > 1:
+        w("## hubgate against nginx, round by round")
+        w("")
+        w("Each ratio taken within one round (both rows measured minutes apart at most), and the "
+          "median of those ratios: the figure to quote.")
+        w("")
+        for line in per_round_lines(rounds):
+            w(f"- {line}")
+        w("")
     return "\n".join(out)
 
 
@@ -125,16 +201,9 @@ def ratios(rows):
     noise = abs(hg - hg2) / base if hg and hg2 else None
     lines.append(ratio_line("hubgate / CHP, requests/s (small)", hg,
                             get(rows, "chp.small", "rps")))
-    lines.append(ratio_line("hubgate / nginx (1 worker), requests/s (small)", hg,
-                            get(rows, "nginx1.small", "rps")))
-    lines.append(ratio_line("hubgate / nginx (workers = cores), requests/s (small)", hg,
-                            get(rows, "nginxN.small", "rps")))
-    lines.append(ratio_line("hubgate p99 / nginx (workers = cores) p99 (small)",
-                            get(rows, "hubgate.small", "p99"), get(rows, "nginxN.small", "p99")))
+    lines += versus_nginx(rows)
     lines.append(ratio_line("hubgate p99 / CHP p99 (small)",
                             get(rows, "hubgate.small", "p99"), get(rows, "chp.small", "p99")))
-    lines.append(ratio_line("hubgate / nginx (1 worker), CPU per request (small)",
-                            get(rows, "hubgate.small", "cpu_us"), get(rows, "nginx1.small", "cpu_us")))
     lines.append(ratio_line("hubgate / CHP, CPU per request (small)",
                             get(rows, "hubgate.small", "cpu_us"), get(rows, "chp.small", "cpu_us")))
     lines.append(ratio_line("hubgate / direct, MB/s (1 MiB)", get(rows, "hubgate.big", "mbps"),
@@ -216,25 +285,71 @@ def ratios(rows):
     return lines
 
 
+def versus_nginx(rows):
+    """hubgate with one worker against nginx with one, and with its default workers (one per
+    core) against nginx with as many: throughput, latency, CPU and context switches."""
+    return [ratio_line(label, num, den) for label, num, den in versus_nginx_figures(rows)]
+
+
+def per_round_lines(rounds):
+    """Each hubgate/nginx ratio taken within every round, and the median of those ratios."""
+    lines = []
+    figures = [versus_nginx_figures(rows) for rows in rounds]
+    for i, (label, _, _) in enumerate(figures[0]):
+        values = [f[i][1] / f[i][2] for f in figures if f[i][1] is not None and f[i][2]]
+        if not values:
+            continue
+        each = " / ".join(f"{v:.2f}" for v in values)
+        lines.append(f"{label}: {statistics.median(values):.2f}x (rounds: {each})")
+    return lines
+
+
+def versus_nginx_figures(rows):
+    lines = []
+    for hg, ng, label in (("hubgate1", "nginx1", "hubgate --workers 1 / nginx 1 worker"),
+                          ("hubgate", "nginxN", "hubgate default workers / nginx N workers")):
+        def of(rid, key, hg=hg, ng=ng):
+            return get(rows, f"{hg}.{rid}", key), get(rows, f"{ng}.{rid}", key)
+
+        def ctx(who):
+            v, i = get(rows, f"{who}.small", "vcs"), get(rows, f"{who}.small", "ivcs")
+            return None if v is None or i is None else v + i
+
+        lines.append((f"{label}, requests/s (small)", *of("small", "rps")))
+        lines.append((f"{label}, p99 (small)", *of("small", "p99")))
+        lines.append((f"{label}, user CPU per request (small)", *of("small", "user_us")))
+        lines.append((f"{label}, kernel CPU per request (small)", *of("small", "sys_us")))
+        lines.append((f"{label}, CPU per request (small)", *of("small", "cpu_us")))
+        lines.append((f"{label}, context switches per request (small)", ctx(hg), ctx(ng)))
+        lines.append((f"{label}, MB/s (1 MiB)", *of("big", "mbps")))
+    return lines
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("command", choices=["add", "render"])
-    p.add_argument("--rows", required=True)
+    p.add_argument("command", choices=["add", "median", "render"])
+    p.add_argument("--rows")
+    p.add_argument("--rows-in", nargs="+")
+    p.add_argument("--out")
     p.add_argument("--meta")
     p.add_argument("--id")
     p.add_argument("--name")
     p.add_argument("--wrk")
     p.add_argument("--data")
     p.add_argument("--note")
-    for k in ("rps", "p50", "p99", "mbps", "rss-kb", "errors", "cpu-secs", "cpu-us"):
+    for k in ("rps", "p50", "p99", "mbps", "rss-kb", "errors", "cpu-secs", "cpu-us",
+              "cpu-user-secs", "cpu-sys-secs", "ctx-vol", "ctx-invol"):
         p.add_argument(f"--{k}")
     a = p.parse_args()
     if a.command == "add":
         cmd_add(a)
+    elif a.command == "median":
+        cmd_median(a)
     else:
         rows, order = load(a.rows)
         meta = json.load(open(a.meta)) if a.meta else {}
-        sys.stdout.write(render(rows, order, meta) + "\n")
+        rounds = [load(path)[0] for path in a.rows_in or ()]
+        sys.stdout.write(render(rows, order, meta, rounds) + "\n")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,23 @@
 # nginx as a reverse proxy (1 worker, and as many workers as cores) and configurable-http-proxy
 # 5.3.0, on loopback, in one run, printing one table and the ratios measured in that run.
 #
-#   bash benches/load/run.sh [--quick] [--out FILE] [--no-build] [--keep]
+#   bash benches/load/run.sh [--quick] [--rows LIST] [--rounds N] [--out FILE] [--no-build] [--keep]
 #
 #   --quick     a short smoke run (2 s per row, 100/1000 websockets): proves it works, nothing more
+#   --rows LIST only these groups of rows, comma-separated (default all):
+#               small  small responses: backend directly, nginx 1 and N workers, hubgate
+#                      --workers 1 and default workers (and CHP with chp)
+#               big    the same with 1 MiB responses
+#               chp    configurable-http-proxy's rows (its load rows follow small/big)
+#               api    route adds one by one (hubgate and CHP; hubgate's file store)
+#               table  big tables: a sync of 100 000 routes, GET /api/routes, repeated syncs
+#               ws     websockets held and echoed
+#               scrape hubgate with /metrics scraped, the plain run again, one scrape's cost
+#               auth   hubgate with authentication at the edge against a fake hub
+#               redis  hubgate replicas on a Redis store
+#               e.g. `--rows small,big --rounds 3`: issue 14's comparison, quickly
+#   --rounds N  measure every selected row N times (rounds one after another, each with fresh
+#               processes) and report each figure's median, with the rounds' figures in the notes
 #   --out FILE  where the markdown report goes (default benches/results/<date>-<host>[-quick].md)
 #   --no-build  use target/release/{hubgate,examples/wsload} as they are
 #   --commit REV  build hubgate from git commit REV (exported to /tmp, its own target directory)
@@ -39,6 +53,9 @@ OUT=""
 BUILD=1
 KEEP=0
 COMMIT_REV=""
+ROWS=all
+ROUNDS=1
+EMIT=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -47,11 +64,25 @@ while [ $# -gt 0 ]; do
         --no-build) BUILD=0 ;;
         --keep) KEEP=1 ;;
         --commit) COMMIT_REV=${2:?--commit needs a revision}; shift ;;
-        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+        --rows) ROWS=${2:?--rows needs a list}; shift ;;
+        --rows=*) ROWS=${1#--rows=} ;;
+        --rounds) ROUNDS=${2:?--rounds needs a number}; shift ;;
+        --rounds=*) ROUNDS=${1#--rounds=} ;;
+        --emit) EMIT=${2:?}; shift ;;   # internal: one round of --rounds, rows and meta to $EMIT.*
+        -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 64 ;;
     esac
     shift
 done
+
+GROUPS_KNOWN=",all,small,big,chp,api,table,ws,scrape,auth,redis,"
+for g in ${ROWS//,/ }; do
+    case "$GROUPS_KNOWN" in *",$g,"*) ;; *) echo "run.sh: unknown row group '$g' in --rows (see --help)" >&2; exit 64 ;; esac
+done
+case "$ROUNDS" in ''|*[!0-9]*|0) echo "run.sh: --rounds wants a number from 1, not '$ROUNDS'" >&2; exit 64 ;; esac
+# want GROUP: whether --rows selected it.
+want() { case ",$ROWS," in *",$1,"* | *",all,"*) return 0 ;; esac; return 1; }
+want_load() { want small || want big; }
 
 if [ "$QUICK" = 1 ]; then
     DUR=2; WARM=1; WS_SMALL=100; WS_LARGE=1000; WS_RATE_SECS=2; WS_HOLD_SECS=1
@@ -90,113 +121,8 @@ HUBGATE=$TARGET_DIR/release/hubgate
 WSLOAD=$TARGET_DIR/release/examples/wsload
 
 num() { python3 -c "print(f'{$1:,}')"; }   # 10000 -> 10,000, for row names
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-# ---------------------------------------------------------------------------------------------
-# Processes: every one started is recorded here and killed on exit.
-PIDS=()
-WORK=""
-cleanup() {
-    local pid i
-    for pid in "${PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null
-    done
-    for i in $(seq 1 50); do
-        local alive=0
-        for pid in "${PIDS[@]}"; do
-            kill -0 "$pid" 2>/dev/null && alive=1
-        done
-        [ $alive = 0 ] && break
-        sleep 0.1
-    done
-    for pid in "${PIDS[@]}"; do
-        kill -KILL "$pid" 2>/dev/null
-    done
-    if [ -n "$WORK" ] && [ -d "$WORK" ]; then
-        if [ "$KEEP" = 1 ]; then log "work directory kept: $WORK"; else rm -rf "$WORK"; fi
-    fi
-}
-trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT TERM
-
-# start NAME CPUS CMD...: runs CMD in the background on CPUS, logs to $WORK/NAME.log, and sets
-# LAST_PID. Commands are exec'd (taskset, env and node's shebang all exec), so the pid is the
-# process itself.
-start() {
-    local name=$1 cpus=$2; shift 2
-    taskset -c "$cpus" "$@" >"$WORK/$name.log" 2>&1 &
-    LAST_PID=$!
-    PIDS+=("$LAST_PID")
-}
-
-stop() {
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null
-    for i in $(seq 1 100); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null
-    local keep=() p
-    for p in "${PIDS[@]}"; do [ "$p" != "$pid" ] && keep+=("$p"); done
-    PIDS=("${keep[@]}")
-}
-
-# wait_port PORT: up to 20 s for something to listen on 127.0.0.1:PORT.
-wait_port() {
-    local i
-    for i in $(seq 1 200); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    return 1
-}
-
-USED_PORTS=" "
-# free_port: a port in 20000-29999 (below the ephemeral range) that binds now and was not
-# handed out before in this run.
-free_port() {
-    local p i
-    for i in $(seq 1 200); do
-        p=$((20000 + RANDOM % 10000))
-        case "$USED_PORTS" in *" $p "*) continue ;; esac
-        if python3 -c "import socket,sys; s=socket.socket(); s.bind(('127.0.0.1',$p))" 2>/dev/null \
-           && ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            USED_PORTS="$USED_PORTS$p "
-            echo "$p"
-            return 0
-        fi
-    done
-    die "no free port found"
-}
-
-# rss_kb PID: VmRSS of PID plus its children's (nginx's workers), in KiB.
-rss_kb() {
-    local pid=$1 total=0 kb c
-    [ -r "/proc/$pid/status" ] || { echo ""; return; }
-    kb=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null)
-    total=$((total + ${kb:-0}))
-    for c in $(cat /proc/"$pid"/task/*/children 2>/dev/null); do
-        kb=$(awk '/^VmRSS:/ {print $2}' "/proc/$c/status" 2>/dev/null)
-        total=$((total + ${kb:-0}))
-    done
-    echo "$total"
-}
-
-# cpu_ticks PID: user+system CPU of PID and its children (nginx's workers), in clock ticks.
-cpu_ticks() {
-    local pid=$1 total=0 t c
-    for c in "$pid" $(cat /proc/"$pid"/task/*/children 2>/dev/null); do
-        t=$(awk '{print $14 + $15}' "/proc/$c/stat" 2>/dev/null)
-        total=$((total + ${t:-0}))
-    done
-    echo "$total"
-}
-CLK_TCK=$(getconf CLK_TCK)
-
-alive_note() { kill -0 "$1" 2>/dev/null && echo "" || echo "PROCESS DIED"; }
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"   # log, die, start, stop, cleanup (the EXIT trap), ports, rss_kb, cpu_split, ctx_switches
 
 row() { python3 "$HERE/report.py" add --rows "$WORK/rows.jsonl" "$@"; }
 
@@ -206,9 +132,11 @@ install_tools() {
     local missing=()
     command -v wrk >/dev/null || missing+=(wrk)
     command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
-    command -v redis-server >/dev/null || missing+=(redis-server)
-    command -v node >/dev/null || missing+=(nodejs)
-    command -v npm >/dev/null || missing+=(npm)
+    if want redis; then command -v redis-server >/dev/null || missing+=(redis-server); fi
+    if want chp; then
+        command -v node >/dev/null || missing+=(nodejs)
+        command -v npm >/dev/null || missing+=(npm)
+    fi
     command -v taskset >/dev/null || missing+=(util-linux)
     command -v python3 >/dev/null || missing+=(python3)
     if [ ${#missing[@]} -gt 0 ]; then
@@ -224,13 +152,13 @@ install_tools() {
     fi
     command -v nginx >/dev/null || PATH=$PATH:/usr/sbin
     CHP_BIN=$CHP_DIR/node_modules/configurable-http-proxy/bin/configurable-http-proxy
-    if [ ! -f "$CHP_BIN" ]; then
+    if want chp && [ ! -f "$CHP_BIN" ]; then
         log "installing configurable-http-proxy 5.3.0 into $CHP_DIR"
         mkdir -p "$CHP_DIR"
         npm install --silent --no-audit --no-fund --prefix "$CHP_DIR" configurable-http-proxy@5.3.0 \
             >"$CHP_DIR/npm.log" 2>&1 || die "npm install failed (see $CHP_DIR/npm.log)"
     fi
-    [ -f "$CHP_BIN" ] || die "configurable-http-proxy not found at $CHP_BIN"
+    if want chp; then [ -f "$CHP_BIN" ] || die "configurable-http-proxy not found at $CHP_BIN"; fi
     if [ "$BUILD" = 1 ]; then
         if [ "$SRC" != "$REPO" ] && [ ! -f "$SRC/Cargo.toml" ]; then
             log "exporting commit $COMMIT_REV to $SRC"
@@ -250,6 +178,39 @@ install_tools() {
 }
 
 install_tools
+
+# --rounds N: this script once per round (tools and build done above), then the medians.
+if [ "$ROUNDS" -gt 1 ]; then
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/hgbench-rounds.XXXXXX")
+    pass=()
+    [ "$QUICK" = 1 ] && pass+=(--quick)
+    [ -n "$COMMIT_REV" ] && pass+=(--commit "$COMMIT_REV")
+    [ "$KEEP" = 1 ] && pass+=(--keep)
+    for r in $(seq 1 "$ROUNDS"); do
+        log "round $r of $ROUNDS"
+        bash "$0" "${pass[@]}" --rows "$ROWS" --no-build --emit "$WORK/round$r" \
+            || die "round $r failed"
+    done
+    python3 "$HERE/report.py" median --rows-in "$WORK"/round*.rows.jsonl --out "$WORK/rows.jsonl"
+    python3 - "$WORK/round1.meta.json" "$WORK/round$ROUNDS.meta.json" "$ROUNDS" >"$WORK/meta.json" <<'EOF'
+import json, sys
+first, last, n = json.load(open(sys.argv[1])), json.load(open(sys.argv[2])), sys.argv[3]
+first["mode"] = f"median of {n} rounds, each: {first['mode']}"
+first["ratios_from"] = f"medians of {n} rounds, each round measuring every row"
+first["loadavg_after"] = last["loadavg_after"]
+json.dump(first, sys.stdout)
+EOF
+    if [ -z "$OUT" ]; then
+        suffix="-median$ROUNDS"; [ "$QUICK" = 1 ] && suffix="-quick$suffix"
+        OUT=$REPO/benches/results/$(date +%F)-$(hostname -s 2>/dev/null || hostname)$suffix.md
+    fi
+    mkdir -p "$(dirname "$OUT")"
+    python3 "$HERE/report.py" render --rows "$WORK/rows.jsonl" --meta "$WORK/meta.json" \
+        --rows-in "$WORK"/round*.rows.jsonl >"$OUT"
+    cat "$OUT"
+    log "report written to $OUT"
+    exit 0
+fi
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/hgbench.XXXXXX")
 chmod 755 "$WORK"   # nginx workers may run as nobody and must read the backend's files
@@ -346,11 +307,11 @@ load() {
     local id=$1 name=$2 url=$3 pid=$4; shift 4
     timeout $((WARM + 30)) taskset -c "$LOAD_CPUS" wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"${WARM}s" \
         --timeout 10s "$@" "$url" >/dev/null 2>&1
-    local out cpu0 cpu1
-    cpu0=$(cpu_ticks "$pid")
+    local out cpu0 cpu1 ctx0 ctx1
+    cpu0=$(cpu_split "$pid"); ctx0=$(ctx_switches "$pid")
     out=$(timeout $((DUR + 60)) taskset -c "$LOAD_CPUS" wrk -t"$WRK_THREADS" -c"$WRK_CONNS" \
         -d"${DUR}s" --timeout 10s -s "$HERE/report.lua" "$@" "$url" 2>&1)
-    cpu1=$(cpu_ticks "$pid")
+    cpu1=$(cpu_split "$pid"); ctx1=$(ctx_switches "$pid")
     LAST_WRK=$(printf '%s\n' "$out" | grep '^{' | tail -1)
     local rss note
     rss=$(rss_kb "$pid")
@@ -360,22 +321,29 @@ load() {
         row --id "$id" --name "$name" --rss-kb "$rss" --note "wrk failed ${note}"
         return 1
     fi
+    # "user system" ticks and "voluntary involuntary" switches, before and after.
+    local u0=${cpu0% *} s0=${cpu0#* } u1=${cpu1% *} s1=${cpu1#* }
     row --id "$id" --name "$name" --wrk "$LAST_WRK" --rss-kb "$rss" --note "${EXTRA_NOTE:-}${note}" \
-        --cpu-secs "$(python3 -c "print(($cpu1 - $cpu0) / $CLK_TCK)")"
+        --cpu-secs "$(python3 -c "print(($u1 + $s1 - $u0 - $s0) / $CLK_TCK)")" \
+        --cpu-user-secs "$(python3 -c "print(($u1 - $u0) / $CLK_TCK)")" \
+        --cpu-sys-secs "$(python3 -c "print(($s1 - $s0) / $CLK_TCK)")" \
+        --ctx-vol $((${ctx1% *} - ${ctx0% *})) --ctx-invol $((${ctx1#* } - ${ctx0#* }))
     log "$name: $LAST_WRK"
 }
 
 # small and 1 MiB rows against one base URL.
 load_pair() {
     local id=$1 name=$2 base=$3 pid=$4; shift 4
-    load "$id.small" "$name, small" "$base/small" "$pid" "$@"
-    load "$id.big" "$name, 1 MiB" "$base/big" "$pid" "$@"
+    if want small; then load "$id.small" "$name, small" "$base/small" "$pid" "$@"; fi
+    if want big; then load "$id.big" "$name, 1 MiB" "$base/big" "$pid" "$@"; fi
 }
 
 # ---------------------------------------------------------------------------------------------
 # 3. The floor: the backend directly.
-log "direct"
-load_pair direct "backend directly" "$BACKEND/user/u$MIDDLE" "$BACKEND_PID"
+if want_load; then
+    log "direct"
+    load_pair direct "backend directly" "$BACKEND/user/u$MIDDLE" "$BACKEND_PID"
+fi
 
 # 4. nginx as a reverse proxy, 10 000 locations like the proxies' 10 000 routes.
 run_nginx_proxy() {
@@ -420,8 +388,10 @@ EOF
     load_pair "$id" "$name" "http://127.0.0.1:$port/user/u$MIDDLE" "$pid"
     stop "$pid"
 }
-run_nginx_proxy nginx1 1 "nginx proxy, 1 worker"
-run_nginx_proxy nginxN "$NPROC" "nginx proxy, $NPROC workers"
+if want_load; then
+    run_nginx_proxy nginx1 1 "nginx proxy, 1 worker"
+    run_nginx_proxy nginxN "$NPROC" "nginx proxy, $NPROC workers"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Route API helpers.
@@ -558,6 +528,7 @@ ws_route() {  # API: the one route of a websocket process, to the echo backend
 }
 errlines() { grep -c -E 'ERROR|panicked' "$WORK/$1.log" 2>/dev/null; }
 
+if want chp; then
 log "CHP 5.3.0"
 if start_chp chp; then
     CHP_PID=$PROXY_PID
@@ -568,7 +539,9 @@ else
     not_started chp.start "CHP" chp
 fi
 stop "$PROXY_PID"
+fi
 
+if want chp && want table; then
 log "CHP 5.3.0, big table"
 if start_chp chp-table; then
     add_routes chp.table "CHP, fresh: add $(num $CHP_MAX_ROUTES) routes one by one" "$PROXY_API" "$PROXY_PID" \
@@ -593,7 +566,9 @@ else
     not_started chp.table "CHP, big table" chp-table
 fi
 stop "$PROXY_PID"
+fi
 
+if want chp && want ws; then
 log "CHP 5.3.0, websockets"
 if start_chp chp-ws; then
     ws_route "$PROXY_API"
@@ -602,18 +577,42 @@ else
     not_started chp.ws.large "CHP, websockets" chp-ws
 fi
 stop "$PROXY_PID"
+fi
 CHP_ERRLINES="$(errlines chp)/$(errlines chp-table)/$(errlines chp-ws)"
 
 # ---------------------------------------------------------------------------------------------
-# 6. hubgate, release build, memory store (as JupyterHub starts it).
+# 6. hubgate, release build, memory store (as JupyterHub starts it): first with one worker
+# (against nginx with one), then with its default, one worker per core (against nginx with as
+# many).
+sync_routes() {  # API: the load rows' table in one sync, when the adds one by one are not measured
+    timeout 300 python3 "$HERE/routeapi.py" sync --api "$1" --token "$TOKEN" --target "$BACKEND" \
+        --count "$ROUTES" >>"$WORK/sync.out"
+}
+if want_load; then
+    log "hubgate, --workers 1"
+    if start_hubgate hubgate-w1 --workers 1; then
+        sync_routes "$PROXY_API"
+        load_pair hubgate1 "hubgate, --workers 1" "http://127.0.0.1:$PROXY_PORT/user/u$MIDDLE" "$PROXY_PID"
+    else
+        not_started hubgate1.small "hubgate, --workers 1" hubgate-w1
+    fi
+    stop "$PROXY_PID"
+fi
+
+if want_load || want api || want scrape; then
 log "hubgate"
 HG_METRICS_PORT=$(free_port)
 if start_hubgate hubgate --metrics-ip 127.0.0.1 --metrics-port "$HG_METRICS_PORT"; then
     HG_PID=$PROXY_PID
     HG_URL=http://127.0.0.1:$PROXY_PORT/user/u$MIDDLE
-    start_row hubgate.start "hubgate" "$HG_PID"
-    add_routes hubgate.add10k "hubgate: add $(num $ROUTES) routes one by one" "$PROXY_API" "$HG_PID" "$ROUTES" 0 600
-    load_pair hubgate "hubgate" "$HG_URL" "$HG_PID"
+    if want api; then
+        start_row hubgate.start "hubgate" "$HG_PID"
+        add_routes hubgate.add10k "hubgate: add $(num $ROUTES) routes one by one" "$PROXY_API" "$HG_PID" "$ROUTES" 0 600
+    else
+        sync_routes "$PROXY_API"
+    fi
+    load_pair hubgate "hubgate, default workers ($NPROC)" "$HG_URL" "$HG_PID"
+    if want scrape; then
     # Scraped every 100 ms, then the same load again without, to see the noise between the two
     # plain runs.
     timeout $((WARM + DUR + 60)) taskset -c "$LOAD_CPUS" python3 "$HERE/scrape.py" \
@@ -649,11 +648,14 @@ EOF
             --rss-kb "$(rss_kb "$HG_PID")" \
             --note "$(jq_ "$res" scrapes) scrapes of $(($(jq_ "$res" bytes) / 1024)) KiB in 3 s; CPU µs per scrape $(alive_note "$HG_PID")"
     fi
+    fi
 else
     not_started hubgate.start "hubgate" hubgate
 fi
 stop "$PROXY_PID"
+fi
 
+if want table; then
 log "hubgate, big table"
 if start_hubgate hubgate-table; then
     before=$(rss_kb "$PROXY_PID")
@@ -687,7 +689,9 @@ else
     not_started hubgate.table "hubgate, big table" hubgate-table
 fi
 stop "$PROXY_PID"
+fi
 
+if want ws; then
 log "hubgate, websockets"
 if start_hubgate hubgate-ws; then
     ws_route "$PROXY_API"
@@ -696,10 +700,12 @@ else
     not_started hubgate.ws.large "hubgate, websockets" hubgate-ws
 fi
 stop "$PROXY_PID"
+fi
 HG_ERRLINES="$(errlines hubgate)/$(errlines hubgate-table)/$(errlines hubgate-ws)"
 
 # ---------------------------------------------------------------------------------------------
 # 7. hubgate with the embedded file store: every add is fsync'ed before its 201.
+if want api; then
 log "hubgate, file store"
 if start_hubgate hubgate-file --storage-backend file --storage-path "$WORK/hubgate-store"; then
     add_routes hubgatefile.add10k "hubgate, file store: add $(num $ROUTES) routes one by one (fsync each)" \
@@ -708,10 +714,12 @@ else
     not_started hubgatefile.add10k "hubgate, file store" hubgate-file
 fi
 stop "$PROXY_PID"
+fi
 
 # 8. hubgate with authentication at the edge, against a fake hub, with a cached token. The same
 # process also serves a route that opts out ("auth": "none"), measured just before: the cost of
 # authentication without a second process in between.
+if want auth; then
 log "hubgate with authentication"
 HUB_PORT=$(free_port)
 start fakehub "$BACKEND_CPUS" python3 "$HERE/fakehub.py" --port "$HUB_PORT" --token "$USER_TOKEN" \
@@ -753,10 +761,12 @@ fi
 stop "$PROXY_PID"
 stop "$HUB_PID"
 HGA_ERRLINES=$(errlines hubgate-auth)
+fi
 
 # ---------------------------------------------------------------------------------------------
 # 9. hubgate replicas sharing one table in Redis: how fast a change made through one replica
 # reaches another, and the throughput of two replicas on one port (SO_REUSEPORT) against one.
+if want redis; then
 log "hubgate replicas on redis"
 REDIS_PORT=$(free_port)
 start redis "$BACKEND_CPUS" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' \
@@ -803,6 +813,7 @@ fi
 stop "$PROXY_PID"
 stop "$REDIS_PID"
 HGR_ERRLINES="$(errlines hubgate-r1)/$(errlines hubgate-r2)"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # 10. The report.
@@ -835,8 +846,9 @@ meta = {
     "kernel": "$(uname -sr)",
     "wrk": """$(wrk -v 2>&1 | head -1 | sed 's/ Copyright.*//')""",
     "nginx": """$("$NGINX" -v 2>&1 | head -1)""",
-    "node": "$(node --version)",
-    "chp": "configurable-http-proxy $(python3 -c "import json; print(json.load(open('$CHP_DIR/node_modules/configurable-http-proxy/package.json'))['version'])")",
+    "node": "$(node --version 2>/dev/null)",
+    "rows": "$ROWS",
+    "chp": "configurable-http-proxy $(python3 -c "import json; print(json.load(open('$CHP_DIR/node_modules/configurable-http-proxy/package.json'))['version'])" 2>/dev/null || echo "not run")",
     "hubgate": """$("$HUBGATE" --version 2>&1 | head -1), git $COMMIT; log lines with ERROR or panicked (load/table/websocket/auth/redis replicas): ${HG_ERRLINES:-?}/${HGA_ERRLINES:-?}/${HGR_ERRLINES:-?}; CHP's (load/table/websocket): ${CHP_ERRLINES:-?}""",
     "python": "$(python3 --version 2>&1)",
     "loadavg_before": "$LOADAVG_BEFORE",
@@ -846,6 +858,10 @@ meta = {
 }
 json.dump(meta, open(sys.argv[1], "w"))
 EOF
+if [ -n "$EMIT" ]; then   # one round of --rounds: the caller takes the medians
+    cp "$WORK/rows.jsonl" "$EMIT.rows.jsonl" && cp "$WORK/meta.json" "$EMIT.meta.json"
+    exit
+fi
 python3 "$HERE/report.py" render --rows "$WORK/rows.jsonl" --meta "$WORK/meta.json" >"$OUT"
 cat "$OUT"
 log "report written to $OUT (run took ${RUN_SECS} s)"

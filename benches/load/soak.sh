@@ -73,62 +73,8 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
 HUBGATE=$TARGET_DIR/release/hubgate
 WSLOAD=$TARGET_DIR/release/examples/wsload
 
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-# ---------------------------------------------------------------------------------------------
-# Processes: every one started is recorded here and killed on exit.
-PIDS=()
-WORK=""
-cleanup() {
-    local pid i alive
-    for pid in "${PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null
-    done
-    for i in $(seq 1 50); do
-        alive=0
-        for pid in "${PIDS[@]}"; do
-            kill -0 "$pid" 2>/dev/null && alive=1
-        done
-        [ $alive = 0 ] && break
-        sleep 0.1
-    done
-    for pid in "${PIDS[@]}"; do
-        kill -KILL "$pid" 2>/dev/null
-    done
-    if [ -n "$WORK" ] && [ -d "$WORK" ]; then
-        if [ "$KEEP" = 1 ]; then log "work directory kept: $WORK"; else rm -rf "$WORK"; fi
-    fi
-}
-trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT TERM
-
-# free_port: a port in 20000-24999 (below the ephemeral range) that nothing uses now and that
-# was not handed out before in this run.
-USED_PORTS=" "
-free_port() {
-    local p i
-    for i in $(seq 1 200); do
-        p=$((20000 + RANDOM % 5000))
-        case "$USED_PORTS" in *" $p "*) continue ;; esac
-        if python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', $p))" 2>/dev/null; then
-            USED_PORTS="$USED_PORTS$p "
-            echo "$p"
-            return 0
-        fi
-    done
-    die "no free port found"
-}
-
-# wait_port PORT: up to 20 s for something to listen on 127.0.0.1:PORT.
-wait_port() {
-    local i
-    for i in $(seq 1 200); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    return 1
-}
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
 
 # ---------------------------------------------------------------------------------------------
 if [ "$BUILD" = 1 ]; then
@@ -148,21 +94,28 @@ fi
 LOADAVG_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 
 PORT=$(free_port); API_PORT=$(free_port); METRICS_PORT=$(free_port); WS_PORT=$(free_port)
-BACKEND_BASE=$((25000 + RANDOM % 5000))
+# The load's backends take BACKENDS ports from BACKEND_BASE: a block clear of the ports above.
+for _ in $(seq 1 100); do
+    BACKEND_BASE=$((25000 + RANDOM % 5000))
+    clear=1
+    for p in $USED_PORTS; do
+        [ "$p" -ge "$BACKEND_BASE" ] && [ "$p" -lt $((BACKEND_BASE + BACKENDS)) ] && clear=0
+    done
+    [ $clear = 1 ] && break
+done
+ALL_CPUS="0-$(($(nproc) - 1))"
 
 log "starting hubgate on 127.0.0.1:$PORT (API $API_PORT, metrics $METRICS_PORT)"
-CONFIGPROXY_AUTH_TOKEN=$TOKEN "$HUBGATE" --ip 127.0.0.1 --port "$PORT" \
+start hubgate "$ALL_CPUS" env CONFIGPROXY_AUTH_TOKEN="$TOKEN" "$HUBGATE" --ip 127.0.0.1 --port "$PORT" \
     --api-ip 127.0.0.1 --api-port "$API_PORT" \
     --metrics-ip 127.0.0.1 --metrics-port "$METRICS_PORT" \
-    --log-level warn >"$WORK/hubgate.log" 2>&1 &
-HUBGATE_PID=$!
-PIDS+=("$HUBGATE_PID")
+    --log-level warn
+HUBGATE_PID=$LAST_PID
 wait_port "$API_PORT" && wait_port "$PORT" && wait_port "$METRICS_PORT" \
     || { cat "$WORK/hubgate.log" >&2; die "hubgate did not start"; }
 
 # The echo backend outlives the run by a margin, then exits by itself if ever left behind.
-"$WSLOAD" echo --listen "127.0.0.1:$WS_PORT" --secs $((SECONDS_TOTAL + 600)) >"$WORK/wsecho.log" 2>&1 &
-PIDS+=("$!")
+start wsecho "$ALL_CPUS" "$WSLOAD" echo --listen "127.0.0.1:$WS_PORT" --secs $((SECONDS_TOTAL + 600))
 wait_port "$WS_PORT" || die "wsload echo did not start"
 
 log "soak for $MINUTES min: $ROUTES routes, $BACKENDS backends, $RATE req/s, $WEBSOCKETS websockets"

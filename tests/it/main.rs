@@ -14,6 +14,7 @@
 //! - `abuse`: hostile clients: smuggling, bad headers, size limits, HTTP/2 resets, floods.
 //! - `faults`: failing targets, hub and route store, and recovery once the fault is gone.
 //! - `openapi`: the OpenAPI document against the router, the example client, schemathesis findings.
+//! - `workers`: the data plane's workers: spread, one connection limit, drain, reload, h2, ws.
 
 mod support;
 
@@ -45,3 +46,4 @@ mod streaming;
 mod sync;
 mod tls;
 mod websocket;
+mod workers;
