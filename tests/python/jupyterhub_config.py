@@ -57,6 +57,7 @@ if env.get("HUBGATE_PY_PROXY_CLASS"):
     # The benchmark's other row: JupyterHub's own class, driving the same hubgate binary.
     c.JupyterHub.proxy_class = env["HUBGATE_PY_PROXY_CLASS"]
     c.ConfigurableHTTPProxy.command = [env["HUBGATE_PY_PROXY_COMMAND"]]
+    c.ConfigurableHTTPProxy.auth_token = env["HUBGATE_PY_PROXY_TOKEN"]
 
 c.JupyterHub.services = [{"name": "test-admin", "api_token": env["HUBGATE_PY_ADMIN_TOKEN"]}]
 c.JupyterHub.load_roles = [{"name": "admin", "services": ["test-admin"]}]
