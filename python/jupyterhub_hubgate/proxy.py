@@ -400,7 +400,7 @@ class HubgateProxy(ConfigurableHTTPProxy):
             reason = "is not executable" if os.path.isfile(binary) else "does not exist"
             raise self._fail(f"the hubgate binary {binary} {reason}")
         self._prepare_data_dir()
-        if await self._take_over(binary):
+        if self._outlives_hub and await self._take_over(binary):
             self._watch()
             return
         self._check_previous_process()
@@ -415,19 +415,27 @@ class HubgateProxy(ConfigurableHTTPProxy):
                 env=self._environment(),
                 start_new_session=True,
                 umask=self.command_umask,
-                stderr=PIPE,
+                # A hubgate that may outlive the hub keeps the hub's stderr (as
+                # configurable-http-proxy does): a pipe would lose its reader with the hub.
+                stderr=None if self._outlives_hub else PIPE,
             )
         except OSError as e:
             raise self._fail(f"the hubgate binary {binary} cannot run: {_reason(e)}") from None
-        self._relay_stderr(self.proxy_process)
+        self._stderr_tail.clear()
+        if self.proxy_process.stderr is not None:
+            self._relay_stderr(self.proxy_process)
         self._write_pid_file()
         await self._wait_ready(public, Server.from_url(self.api_url))
         self._watch()
 
+    @property
+    def _outlives_hub(self):
+        """Whether hubgate keeps running when the hub stops (`JupyterHub.cleanup_proxy`)."""
+        return self.app is not None and not self.app.cleanup_proxy
+
     def _relay_stderr(self, process):
         """Copy hubgate's log to the hub's stderr, keeping the last lines to explain a failure."""
         tail = self._stderr_tail
-        tail.clear()
 
         def relay():
             out = getattr(sys.stderr, "buffer", None)
@@ -449,11 +457,9 @@ class HubgateProxy(ConfigurableHTTPProxy):
                 # Let the relay thread read the last lines.
                 await asyncio.sleep(0.2)
                 why = next((line for line in reversed(self._stderr_tail) if line), "")
+                why = _strip_log_prefix(why) if why else "its reason is in the lines above"
                 self._remove_process_files()
-                raise self._fail(
-                    f"hubgate exited with code {status} while starting"
-                    + (f": {_strip_log_prefix(why)}" if why else "")
-                )
+                raise self._fail(f"hubgate exited with code {status} while starting: {why}")
             try:
                 await asyncio.gather(public.wait_up(0.5), api.wait_up(0.5))
             except Exception:
@@ -478,7 +484,9 @@ class HubgateProxy(ConfigurableHTTPProxy):
     async def _take_over(self, binary):
         """Use a hubgate that a previous hub left running (`cleanup_proxy = False`).
 
-        Only when the pid file names a live process running this very binary (Linux: its
+        Only with `cleanup_proxy = False` (a hubgate left behind by a hub that crashed is
+        restarted, as configurable-http-proxy is: its log went to a pipe that is gone), and only
+        when the pid file names a live process running this very binary (Linux: its
         /proc/<pid>/exe) whose API answers this class's token; otherwise the base class stops
         what the pid file names, as it does for configurable-http-proxy.
         """
