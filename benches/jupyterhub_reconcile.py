@@ -6,11 +6,11 @@ One run, two rows, the same hubgate binary (the one installed with jupyterhub-hu
 - HubgateProxy (`proxy_class = "hubgate"`): one `PATCH /api/proxy` batch.
 
 Each row starts a hub whose database holds 2 000 users with running servers (all one shared
-backend, tests/python/hubtest.py) and a new, empty hubgate, so the hub's start-up reconcile finds
-every route missing. Reported: the hub's own `check_routes` duration (its
-`jupyterhub_check_routes_duration_seconds`), the time from the start of that reconcile (the
-hub's "Checking routes" log line) until the table, polled every 50 ms, holds every route, and
-the route API calls hubgate counted. Then the size of the release wheel, built here.
+backend, tests/python/hubtest.py) and waits until hubgate routes them all. Then it empties
+hubgate's table of user routes (one `POST /api/proxy` sync) and asks the hub to reconcile now
+(`POST /hub/api/proxy`, answered once the hub's `check_routes` has finished): the time from that
+request until hubgate's table holds every route again is the row's figure, with the route API
+calls hubgate counted meanwhile. Then the size of the release wheel, built here.
 
 Run with the Python of a venv where the wheel and JupyterHub are installed (.ci/python.sh makes
 one under target/python/venv):
@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 
 import aiohttp
 
@@ -35,12 +34,14 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests", "python"))
 
 from hubtest import (  # noqa: E402
-    ADMIN_TOKEN,
     Hub,
     add_running_servers,
+    drop_user_routes,
     free_ports,
     metric,
+    reconcile_now,
     start_backend,
+    user_route_count,
 )
 from jupyterhub_hubgate import find_hubgate_bin  # noqa: E402
 
@@ -65,18 +66,22 @@ async def run_row(label, users, extra_env, token):
         try:
             hub.start()
             async with aiohttp.ClientSession() as session:
-                complete_at = await wait_complete(hub, session, users, token)
-                check = await hub_histogram(hub, session, "jupyterhub_check_routes_duration")
-                samples = await hub.hubgate_metrics(session, token=token or hub.proxy_token())
-            started = reconcile_started(hub.log_text())
+                await hub.wait_up(session)
+                await wait_complete(hub, session, users, token)
+                assert await drop_user_routes(hub, session, token=token) == users
+                before = await hub.hubgate_metrics(session, token=token)
+                started = time.perf_counter()
+                await reconcile_now(hub, session)
+                answered = time.perf_counter() - started
+                await wait_complete(hub, session, users, token)
+                complete = time.perf_counter() - started
+                after = await hub.hubgate_metrics(session, token=token)
             ops = "hubgate_api_operations_total"
-            calls = {op: int(metric(samples, ops, op=op)) for op in ("route_add", "batch", "sync")}
-            return {
-                "label": label,
-                "check_routes": check,
-                "to_complete": complete_at - started,
-                "calls": calls,
+            calls = {
+                op: int(metric(after, ops, op=op) - metric(before, ops, op=op))
+                for op in ("route_add", "batch")
             }
+            return {"label": label, "answered": answered, "complete": complete, "calls": calls}
         finally:
             hub.close()
             backend.kill()
@@ -84,42 +89,19 @@ async def run_row(label, users, extra_env, token):
 
 
 async def wait_complete(hub, session, users, token):
-    """The wall-clock time at which hubgate's table first holds every user's route."""
+    """Polls (every 20 ms) until hubgate's table holds every user's route."""
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if hub.exited():
             raise SystemExit(f"the hub exited:\n{hub.log_tail()}")
         try:
-            routes = await hub.proxy_routes(session, token=token or hub.proxy_token())
+            routes = await hub.proxy_routes(session, token=token)
         except (aiohttp.ClientError, OSError, AssertionError):
             routes = {}
-        if sum(1 for r in routes.values() if "user" in r) >= users:
-            return time.time()
-        await asyncio.sleep(0.05)
+        if user_route_count(routes) >= users:
+            return
+        await asyncio.sleep(0.02)
     raise SystemExit(f"the table was not complete after 600 s:\n{hub.log_tail()}")
-
-
-def reconcile_started(log):
-    """When the hub began its first route check, from its log line's timestamp."""
-    for line in log.splitlines():
-        if "Checking routes" in line and line.startswith("["):
-            stamp = " ".join(line.split()[1:3])
-            return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").timestamp()
-    raise SystemExit("the hub never logged 'Checking routes'")
-
-
-async def hub_histogram(hub, session, name):
-    """(sum, count) of one of the hub's own Prometheus histograms."""
-    headers = {"Authorization": f"token {ADMIN_TOKEN}"}
-    url = hub.hub_api.rsplit("/api", 1)[0] + "/metrics"
-    async with session.get(url, headers=headers) as resp:
-        text = await resp.text()
-    values = {}
-    for line in text.splitlines():
-        for part in ("_sum", "_count"):
-            if line.startswith(name + "_seconds" + part):
-                values[part] = float(line.rsplit(" ", 1)[1])
-    return values.get("_sum", float("nan")), int(values.get("_count", 0))
 
 
 def release_wheel():
@@ -161,14 +143,10 @@ def main():
     print(
         f"\n{args.users} users' routes missing at hub start (JupyterHub {jupyterhub.__version__})"
     )
-    print(f"{'proxy class':34} {'check_routes':>13} {'until complete':>15}  hubgate API calls")
+    print(f"{'proxy class':34} {'hub answered':>13} {'table complete':>15}  hubgate API calls")
     for r in rows:
-        total, count = r["check_routes"]
         calls = ", ".join(f"{n} {op}" for op, n in r["calls"].items() if n)
-        print(
-            f"{r['label']:34} {total:11.2f} s {r['to_complete']:13.2f} s  {calls}"
-            + (f"  ({count} checks)" if count != 1 else "")
-        )
+        print(f"{r['label']:34} {r['answered']:11.2f} s {r['complete']:13.2f} s  {calls}")
     if not args.no_wheel:
         wheel = release_wheel()
         print(f"\nrelease wheel {os.path.basename(wheel)}: {os.path.getsize(wheel) / 1e6:.1f} MB")
