@@ -47,6 +47,9 @@ if env.get("HUBGATE_PY_KEEP_RUNNING"):
     c.JupyterHub.cleanup_proxy = False
     c.JupyterHub.cleanup_servers = False
 
+if env.get("HUBGATE_PY_EDGE_AUTH") == "off":
+    c.HubgateProxy.edge_auth = False
+
 # Bad input, for the tests of how a failed start is reported.
 if env.get("HUBGATE_PY_COMMAND"):
     c.HubgateProxy.command = [env["HUBGATE_PY_COMMAND"]]

@@ -15,9 +15,11 @@ driven step by step in file order:
 """
 
 import asyncio
+import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 
 import aiohttp
@@ -121,6 +123,21 @@ def browser():
 
 def page_url(hub, user, what="page"):
     return f"{hub.public}{BASE_URL}user/{user}/{what}"
+
+
+def test_0_hubgate_keeps_routes_in_the_data_directory_and_no_secret_in_its_argv(hub):
+    with open(f"/proc/{hub.hubgate_pid()}/cmdline", "rb") as f:
+        argv = f.read().decode().split("\0")
+    assert argv[0] == os.path.join(os.path.dirname(sys.executable), "hubgate"), argv
+    store = os.path.join(hub.workdir, "hubgate-routes")
+    assert ["--storage-backend", "file", "--storage-path", store] == argv[1:5], argv
+    assert "--oauth-client-id" in argv and "--auth-mode" not in argv, argv
+    assert "--workers" not in argv, "--workers is passed only when set"
+    with open(os.path.join(hub.workdir, "hubgate-secrets.json")) as f:
+        secrets = json.load(f)
+    assert os.stat(os.path.join(hub.workdir, "hubgate-secrets.json")).st_mode & 0o077 == 0
+    for name, value in secrets.items():
+        assert not any(value in arg for arg in argv), f"the {name} is on the command line"
 
 
 def test_1_alice_logs_in_with_a_browser_and_her_page_opens_a_websocket(hub, browser):
