@@ -66,7 +66,7 @@ async def run_row(label, users, extra_env, token):
         try:
             hub.start()
             async with aiohttp.ClientSession() as session:
-                await hub.wait_up(session)
+                await hub.wait_up(session, patience=300)
                 await wait_complete(hub, session, users, token)
                 assert await drop_user_routes(hub, session, token=token) == users
                 before = await hub.hubgate_metrics(session, token=token)

@@ -177,11 +177,11 @@ class Hub:
             assert resp.status < 300, f"{method} {path}: {resp.status} {text}"
             return json.loads(text) if text else None
 
-    async def wait_up(self, session):
+    async def wait_up(self, session, patience=PATIENCE):
         async def up():
             await self.hub_request(session, "GET", "/")
 
-        await eventually("the hub answers its API", up, hub=self)
+        await eventually("the hub answers its API", up, patience=patience, hub=self)
 
     async def proxy_routes(self, session, token=None):
         headers = {"Authorization": f"token {token or self.proxy_token()}"}

@@ -54,7 +54,8 @@ async def test_a_thousand_missing_routes_are_one_batch(tmp_path):
     try:
         hub.start()
         async with aiohttp.ClientSession() as session:
-            await hub.wait_up(session)
+            # A thousand users make the hub take half a minute to start on a quiet machine.
+            await hub.wait_up(session, patience=300)
 
             async def complete():
                 routes = await hub.proxy_routes(session)
