@@ -33,6 +33,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 SESSION_COOKIE = "hubgate-session"
+#: alice's browser session from step 1, which must still work after hubgate restarts (step 4).
+SESSIONS = {}
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +156,7 @@ def test_1_alice_logs_in_with_a_browser_and_her_page_opens_a_websocket(hub, brow
     assert browser.driver.current_url == page_url(hub, "alice")
     cookie = browser.session_cookie()
     assert cookie["httpOnly"], cookie
+    SESSIONS["alice"] = {"Cookie": f"{cookie['name']}={cookie['value']}"}
 
 
 async def test_2_tokens_reach_only_their_owners_server(hub, tokens):
@@ -219,6 +222,12 @@ async def test_4_hubgate_killed_is_restarted_and_serves_alice_again(hub, tokens)
             assert "New proxy back up and good to go" in hub.log_text(), "routes not restored"
 
         await eventually("a new hubgate serves alice", restarted, hub=hub)
+        # The session secret is kept in the data directory: alice's browser session still works.
+        async with session.get(
+            page_url(hub, "alice"), headers=SESSIONS["alice"], allow_redirects=False
+        ) as resp:
+            assert resp.status == 200, resp.status
+            assert "server of alice" in await resp.text()
     assert "Proxy stopped with exit code -9" in hub.log_text()
 
 
