@@ -141,7 +141,7 @@ def main():
         asyncio.run(run_row("HubgateProxy", args.users, {}, None)),
     ]
     print(
-        f"\n{args.users} users' routes missing at hub start (JupyterHub {jupyterhub.__version__})"
+        f"\n{args.users} users' routes missing, one reconcile (JupyterHub {jupyterhub.__version__})"
     )
     print(f"{'proxy class':34} {'hub answered':>13} {'table complete':>15}  hubgate API calls")
     for r in rows:
