@@ -51,9 +51,9 @@ PROXY_TOKEN = "bench-proxy-token-0123456789abcdef"
 async def run_row(label, users, extra_env, token):
     with tempfile.TemporaryDirectory(prefix="hubgate-reconcile-") as tmp:
         (backend_port,) = free_ports(1)
-        backend = start_backend(tmp, backend_port)
         names = [f"user{i:05}" for i in range(users)]
         add_running_servers(os.path.join(tmp, "hub"), names, backend_port)
+        backend = start_backend(tmp, backend_port)
         hub = Hub(
             os.path.join(tmp, "hub"),
             env={

@@ -137,7 +137,8 @@ class Hub:
     def close(self):
         """Stops the hub and anything it left running."""
         self.stop()
-        pidfiles = [os.path.join(self.workdir, "hubgate.pid")]
+        # hubgate.pid is HubgateProxy's; jupyterhub-proxy.pid ConfigurableHTTPProxy's.
+        pidfiles = [os.path.join(self.workdir, n) for n in ("hubgate.pid", "jupyterhub-proxy.pid")]
         pids_dir = os.path.join(self.workdir, "pids")
         if os.path.isdir(pids_dir):
             pidfiles += [os.path.join(pids_dir, n) for n in os.listdir(pids_dir)]

@@ -39,9 +39,9 @@ def counts(samples):
 
 async def test_a_thousand_missing_routes_are_one_batch(tmp_path):
     (backend_port,) = free_ports(1)
-    backend = start_backend(tmp_path, backend_port)
     names = [f"user{i:04}" for i in range(USERS)]
     add_running_servers(tmp_path / "hub", names, backend_port)
+    backend = start_backend(tmp_path, backend_port)
     hub = Hub(
         tmp_path / "hub",
         env={
