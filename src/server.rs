@@ -403,6 +403,9 @@ where
         conns.place(accepted, &handler, false).await;
     }
     drop(intake.listener);
+    // Closed first, so that a worker still accepting cannot hand over a connection that would
+    // then wait here unserved: its send fails and it serves the connection itself.
+    intake.handoffs.close();
     while let Ok(Handoff { stream, info }) = intake.handoffs.try_recv() {
         conns.start(stream.into_io(), info, &handler);
     }
@@ -453,15 +456,20 @@ impl Conns<'_> {
         match to {
             None => self.start(stream.into_io(), info, handler),
             Some(to) => {
-                let handed = stream.into_std().map(|stream| Handoff { stream, info });
-                let sent = handed.map_err(|e| e.to_string()).and_then(|h| {
-                    self.port.handoffs[to]
-                        .send(h)
-                        .map_err(|_| "that worker has stopped".to_owned())
-                });
-                if let Err(why) = sent {
+                let handed = match stream.into_std() {
+                    Ok(stream) => Handoff { stream, info },
+                    Err(e) => {
+                        self.port.open[to].fetch_sub(1, Ordering::Relaxed);
+                        tracing::warn!(listener = self.port.name, error = %e, "could not take a connection off this worker");
+                        return;
+                    }
+                };
+                if let Err(refused) = self.port.handoffs[to].send(handed) {
+                    // That worker has stopped taking connections: this one serves it.
                     self.port.open[to].fetch_sub(1, Ordering::Relaxed);
-                    tracing::warn!(listener = self.port.name, error = %why, "could not hand a connection to another worker");
+                    self.port.open[self.worker].fetch_add(1, Ordering::Relaxed);
+                    let Handoff { stream, info } = refused.0;
+                    self.start(stream.into_io(), info, handler);
                 }
             }
         }

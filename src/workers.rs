@@ -71,7 +71,8 @@ impl Workers {
             };
             let make = make.clone();
             let thread = std::thread::Builder::new()
-                .name(format!("hubgate-worker-{worker}"))
+                // Linux keeps 15 bytes of a thread's name: short enough for `top -H` to show it.
+                .name(format!("hg-worker-{worker}"))
                 .spawn(move || job.run(|| make(worker)))?;
             threads.push(thread);
             drained.push(drained_rx);

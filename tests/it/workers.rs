@@ -3,8 +3,7 @@
 //! HTTP/2, each with connections served by every worker.
 //!
 //! Which worker serves a connection is read from the kernel, not from hubgate: each worker is a
-//! thread named `hubgate-worker-N` (the kernel keeps 15 bytes of a name, `hubgate-worker-`, so
-//! they are told apart by thread id), and `/proc/<pid>/task/<tid>/schedstat` counts how often a
+//! thread named `hg-worker-N` (told apart by thread id), and `/proc/<pid>/task/<tid>/schedstat` counts how often a
 //! thread was put on a CPU. A worker sleeps in `epoll_wait` while it has nothing to do, so a
 //! round trip on an open connection wakes exactly the worker that serves it. A round trip during
 //! which another worker also woke up (its idle sweep, a timer) proves nothing and is repeated.
@@ -46,7 +45,7 @@ struct Threads {
 }
 
 impl Threads {
-    /// The `WORKERS` threads named `hubgate-worker-*` of `hg`, waiting for them to start.
+    /// The `WORKERS` threads named `hg-worker-*` of `hg`, waiting for them to start.
     async fn of(hg: &Hubgate) -> Threads {
         let pid = hg.pid();
         eventually(WAIT, "hubgate to start its worker threads", || async move {
@@ -108,7 +107,7 @@ fn worker_tids(pid: u32) -> Vec<String> {
         .filter_map(|task| {
             let task = task.ok()?;
             let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
-            comm.starts_with("hubgate-worker")
+            comm.starts_with("hg-worker-")
                 .then(|| task.file_name().to_string_lossy().into_owned())
         })
         .collect();
