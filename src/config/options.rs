@@ -316,6 +316,10 @@ pub struct Options {
     /// Log one line per proxied request (method, route, status, duration, bytes)
     #[arg(long, env = "HUBGATE_ACCESS_LOG")]
     pub access_log: bool,
+    /// Fair-use limits per user and per client address (file only: the `[limits]` table;
+    /// reloaded on SIGHUP)
+    #[arg(skip)]
+    pub limits: Option<crate::limits::LimitsFile>,
 
     // Flags CHP has whose features hubgate does not have. They are parsed so that using one
     // gets a clear refusal naming it instead of an "unknown flag" or, worse, silence.

@@ -97,7 +97,17 @@ pub(super) fn validate(
         api_url: o.api_url,
         auth,
         shutdown_grace: Duration::from_secs(o.shutdown_timeout),
+        limits: limits(o.limits.as_ref())?,
+        config_file: o.config,
     })
+}
+
+/// The `[limits]` table, validated; `None` when it sets no limit.
+pub(super) fn limits(
+    file: Option<&crate::limits::LimitsFile>,
+) -> Result<Option<crate::limits::Settings>, ConfigError> {
+    let Some(file) = file else { return Ok(None) };
+    crate::limits::Settings::from_file(file).map_err(|e| ConfigError::new(e.key, e.problem))
 }
 
 /// A token from the environment, else from the file; an empty variable counts as unset.
