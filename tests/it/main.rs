@@ -13,6 +13,7 @@
 //! - `streaming`: large and incremental bodies pass through without buffering.
 //! - `abuse`: hostile clients: smuggling, bad headers, size limits, HTTP/2 resets, floods.
 //! - `faults`: failing targets, hub and route store, and recovery once the fault is gone.
+//! - `limits_fair`: fair-use limits per user and per client address, the login bucket, reloads.
 
 mod support;
 
@@ -33,6 +34,7 @@ mod jupyterhub_restart;
 mod jupyterhub_ssl;
 mod lifecycle;
 mod limits;
+mod limits_fair;
 mod metrics;
 mod metrics_support;
 mod model;
