@@ -281,7 +281,8 @@ pub fn serve(parts: Parts, sockets: Sockets, config: &Config) -> anyhow::Result<
     }
     tokio::spawn(tls::watch(parts.tls_listeners()));
     if let (Some(limits), Some(file)) = (&edge.limits, &config.config_file) {
-        tokio::spawn(reload_limits(limits.clone(), file.clone()));
+        let login_rate = config.limit_login_rate;
+        tokio::spawn(reload_limits(limits.clone(), file.clone(), login_rate));
     }
     let (stop, stopped) = watch::channel(false);
     let (close_tunnels, closing) = watch::channel(false);
@@ -462,7 +463,11 @@ async fn handshake(hub: Arc<hub::Hub>, store: Arc<dyn Store>, control: Control, 
 
 /// Reads the limits from the configuration file again on every SIGHUP. A file that does not
 /// load, or that sets no limit (turning limits on or off takes a restart), keeps the old ones.
-async fn reload_limits(limits: Arc<limits::Limits>, file: std::path::PathBuf) {
+async fn reload_limits(
+    limits: Arc<limits::Limits>,
+    file: std::path::PathBuf,
+    login_rate: Option<f64>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
@@ -472,7 +477,7 @@ async fn reload_limits(limits: Arc<limits::Limits>, file: std::path::PathBuf) {
         }
     };
     while hup.recv().await.is_some() {
-        match crate::config::read_limits(&file) {
+        match crate::config::read_limits(&file, login_rate) {
             Ok(Some(settings)) => {
                 limits.reload(settings);
                 tracing::info!(file = %file.display(), "received SIGHUP: limits reloaded");

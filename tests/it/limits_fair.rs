@@ -225,6 +225,27 @@ async fn the_login_bucket_slows_password_guessing_only() {
 }
 
 #[tokio::test]
+async fn the_login_rate_flag_sets_the_bucket_without_a_file() {
+    let out = Hubgate::builder()
+        .args(["--limit-login-rate", "0"])
+        .run_to_exit()
+        .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("--limit-login-rate"), "{stderr}");
+    let gate = Hubgate::builder()
+        .env("HUBGATE_LIMIT_LOGIN_RATE", "0.01")
+        .start()
+        .await;
+    let backend = Backend::echo().await;
+    gate.add_route("/", &backend.url("")).await;
+    let login = || gate.request(Method::POST, "/hub/login", &[], "password=guess");
+    assert_eq!(login().await.status, StatusCode::OK);
+    assert_refused(&login().await, "login_rate");
+    assert_eq!(gate.get("/hub/login").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
 async fn forwarded_for_counts_only_from_a_trusted_peer() {
     let dir = tempfile::tempdir().unwrap();
     let limit = "client = { rate = 0.01, burst = 2 }";
