@@ -13,7 +13,7 @@ use crate::server::{self, Bound, ConnSettings, Intake, Listener, Port};
 use crate::store::{self, Store};
 use crate::upstream::{Pool, PoolSettings};
 use crate::workers::{Plan, Workers};
-use crate::{api, auth, hub, metrics, proxy, status, target, tls, upstream, Exit};
+use crate::{api, auth, hub, limits, metrics, proxy, status, target, tls, upstream, Exit};
 
 /// Everything hubgate is made of, built and loaded, before any socket exists.
 pub struct Parts {
@@ -128,6 +128,8 @@ async fn route_default_target(
 struct Edge {
     hub: Option<Arc<hub::Hub>>,
     auth: Option<Arc<auth::Auth>>,
+    /// Fair-use limits, one state for every worker.
+    limits: Option<Arc<limits::Limits>>,
 }
 
 impl Edge {
@@ -152,7 +154,11 @@ impl Edge {
             None => None,
         };
         let auth = edge(config, hub.as_ref());
-        Ok(Edge { hub, auth })
+        let limits = config
+            .limits
+            .clone()
+            .map(|settings| Arc::new(limits::Limits::new(settings)));
+        Ok(Edge { hub, auth, limits })
     }
 }
 
@@ -274,6 +280,10 @@ pub fn serve(parts: Parts, sockets: Sockets, config: &Config) -> anyhow::Result<
         ));
     }
     tokio::spawn(tls::watch(parts.tls_listeners()));
+    if let (Some(limits), Some(file)) = (&edge.limits, &config.config_file) {
+        let login_rate = config.limit_login_rate;
+        tokio::spawn(reload_limits(limits.clone(), file.clone(), login_rate));
+    }
     let (stop, stopped) = watch::channel(false);
     let (close_tunnels, closing) = watch::channel(false);
     let workers = start_workers(
@@ -310,20 +320,24 @@ fn start_workers(
     };
     let copies = proxy.split();
     let (port, handoffs) = Port::new("proxy", settings, copies.len());
-    let (table, auth, tls) = (
+    let (table, auth, tls, limits) = (
         parts.table.clone(),
         edge.auth.clone(),
         parts.client_tls.clone(),
+        edge.limits.clone(),
     );
     let opts = proxy::ForwardOptions::from_config(config);
     let make = move |_worker: usize| {
-        Arc::new(proxy::Proxy::new(
-            table.clone(),
-            Pool::new(tls.clone(), PoolSettings::default()),
-            opts.clone(),
-            auth.clone(),
-            closing.clone(),
-        ))
+        Arc::new(
+            proxy::Proxy::new(
+                table.clone(),
+                Pool::new(tls.clone(), PoolSettings::default()),
+                opts.clone(),
+                auth.clone(),
+                closing.clone(),
+            )
+            .with_limits(limits.clone()),
+        )
     };
     let plan = Plan {
         copies,
@@ -444,6 +458,40 @@ async fn handshake(hub: Arc<hub::Hub>, store: Arc<dyn Store>, control: Control, 
     match store.mark_synced().await {
         Ok(()) => tracing::info!(store = store.name(), "store marked as synced by the hub"),
         Err(e) => tracing::warn!(error = %e, "could not record the hub sync in the store"),
+    }
+}
+
+/// Reads the limits from the configuration file again on every SIGHUP. A file that does not
+/// load, or that sets no limit (turning limits on or off takes a restart), keeps the old ones.
+async fn reload_limits(
+    limits: Arc<limits::Limits>,
+    file: std::path::PathBuf,
+    login_rate: Option<f64>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; limits will not reload");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        match crate::config::read_limits(&file, login_rate) {
+            Ok(Some(settings)) => {
+                limits.reload(settings);
+                tracing::info!(file = %file.display(), "received SIGHUP: limits reloaded");
+            }
+            Ok(None) => tracing::error!(
+                file = %file.display(),
+                "limits not reloaded: the file sets none (turning limits off takes a restart); keeping the old ones"
+            ),
+            Err(e) => tracing::error!(
+                file = %file.display(),
+                error = %e,
+                "limits not reloaded; keeping the old ones"
+            ),
+        }
     }
 }
 

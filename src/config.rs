@@ -111,6 +111,25 @@ pub struct Config {
     pub warnings: Vec<String>,
     /// How long in-flight requests may run after SIGTERM before hubgate exits anyway.
     pub shutdown_grace: Duration,
+    /// Fair-use limits (`[limits]`); `None` leaves the data plane without any.
+    pub limits: Option<crate::limits::Settings>,
+    /// `--limit-login-rate`, which a reload keeps over the file's `limits.login.rate`.
+    pub limit_login_rate: Option<f64>,
+    /// The configuration file, read again for the limits on SIGHUP.
+    pub config_file: Option<PathBuf>,
+}
+
+/// The `[limits]` table of the configuration file as it is now, with `--limit-login-rate` over
+/// it, for a reload on SIGHUP.
+///
+/// # Errors
+/// [`ConfigError`] when the file cannot be read, is not a configuration, or its limits are bad.
+pub fn read_limits(
+    path: &std::path::Path,
+    login_rate: Option<f64>,
+) -> Result<Option<crate::limits::Settings>, ConfigError> {
+    let file = options::read_file(path)?;
+    validate::limits(file.limits, login_rate)
 }
 
 impl Config {

@@ -12,6 +12,7 @@
 //! - [`hub`]: hubgate as a client of the hub's API: handshake, credential checks, OAuth.
 //! - [`logging`]: the `tracing` subscriber and the level the API can change at run time.
 //! - [`auth`]: authentication and authorization at the edge, with its cache and sessions.
+//! - [`limits`]: fair use: request rates, concurrency and websockets per user and per client.
 //! - [`proxy`]: the data plane: forwarding, websockets, error pages.
 //! - [`upstream`]: connections to targets: each worker's pool, the hub's client, failure causes.
 //! - [`tls`]: rustls for the listeners (reloadable certificates) and towards targets.
@@ -32,6 +33,7 @@ pub mod config;
 pub mod control;
 pub mod http;
 pub mod hub;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod path;

@@ -143,6 +143,8 @@ pub struct Metrics {
 
     pub start_time_seconds: IntGauge,
     pub certificate_expiry: IntGaugeVec,
+    /// Requests refused by a limit (`crate::limits`), by limit and route kind.
+    pub limit_refusals: IntCounterVec,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -546,7 +548,14 @@ impl Metrics {
             Chp::register(&r),
         );
         let process = Process::register(&r);
+        let limit_refusals = counter_vec(
+            &r,
+            "hubgate_limit_refusals_total",
+            "Requests answered 429 by a limit, by limit and route kind.",
+            &["limit", "kind"],
+        );
         let m = Metrics {
+            limit_refusals,
             registry: r,
             requests: t.requests,
             duration: t.duration,

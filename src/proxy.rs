@@ -25,6 +25,7 @@ use hyper::body::Incoming;
 
 use crate::auth::{self, Auth, Verdict};
 use crate::http::{empty, empty_body, ConnInfo, ProxyBody};
+use crate::limits::{self, Limits, Permit};
 use crate::metrics;
 use crate::path::{self, RequestPath};
 use crate::routes::{Route, RouteKind, RouteTable};
@@ -148,6 +149,8 @@ pub struct Proxy {
     opts: ForwardOptions,
     /// Authentication at the edge, when configured.
     auth: Option<Arc<Auth>>,
+    /// Fair-use limits, when configured: shared by every worker.
+    limits: Option<Arc<Limits>>,
     /// Becomes true when hubgate stops: open websocket tunnels then close both sides.
     closing: tokio::sync::watch::Receiver<bool>,
 }
@@ -182,8 +185,15 @@ impl Proxy {
             pool,
             opts,
             auth,
+            limits: None,
             closing,
         }
+    }
+
+    /// The same proxy with fair-use limits.
+    pub fn with_limits(mut self, limits: Option<Arc<Limits>>) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// This worker's connections to targets.
@@ -302,13 +312,17 @@ impl Proxy {
             Ok(grant) => grant,
             Err(resp) => return Ok(resp),
         };
+        let permit = match self.limit(&req, &path, conn, &grant, route.kind(), websocket) {
+            Ok(permit) => permit,
+            Err(refusal) => return Ok(refusal.response(req.headers())),
+        };
         let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
         let (upstream_req, client_failed) =
             self.upstream_request(req, conn, &path, &route, host, &grant, websocket)?;
         let resp = self
             .exchange(upstream_req, &route, websocket, &client_failed, trace)
             .await?;
-        self.client_response(resp, route, client_upgrade, grant.set_cookie)
+        self.client_response(resp, route, client_upgrade, grant.set_cookie, permit)
     }
 
     /// The route for a request: by path, or by host and path under host routing.
@@ -366,6 +380,34 @@ impl Proxy {
             }),
             Verdict::Respond(resp) => Err(resp),
         }
+    }
+
+    /// Fair use: a permit the request holds while it runs, or the limit that refuses it.
+    fn limit(
+        &self,
+        req: &Request<Incoming>,
+        path: &RequestPath<'_>,
+        conn: ConnInfo,
+        grant: &Grant,
+        kind: RouteKind,
+        websocket: bool,
+    ) -> Result<Permit, limits::Refusal> {
+        let Some(limits) = &self.limits else {
+            return Ok(Permit::default());
+        };
+        let ask = limits::Ask {
+            method: req.method(),
+            path: &path.lookup,
+            headers: req.headers(),
+            peer: conn.remote_ip,
+            user: grant
+                .identity
+                .as_deref()
+                .map(|i| (i.name.as_str(), i.admin)),
+            kind,
+            websocket,
+        };
+        limits.admit(&ask)
     }
 
     /// The request as the target gets it: its path under the target's, hop-by-hop headers gone,
@@ -462,6 +504,7 @@ impl Proxy {
         route: Arc<Route>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         set_cookie: Option<HeaderValue>,
+        permit: Permit,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let status = resp.status();
         if status == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_none() {
@@ -477,12 +520,17 @@ impl Proxy {
         if let Some(client_upgrade) = client_upgrade {
             if status == StatusCode::SWITCHING_PROTOCOLS {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                tokio::spawn(tunnel::tunnel(
+                let tunnel = tunnel::tunnel(
                     client_upgrade,
                     upstream_upgrade,
                     route,
                     self.closing.clone(),
-                ));
+                );
+                // The websocket holds its place in the limits until it closes.
+                tokio::spawn(async move {
+                    tunnel.await;
+                    drop(permit);
+                });
                 let (parts, _) = resp.into_parts();
                 return Ok(Response::from_parts(parts, empty_body()));
             }
@@ -493,7 +541,7 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers, false);
         Ok(Response::from_parts(
             parts,
-            watch_response_body(body, route, status),
+            permit.attach(watch_response_body(body, route, status)),
         ))
     }
 

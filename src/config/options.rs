@@ -24,10 +24,11 @@ use super::ConfigError;
 
 /// Options that only the command line takes: a configuration file naming them is refused.
 /// `config` names the file itself; `custom_header` is the flag form of the file's
-/// `custom_headers` table; the rest are CHP flags that hubgate refuses or ignores.
+/// `custom_headers` table, `limit_login_rate` of `limits.login.rate`; the rest are CHP flags that hubgate refuses or ignores.
 pub const FLAG_ONLY: &[&str] = &[
     "config",
     "custom_header",
+    "limit_login_rate",
     "ssl_ciphers",
     "ssl_allow_rc4",
     "ssl_dhparam",
@@ -316,6 +317,14 @@ pub struct Options {
     /// Log one line per proxied request (method, route, status, duration, bytes)
     #[arg(long, env = "HUBGATE_ACCESS_LOG")]
     pub access_log: bool,
+    /// Fair-use limits per user and per client address (file only: the `[limits]` table;
+    /// reloaded on SIGHUP)
+    #[arg(skip)]
+    pub limits: Option<crate::limits::LimitsFile>,
+    /// Logins per second per client address on the hub's login and token endpoints (the
+    /// file's `limits.login.rate`, which it overrides; `0.2` is 12 a minute)
+    #[arg(long, env = "HUBGATE_LIMIT_LOGIN_RATE", value_name = "PER_SEC")]
+    pub limit_login_rate: Option<f64>,
 
     // Flags CHP has whose features hubgate does not have. They are parsed so that using one
     // gets a clear refusal naming it instead of an "unknown flag" or, worse, silence.

@@ -97,6 +97,29 @@ pub(super) fn validate(
         api_url: o.api_url,
         auth,
         shutdown_grace: Duration::from_secs(o.shutdown_timeout),
+        limits: limits(o.limits.clone(), o.limit_login_rate)?,
+        limit_login_rate: o.limit_login_rate,
+        config_file: o.config,
+    })
+}
+
+/// The `[limits]` table with `--limit-login-rate` over its `login.rate`, validated; `None` when
+/// it sets no limit.
+pub(super) fn limits(
+    file: Option<crate::limits::LimitsFile>,
+    login_rate: Option<f64>,
+) -> Result<Option<crate::limits::Settings>, ConfigError> {
+    let mut file = file.unwrap_or_default();
+    if let Some(rate) = login_rate {
+        let login = file.login.get_or_insert_with(Default::default);
+        login.rate = Some(rate);
+    }
+    crate::limits::Settings::from_file(&file).map_err(|e| {
+        let flag = match (login_rate, e.key.as_str()) {
+            (Some(_), "limits.login.rate") => "--limit-login-rate".to_owned(),
+            _ => e.key,
+        };
+        ConfigError::new(flag, e.problem)
     })
 }
 

@@ -35,3 +35,20 @@ fn where_to_change_what_names_every_module_of_lib_rs() {
          that is behind"
     );
 }
+
+#[test]
+fn the_readme_limits_example_is_a_valid_limits_table() {
+    #[derive(serde::Deserialize)]
+    struct File {
+        limits: hubgate::limits::LimitsFile,
+    }
+    let section = readme_section("Fair use: limits per user and per client").join("\n");
+    let start = section
+        .find("```toml\n")
+        .expect("a toml example in the README's limits section")
+        + "```toml\n".len();
+    let end = start + section[start..].find("```").expect("the example's end");
+    let file: File = toml::from_str(&section[start..end]).unwrap_or_else(|e| panic!("{e}"));
+    let settings = hubgate::limits::Settings::from_file(&file.limits);
+    assert!(matches!(settings, Ok(Some(_))), "{settings:?}");
+}

@@ -15,6 +15,7 @@
 //! - `faults`: failing targets, hub and route store, and recovery once the fault is gone.
 //! - `openapi`: the OpenAPI document against the router, the example client, schemathesis findings.
 //! - `workers`: the data plane's workers: spread, one connection limit, drain, reload, h2, ws.
+//! - `limits_fair`: fair-use limits per user and per client address, the login bucket, reloads.
 
 mod support;
 
@@ -36,6 +37,7 @@ mod jupyterhub_ssl;
 mod layers;
 mod lifecycle;
 mod limits;
+mod limits_fair;
 mod metrics;
 mod metrics_support;
 mod model;
