@@ -133,6 +133,33 @@ pub struct Cli {
     /// [default: the system's]
     #[arg(long, value_name = "FILE")]
     pub redis_ca: Option<PathBuf>,
+    /// Sentinels to ask for the Redis primary (instead of --redis-url): host:port,host:port
+    #[arg(long, env = "HUBGATE_REDIS_SENTINEL", value_name = "HOST:PORT,...")]
+    pub redis_sentinel: Option<String>,
+    /// Name of the primary the sentinels watch (as in `sentinel monitor NAME ...`)
+    #[arg(long, env = "HUBGATE_REDIS_SENTINEL_MASTER", value_name = "NAME")]
+    pub redis_sentinel_master: Option<String>,
+    /// Password of the sentinels themselves [default: none]
+    #[arg(
+        long,
+        env = "HUBGATE_REDIS_SENTINEL_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
+    pub redis_sentinel_password: Option<String>,
+    /// Password of the Redis servers found through Sentinel (with --redis-url, put it in the URL)
+    /// [default: none]
+    #[arg(
+        long,
+        env = "HUBGATE_REDIS_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
+    pub redis_password: Option<String>,
+    /// Answer a route change only once this many Redis replicas have it too (WAIT), so that a
+    /// failover cannot lose it [default: 0, the primary alone]
+    #[arg(long, env = "HUBGATE_REDIS_MIN_REPLICAS", value_name = "N")]
+    pub redis_min_replicas: Option<u32>,
     /// IP for the metrics server [default: all interfaces]
     #[arg(long, value_name = "IP")]
     pub metrics_ip: Option<String>,
@@ -325,6 +352,11 @@ pub struct FileConfig {
     pub redis_url: Option<String>,
     pub redis_prefix: Option<String>,
     pub redis_ca: Option<PathBuf>,
+    pub redis_sentinel: Option<String>,
+    pub redis_sentinel_master: Option<String>,
+    pub redis_sentinel_password: Option<String>,
+    pub redis_password: Option<String>,
+    pub redis_min_replicas: Option<u32>,
     pub metrics_ip: Option<String>,
     pub metrics_port: Option<u16>,
     pub metrics_socket: Option<PathBuf>,
@@ -381,9 +413,32 @@ pub enum Storage {
 /// Where the Redis store is and how to reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisSettings {
-    pub url: String,
+    pub server: RedisServer,
     pub prefix: String,
     pub ca: Option<PathBuf>,
+    /// Replicas that must have a change (`WAIT`) before it is acknowledged; 0: do not wait.
+    pub min_replicas: u32,
+}
+
+/// How the Redis primary is found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisServer {
+    /// One address (`--redis-url`).
+    Url(String),
+    /// Asked of Sentinel, again after every lost connection (so a failover is followed).
+    Sentinel(SentinelSettings),
+}
+
+/// `--redis-sentinel` and the flags that go with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentinelSettings {
+    /// Each sentinel as `(host, port)`.
+    pub nodes: Vec<(String, u16)>,
+    pub master: String,
+    /// Of the Redis servers (primary and replicas).
+    pub password: Option<String>,
+    /// Of the sentinels.
+    pub sentinel_password: Option<String>,
 }
 
 /// Where a listener binds.
@@ -646,11 +701,16 @@ impl Config {
         let storage = match cli.storage_backend.or(file.storage_backend).as_deref() {
             None | Some("memory") => Storage::Memory,
             Some("file") => Storage::File(storage_path),
-            Some("redis") => redis_settings(
-                cli.redis_url.or(file.redis_url),
-                cli.redis_prefix.or(file.redis_prefix),
-                cli.redis_ca.or(file.redis_ca),
-            )?,
+            Some("redis") => redis_settings(RedisFlags {
+                url: cli.redis_url.or(file.redis_url),
+                prefix: cli.redis_prefix.or(file.redis_prefix),
+                ca: cli.redis_ca.or(file.redis_ca),
+                sentinel: cli.redis_sentinel.or(file.redis_sentinel),
+                sentinel_master: cli.redis_sentinel_master.or(file.redis_sentinel_master),
+                sentinel_password: cli.redis_sentinel_password.or(file.redis_sentinel_password),
+                password: cli.redis_password.or(file.redis_password),
+                min_replicas: cli.redis_min_replicas.or(file.redis_min_replicas),
+            })?,
             Some(other) => {
                 return Err(ConfigError::new(
                     "--storage-backend",
@@ -1030,17 +1090,95 @@ fn auth_settings(i: AuthInputs, hub: &Target) -> Result<crate::auth::AuthSetting
     })
 }
 
-fn redis_settings(
+/// The Redis flags as given (flag, else file key).
+struct RedisFlags {
     url: Option<String>,
     prefix: Option<String>,
     ca: Option<PathBuf>,
-) -> Result<Storage, ConfigError> {
-    let url = url.filter(|u| !u.is_empty()).ok_or_else(|| {
-        ConfigError::new(
-            "--redis-url",
-            "--storage-backend redis needs the Redis server's URL (redis://host:port)",
-        )
-    })?;
+    sentinel: Option<String>,
+    sentinel_master: Option<String>,
+    sentinel_password: Option<String>,
+    password: Option<String>,
+    min_replicas: Option<u32>,
+}
+
+/// The most `--redis-min-replicas` may ask: more replicas than any deployment runs is a typo.
+const MIN_REPLICAS_MAX: u32 = 16;
+
+fn redis_settings(f: RedisFlags) -> Result<Storage, ConfigError> {
+    let url = f.url.filter(|u| !u.is_empty());
+    let sentinel = f.sentinel.filter(|s| !s.is_empty());
+    let server = match (url, sentinel) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                "--redis-sentinel",
+                "give either --redis-url or --redis-sentinel, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(ConfigError::new(
+                "--redis-url",
+                "--storage-backend redis needs the Redis server's URL (redis://host:port) or \
+                 --redis-sentinel",
+            ))
+        }
+        (Some(url), None) => {
+            if f.password.is_some() {
+                return Err(ConfigError::new(
+                    "--redis-password",
+                    "with --redis-url the password goes in the URL (redis://:PASSWORD@host)",
+                ));
+            }
+            for (flag, given) in [
+                ("--redis-sentinel-master", f.sentinel_master.is_some()),
+                ("--redis-sentinel-password", f.sentinel_password.is_some()),
+            ] {
+                if given {
+                    return Err(ConfigError::new(
+                        flag,
+                        "only means something with --redis-sentinel",
+                    ));
+                }
+            }
+            redis_url(&url)?;
+            RedisServer::Url(url)
+        }
+        (None, Some(list)) => RedisServer::Sentinel(sentinel_settings(
+            &list,
+            f.sentinel_master,
+            f.password,
+            f.sentinel_password,
+        )?),
+    };
+    if matches!(server, RedisServer::Sentinel(_)) && f.ca.is_some() {
+        return Err(ConfigError::new(
+            "--redis-ca",
+            "TLS towards Sentinel and the servers it names is not supported yet",
+        ));
+    }
+    let prefix = f.prefix.unwrap_or_else(|| "hubgate".to_owned());
+    if prefix.is_empty() || prefix.contains(['{', '}']) || prefix.chars().any(char::is_whitespace) {
+        return Err(ConfigError::new(
+            "--redis-prefix",
+            "must be non-empty, without braces or spaces",
+        ));
+    }
+    let min_replicas = f.min_replicas.unwrap_or(0);
+    if min_replicas > MIN_REPLICAS_MAX {
+        return Err(ConfigError::new(
+            "--redis-min-replicas",
+            format!("{min_replicas} is more than {MIN_REPLICAS_MAX}"),
+        ));
+    }
+    Ok(Storage::Redis(RedisSettings {
+        server,
+        prefix,
+        ca: f.ca,
+        min_replicas,
+    }))
+}
+
+fn redis_url(url: &str) -> Result<(), ConfigError> {
     let scheme = url.split("://").next().unwrap_or_default();
     if !["redis", "rediss", "redis+unix", "unix"].contains(&scheme) || !url.contains("://") {
         return Err(ConfigError::new(
@@ -1048,21 +1186,61 @@ fn redis_settings(
             "expected redis://, rediss:// or redis+unix:// (the URL is not shown: it may hold a password)",
         ));
     }
-    if let Err(e) = redis::Client::open(url.as_str()) {
+    if let Err(e) = redis::Client::open(url) {
         // The URL may carry a password: name the problem, never echo the URL.
         return Err(ConfigError::new(
             "--redis-url",
             format!("not a usable Redis URL ({})", e.category()),
         ));
     }
-    let prefix = prefix.unwrap_or_else(|| "hubgate".to_owned());
-    if prefix.is_empty() || prefix.contains(['{', '}']) || prefix.chars().any(char::is_whitespace) {
+    Ok(())
+}
+
+/// `host:port,host:port` (IPv6 as `[addr]:port`) and the master's name.
+fn sentinel_settings(
+    list: &str,
+    master: Option<String>,
+    password: Option<String>,
+    sentinel_password: Option<String>,
+) -> Result<SentinelSettings, ConfigError> {
+    let mut nodes = Vec::new();
+    for item in list.split(',').map(str::trim) {
+        let parsed = item.rsplit_once(':').and_then(|(host, port)| {
+            let host = host
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(host);
+            let port = port.parse::<u16>().ok().filter(|p| *p != 0)?;
+            (!host.is_empty() && !host.contains(['/', '@', ' '])).then(|| (host.to_owned(), port))
+        });
+        match parsed {
+            Some(node) => nodes.push(node),
+            None => {
+                return Err(ConfigError::new(
+                    "--redis-sentinel",
+                    format!("{item:?} is not host:port (expected host:port,host:port)"),
+                ))
+            }
+        }
+    }
+    let master = master.filter(|m| !m.is_empty()).ok_or_else(|| {
+        ConfigError::new(
+            "--redis-sentinel-master",
+            "--redis-sentinel needs the name of the primary the sentinels watch",
+        )
+    })?;
+    if master.chars().any(char::is_whitespace) {
         return Err(ConfigError::new(
-            "--redis-prefix",
-            "must be non-empty, without braces or spaces",
+            "--redis-sentinel-master",
+            "must not contain spaces",
         ));
     }
-    Ok(Storage::Redis(RedisSettings { url, prefix, ca }))
+    Ok(SentinelSettings {
+        nodes,
+        master,
+        password: password.filter(|p| !p.is_empty()),
+        sentinel_password: sentinel_password.filter(|p| !p.is_empty()),
+    })
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -1223,9 +1401,10 @@ mod tests {
         assert_eq!(
             c.storage,
             Storage::Redis(RedisSettings {
-                url: "redis://:pw@127.0.0.1:6380/2".into(),
+                server: RedisServer::Url("redis://:pw@127.0.0.1:6380/2".into()),
                 prefix: "hubgate".into(),
                 ca: None,
+                min_replicas: 0,
             })
         );
         let e = load(&[
@@ -1238,6 +1417,74 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(e.flag, "--redis-prefix");
+    }
+
+    #[test]
+    fn redis_sentinel_takes_nodes_a_master_and_passwords() {
+        let c = load(&[
+            "--storage-backend",
+            "redis",
+            "--redis-sentinel",
+            "127.0.0.1:26379, [::1]:26380,s3:26381",
+            "--redis-sentinel-master",
+            "hub",
+            "--redis-password",
+            "pw",
+            "--redis-min-replicas",
+            "1",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.storage,
+            Storage::Redis(RedisSettings {
+                server: RedisServer::Sentinel(SentinelSettings {
+                    nodes: vec![
+                        ("127.0.0.1".into(), 26379),
+                        ("::1".into(), 26380),
+                        ("s3".into(), 26381)
+                    ],
+                    master: "hub".into(),
+                    password: Some("pw".into()),
+                    sentinel_password: None,
+                }),
+                prefix: "hubgate".into(),
+                ca: None,
+                min_replicas: 1,
+            })
+        );
+        let flag = |args: &[&str]| {
+            let mut all = vec!["--storage-backend", "redis"];
+            all.extend_from_slice(args);
+            load(&all).unwrap_err().flag
+        };
+        assert_eq!(
+            flag(&["--redis-sentinel", "h:1"]),
+            "--redis-sentinel-master"
+        );
+        assert_eq!(
+            flag(&["--redis-sentinel", "h", "--redis-sentinel-master", "m"]),
+            "--redis-sentinel"
+        );
+        assert_eq!(
+            flag(&["--redis-sentinel", "h:1,", "--redis-sentinel-master", "m"]),
+            "--redis-sentinel"
+        );
+        assert_eq!(
+            flag(&["--redis-sentinel", "h:1", "--redis-url", "redis://h/"]),
+            "--redis-sentinel"
+        );
+        assert_eq!(
+            flag(&["--redis-url", "redis://h/", "--redis-password", "x"]),
+            "--redis-password"
+        );
+        assert_eq!(
+            flag(&["--redis-url", "redis://h/", "--redis-sentinel-master", "m"]),
+            "--redis-sentinel-master"
+        );
+        assert_eq!(
+            flag(&["--redis-url", "redis://h/", "--redis-min-replicas", "17"]),
+            "--redis-min-replicas"
+        );
     }
 
     #[test]

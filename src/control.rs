@@ -391,6 +391,7 @@ impl Writer {
                     Ok(Some(current)) if current != next.version() => {
                         Err(StoreError::Conflict { current })
                     }
+                    Err(e @ StoreError::Stale(_)) => Err(e),
                     // Unreachable: answer from this replica's table, which is what it serves.
                     _ => Ok(()),
                 }
@@ -423,6 +424,15 @@ impl Writer {
                     self.catch_up(current).await;
                     self.apply_received_events().await;
                     continue;
+                }
+                Err(StoreError::Stale(why)) => {
+                    tracing::info!(why = %why, "reading the table again before writing");
+                    if let Err(e) = self.resync().await {
+                        Err(ControlError::Store(e.to_string()))
+                    } else {
+                        self.apply_received_events().await;
+                        continue;
+                    }
                 }
                 Err(e @ StoreError::Indeterminate(_)) => {
                     tracing::error!(store = self.store.name(), error = %e, "route store did not answer a write");
@@ -516,7 +526,7 @@ impl Writer {
             }
         }
         if self.table.load().version() != current {
-            self.resync().await;
+            let _ = self.resync().await;
         }
     }
 
@@ -582,7 +592,7 @@ impl Writer {
                     store = batch.version,
                     "missed changes from the store; reloading"
                 );
-                self.resync().await;
+                let _ = self.resync().await;
             }
             StoreEvent::Activity(raised) => {
                 let snapshot = self.table.load();
@@ -597,10 +607,11 @@ impl Writer {
             }
             // This replica's own large batch comes back as a marker: nothing to read.
             StoreEvent::Reload { version: Some(v) } if v <= local => {}
-            StoreEvent::Reload { .. } => self.resync().await,
+            // A failed reload is logged; the next event or write tries again.
+            StoreEvent::Reload { .. } => drop(self.resync().await),
             StoreEvent::Reconnected { version } => match version {
-                None if local > 0 => self.resync().await,
-                Some(v) if v < local => self.resync().await,
+                None if local > 0 => drop(self.resync().await),
+                Some(v) if v < local => drop(self.resync().await),
                 _ => {}
             },
         }
@@ -608,12 +619,15 @@ impl Writer {
 
     /// Makes the table equal to the store's, or, when the store lost its table (restarted
     /// without persistence), fills it with this replica's.
-    async fn resync(&mut self) {
+    ///
+    /// # Errors
+    /// When the store cannot be read (the current table is kept).
+    async fn resync(&mut self) -> Result<(), StoreError> {
         let loaded = match self.store.load().await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reload routes from the store; keeping the current table until it answers");
-                return;
+                return Err(e);
             }
         };
         let local = self.table.snapshot();
@@ -626,22 +640,28 @@ impl Writer {
                         version = local.version(),
                         "the route store had lost its table; filled it again from this replica's"
                     );
-                    return;
+                    return Ok(());
                 }
                 Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot refill the route store");
-                    return;
+                    return Err(e);
                 }
             }
             // Another replica refilled it first: take theirs.
-            match self.store.load().await {
-                Ok(l) => self.install(l, false),
-                Err(e) => tracing::warn!(error = %e, "cannot reload routes from the store"),
-            }
-            return;
+            return match self.store.load().await {
+                Ok(l) => {
+                    self.install(l, false);
+                    Ok(())
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reload routes from the store");
+                    Err(e)
+                }
+            };
         }
         self.install(loaded, false);
+        Ok(())
     }
 }
 

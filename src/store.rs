@@ -35,11 +35,17 @@ pub enum StoreError {
     /// The store could not be reached: nothing was applied.
     #[error("route store is unreachable: {0}")]
     Unavailable(String),
-    /// The store was asked but did not answer: the change may or may not have been applied (it
-    /// reaches the table through the store's events if it was). Retrying is safe: route changes
-    /// are idempotent.
-    #[error("route store did not answer, the change may or may not have been applied: {0}")]
+    /// The store was asked but did not answer, or did not confirm that enough replicas have the
+    /// change (`--redis-min-replicas`): the change may or may not have been applied (it reaches
+    /// the table through the store's events if it was). Retrying is safe: route changes are
+    /// idempotent.
+    #[error("the outcome is unknown, retry (the route store may or may not have applied the change): {0}")]
     Indeterminate(String),
+    /// The shared store is now another server than the one this replica's table was read from
+    /// (a failover, a restart): nothing was applied. The writer reads the table again and tries
+    /// again; callers never see this unless the table cannot be read.
+    #[error("route store changed servers: {0}")]
+    Stale(String),
     /// Another replica changed the table first: `current` is the store's version. The writer
     /// catches up and tries again; callers never see this.
     #[error("route store is at version {current}, ahead of this replica")]

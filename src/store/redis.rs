@@ -17,13 +17,17 @@
 //! (trimmed while it was away) reloads the whole table.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, RedisError, Script};
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{
+    AsyncConnectionConfig, Client, ConnectionAddr, ErrorKind, IntoConnectionInfo,
+    RedisConnectionInfo, RedisError, Script, ServerErrorKind,
+};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, Notify};
 
@@ -31,7 +35,7 @@ use super::{
     Batch, Loaded, Revocation, Store, StoreError, StoreEvent, StoreHealth, StoredChange,
     StoredRoute,
 };
-use crate::config::RedisSettings;
+use crate::config::{RedisServer, RedisSettings, SentinelSettings};
 
 /// About how many entries the log keeps (`XADD MAXLEN ~`). A replica away for longer than this
 /// many changes reloads the whole table when it comes back.
@@ -45,6 +49,12 @@ const LOG_BATCH_MAX: usize = 1_000;
 const LOG_BLOCK: Duration = Duration::from_secs(1);
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long asking the sentinels for the primary may take (each sentinel asked in turn).
+const SENTINEL_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long `WAIT` waits for `--redis-min-replicas` replicas to confirm a write. Replication on
+/// a working network takes well under a millisecond; past this the write is answered as of
+/// unknown outcome rather than held.
+pub const WAIT_TIMEOUT: Duration = Duration::from_secs(1);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
@@ -146,12 +156,40 @@ impl Keys {
     }
 }
 
+/// Where connections go: one address, or the primary that Sentinel names at the time.
+enum Source {
+    Direct(Client),
+    /// Asked again for every new connection, so that after a failover (noticed as a lost
+    /// connection or a READONLY answer) hubgate follows the new primary without a restart.
+    Sentinel {
+        client: tokio::sync::Mutex<SentinelClient>,
+        master: String,
+    },
+}
+
+/// A connection to the primary and that server's replication id (`master_replid`): a server
+/// with another id than the one the table was loaded from (a replica promoted by a failover, a
+/// restarted server) may lack changes this replica has seen, so its table is read again before
+/// any write.
+#[derive(Clone)]
+struct Conn {
+    conn: MultiplexedConnection,
+    replid: Arc<str>,
+}
+
 /// What the store's handle and its log reader share.
 struct Shared {
-    client: Client,
+    source: Source,
     keys: Keys,
+    /// `--redis-min-replicas`: replicas `WAIT` must count before a write is acknowledged.
+    min_replicas: u32,
     /// The connection for commands, made again after a failure.
-    conn: Mutex<Option<MultiplexedConnection>>,
+    conn: Mutex<Option<Conn>>,
+    /// The replication id of the server the table was last loaded from.
+    lineage: Mutex<Option<Arc<str>>>,
+    /// One more each time the command connection found its server demoted (READONLY): the log
+    /// reader then leaves that server too.
+    moved: AtomicU64,
     reachable: AtomicBool,
     /// Why the store is unreachable (the last error), for readiness and `/api/status`.
     detail: Mutex<Option<String>>,
@@ -177,26 +215,20 @@ impl RedisStore {
     /// # Errors
     /// When the URL cannot be used or the CA file cannot be read.
     pub fn open(settings: &RedisSettings) -> Result<RedisStore, StoreError> {
-        let client = match &settings.ca {
-            Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| {
-                    StoreError::Unavailable(format!("--redis-ca {}: {e}", path.display()))
-                })?;
-                Client::build_with_tls(
-                    settings.url.as_str(),
-                    redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(pem),
-                    },
-                )
-            }
-            None => Client::open(settings.url.as_str()),
-        }
-        .map_err(|e| StoreError::Unavailable(describe(&e)))?;
+        let source = match &settings.server {
+            RedisServer::Url(url) => Source::Direct(direct_client(url, settings)?),
+            RedisServer::Sentinel(s) => Source::Sentinel {
+                client: tokio::sync::Mutex::new(sentinel_client(s)?),
+                master: s.master.clone(),
+            },
+        };
         let shared = Arc::new(Shared {
-            client,
+            source,
             keys: Keys::new(&settings.prefix),
+            min_replicas: settings.min_replicas,
             conn: Mutex::new(None),
+            lineage: Mutex::new(None),
+            moved: AtomicU64::new(0),
             reachable: AtomicBool::new(false),
             detail: Mutex::new(Some("not connected yet".to_owned())),
             start: Mutex::new(None),
@@ -215,6 +247,52 @@ impl RedisStore {
     }
 }
 
+/// The client of `--redis-url` (with `--redis-ca`'s authorities for `rediss://`).
+fn direct_client(url: &str, settings: &RedisSettings) -> Result<Client, StoreError> {
+    match &settings.ca {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| {
+                StoreError::Unavailable(format!("--redis-ca {}: {e}", path.display()))
+            })?;
+            Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                },
+            )
+        }
+        None => Client::open(url),
+    }
+    .map_err(|e| StoreError::Unavailable(describe(&e)))
+}
+
+/// A client that asks the sentinels of `--redis-sentinel` (with their own password) for the
+/// primary, and connects to it with `--redis-password`.
+fn sentinel_client(s: &SentinelSettings) -> Result<SentinelClient, StoreError> {
+    let mut nodes = Vec::with_capacity(s.nodes.len());
+    for (host, port) in &s.nodes {
+        let mut info = ConnectionAddr::Tcp(host.clone(), *port)
+            .into_connection_info()
+            .map_err(|e| StoreError::Unavailable(describe(&e)))?;
+        if let Some(password) = &s.sentinel_password {
+            info = info.set_redis_settings(RedisConnectionInfo::default().set_password(password));
+        }
+        nodes.push(info);
+    }
+    let mut server = RedisConnectionInfo::default();
+    if let Some(password) = &s.password {
+        server = server.set_password(password);
+    }
+    SentinelClient::build(
+        nodes,
+        s.master.clone(),
+        Some(SentinelNodeConnectionInfo::default().set_redis_connection_info(server)),
+        SentinelServerType::Master,
+    )
+    .map_err(|e| StoreError::Unavailable(describe(&e)))
+}
+
 impl Shared {
     fn config() -> AsyncConnectionConfig {
         AsyncConnectionConfig::new()
@@ -222,25 +300,77 @@ impl Shared {
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
     }
 
+    /// A new connection to the primary (asking Sentinel which server that is now), checked with
+    /// one plain command that also gives the server's replication id and role.
+    async fn connect(&self, config: &AsyncConnectionConfig) -> Result<Conn, RedisError> {
+        let mut conn = match &self.source {
+            Source::Direct(client) => {
+                client
+                    .get_multiplexed_async_connection_with_config(config)
+                    .await?
+            }
+            Source::Sentinel { client, master } => {
+                let asked = tokio::time::timeout(SENTINEL_TIMEOUT, async {
+                    client.lock().await.async_get_client().await
+                })
+                .await;
+                let primary = match asked {
+                    Ok(Ok(primary)) => primary,
+                    Ok(Err(e)) => {
+                        return Err(RedisError::from((
+                            ErrorKind::Io,
+                            "the sentinels name no reachable primary",
+                            format!("{master:?}: {}", describe(&e)),
+                        )))
+                    }
+                    Err(_) => {
+                        return Err(RedisError::from((
+                            ErrorKind::Io,
+                            "the sentinels did not answer",
+                            format!("within {SENTINEL_TIMEOUT:?}"),
+                        )))
+                    }
+                };
+                primary
+                    .get_multiplexed_async_connection_with_config(config)
+                    .await?
+            }
+        };
+        // A server that wants a password it was not given accepts the connection and refuses
+        // every command: find out with one plain command, so the reason is NOAUTH (a MULTI
+        // refused that way makes the redis crate's connection task panic).
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut conn)
+            .await?;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        if matches!(self.source, Source::Sentinel { .. }) && field("role") != "master" {
+            // Sentinel named a server that has just been demoted: ask again later.
+            return Err(RedisError::from((
+                ErrorKind::Io,
+                "the server Sentinel named is not a primary (a failover is under way)",
+            )));
+        }
+        Ok(Conn {
+            conn,
+            replid: field("master_replid").into(),
+        })
+    }
+
     /// The command connection, connecting if there is none. Two tasks may both connect after
     /// a failure; the later one's connection is kept, and the other is dropped when done.
-    async fn conn(&self) -> Result<MultiplexedConnection, StoreError> {
+    async fn conn(&self) -> Result<Conn, StoreError> {
         if let Some(c) = lock(&self.conn).clone() {
             return Ok(c);
         }
-        match self
-            .client
-            .get_multiplexed_async_connection_with_config(&Self::config())
-            .await
-        {
-            Ok(mut c) => {
-                // A server that wants a password it was not given accepts the connection and
-                // refuses every command: find out with one plain command, so the reason is
-                // NOAUTH (a MULTI refused that way makes the redis crate's connection task panic).
-                if let Err(e) = redis::cmd("PING").query_async::<()>(&mut c).await {
-                    self.down(&e);
-                    return Err(StoreError::Unavailable(describe(&e)));
-                }
+        match self.connect(&Self::config()).await {
+            Ok(c) => {
                 *lock(&self.conn) = Some(c.clone());
                 Ok(c)
             }
@@ -270,31 +400,65 @@ impl Shared {
     }
 
     /// Runs a command with the shared connection, keeping track of reachability. A failure
-    /// after the command may have been sent is [`StoreError::Indeterminate`] when `writes`.
-    async fn run<T, F, Fut>(&self, writes: bool, f: F) -> Result<T, StoreError>
+    /// after the command may have been sent is [`StoreError::Indeterminate`] when it writes.
+    /// With [`Access::Table`], a server of another lineage than the loaded table's is
+    /// [`StoreError::Stale`] and nothing is sent. Answers the value and the server's
+    /// replication id.
+    async fn run<T, F, Fut>(&self, access: Access, f: F) -> Result<(T, Arc<str>), StoreError>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
-        let conn = self.conn().await?;
+        let Conn { conn, replid } = self.conn().await?;
+        if access == Access::Table {
+            if let Some(lineage) = lock(&self.lineage).clone() {
+                if lineage != replid {
+                    return Err(StoreError::Stale(
+                        "the Redis primary is another server than the one the table was read from (a failover or a restart)".to_owned(),
+                    ));
+                }
+            }
+        }
         match f(conn).await {
             Ok(v) => {
                 self.up();
-                Ok(v)
+                Ok((v, replid))
             }
             Err(e) if e.is_io_error() || e.is_timeout() || e.is_unrecoverable_error() => {
                 *lock(&self.conn) = None;
                 self.down(&e);
-                Err(if writes {
-                    StoreError::Indeterminate(describe(&e))
-                } else {
+                Err(if access == Access::Read {
                     StoreError::Unavailable(describe(&e))
+                } else {
+                    StoreError::Indeterminate(describe(&e))
                 })
+            }
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly) => {
+                // The server was demoted (a failover): nothing was applied. Leave it; the next
+                // connection asks Sentinel for the new primary, and the log reader moves too.
+                *lock(&self.conn) = None;
+                self.moved.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("the Redis server answered READONLY (it is a replica now); reconnecting to the primary");
+                Err(StoreError::Unavailable(format!(
+                    "the Redis server is a replica now (failover); nothing was applied: {}",
+                    describe(&e)
+                )))
             }
             // Redis answered with an error: it is reachable, and nothing was applied.
             Err(e) => Err(StoreError::Refused(describe(&e))),
         }
     }
+}
+
+/// What a command does, for [`Shared::run`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Reads: a failure is [`StoreError::Unavailable`].
+    Read,
+    /// Writes that do not depend on the table's content (activity, revocations, the synced mark).
+    Write,
+    /// Writes computed on this replica's table: refused on a server of another lineage.
+    Table,
 }
 
 impl Store for RedisStore {
@@ -329,9 +493,9 @@ impl Store for RedisStore {
             );
             // One script, so the table, its version and the log position agree. (Not MULTI:
             // redis 1.8's connection task panics when a server refuses the MULTI itself.)
-            let (version, routes, activity, synced, position): Reply = self
+            let ((version, routes, activity, synced, position), replid): (Reply, _) = self
                 .shared
-                .run(false, |mut c| async move {
+                .run(Access::Read, |mut c| async move {
                     self.shared
                         .load
                         .key(&k.version)
@@ -363,6 +527,7 @@ impl Store for RedisStore {
                     }
                 }
             }
+            *lock(&self.shared.lineage) = Some(replid);
             let first = lock(&self.shared.start).replace(position).is_none();
             if first {
                 self.shared.loaded.notify_one();
@@ -378,9 +543,9 @@ impl Store for RedisStore {
     fn current_version(&self) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
         Box::pin(async move {
             let key = &self.shared.keys.version;
-            let version: Option<u64> = self
+            let (version, _): (Option<u64>, _) = self
                 .shared
-                .run(false, |mut c| async move {
+                .run(Access::Table, |mut c| async move {
                     redis::cmd("GET").arg(key).query_async(&mut c).await
                 })
                 .await?;
@@ -432,17 +597,33 @@ impl Store for RedisStore {
                     }
                 }
             }
-            let (applied, current): (i64, u64) = self
+            let min_replicas = self.shared.min_replicas;
+            let ((applied, current, confirmed), _) = self
                 .shared
-                .run(true, |mut c| async move {
-                    invocation.invoke_async(&mut c).await
+                .run(Access::Table, |mut c| async move {
+                    let (applied, current): (i64, u64) = invocation.invoke_async(&mut c).await?;
+                    // WAIT counts the writes of the connection it is sent on: this one.
+                    let confirmed = if applied == 1 && min_replicas > 0 {
+                        redis::cmd("WAIT")
+                            .arg(min_replicas)
+                            .arg(WAIT_TIMEOUT.as_millis() as u64)
+                            .query_async::<u32>(&mut c)
+                            .await?
+                    } else {
+                        min_replicas
+                    };
+                    Ok((applied, current, confirmed))
                 })
                 .await?;
-            if applied == 1 {
-                Ok(())
-            } else {
-                Err(StoreError::Conflict { current })
+            if applied != 1 {
+                return Err(StoreError::Conflict { current });
             }
+            if confirmed < min_replicas {
+                return Err(StoreError::Indeterminate(format!(
+                    "only {confirmed} of the {min_replicas} Redis replicas required (--redis-min-replicas) confirmed the change within {WAIT_TIMEOUT:?}: it is on the primary, but a failover could lose it; the outcome is unknown, retry"
+                )));
+            }
+            Ok(())
         })
     }
 
@@ -461,9 +642,9 @@ impl Store for RedisStore {
             for (key, ms) in &activity {
                 invocation.arg(key).arg(*ms);
             }
-            let _raised: i64 = self
+            let (_raised, _): (i64, _) = self
                 .shared
-                .run(true, |mut c| async move {
+                .run(Access::Write, |mut c| async move {
                     invocation.invoke_async(&mut c).await
                 })
                 .await?;
@@ -475,7 +656,7 @@ impl Store for RedisStore {
         Box::pin(async move {
             let key = &self.shared.keys.synced;
             self.shared
-                .run(true, |mut c| async move {
+                .run(Access::Write, |mut c| async move {
                     redis::cmd("SET")
                         .arg(key)
                         .arg(crate::routes::now_ms())
@@ -483,6 +664,7 @@ impl Store for RedisStore {
                         .await
                 })
                 .await
+                .map(drop)
         })
     }
 
@@ -492,7 +674,7 @@ impl Store for RedisStore {
             let body = serde_json::to_string(&revocation)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             self.shared
-                .run(true, |mut c| async move {
+                .run(Access::Write, |mut c| async move {
                     redis::cmd("XADD")
                         .arg(log)
                         .arg("MAXLEN")
@@ -531,9 +713,9 @@ impl Store for RedisStore {
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 invocation.arg(&r.key).arg(data).arg(r.last_activity);
             }
-            let wrote: i64 = self
+            let (wrote, _): (i64, _) = self
                 .shared
-                .run(true, |mut c| async move {
+                .run(Access::Table, |mut c| async move {
                     invocation.invoke_async(&mut c).await
                 })
                 .await?;
@@ -562,12 +744,9 @@ async fn read_log(shared: Arc<Shared>, tx: mpsc::Sender<StoreEvent>) {
     let mut retry = Duration::from_millis(100);
     let mut reconnecting = false;
     loop {
-        let mut conn = match shared
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-        {
-            Ok(c) => c,
+        let moved = shared.moved.load(Ordering::Relaxed);
+        let mut conn = match shared.connect(&config).await {
+            Ok(c) => c.conn,
             Err(e) => {
                 shared.down(&e);
                 tokio::time::sleep(retry).await;
@@ -576,7 +755,7 @@ async fn read_log(shared: Arc<Shared>, tx: mpsc::Sender<StoreEvent>) {
             }
         };
         if reconnecting {
-            match catch_up_check(&shared, &mut conn, &position).await {
+            match catch_up_check(&shared, &mut conn, &mut position).await {
                 Ok(events) => {
                     for event in events {
                         if tx.send(event).await.is_err() {
@@ -624,42 +803,68 @@ async fn read_log(shared: Arc<Shared>, tx: mpsc::Sender<StoreEvent>) {
                     }
                 }
             }
+            if shared.moved.load(Ordering::Relaxed) != moved {
+                // The command connection found this server demoted: follow it to the primary.
+                break;
+            }
         }
         tokio::time::sleep(retry).await;
     }
 }
 
 /// After a lost connection: the store's version (a store without one lost its data), and
-/// whether entries this replica had not read yet were trimmed from the log meanwhile (then it
-/// must reload, and revocations may have been missed).
+/// whether this replica's place in the log is still there. When entries it had not read yet were
+/// trimmed meanwhile, or the entry it read last is gone although the log goes on (a failover to
+/// a replica that had not copied it), it must reload the table and read on from the log's end;
+/// revocations may have been missed, so cached credentials are voided too.
 async fn catch_up_check(
     shared: &Shared,
     conn: &mut MultiplexedConnection,
-    position: &str,
+    position: &mut String,
 ) -> Result<Vec<StoreEvent>, RedisError> {
-    let (version, first): (Option<u64>, Vec<Entry>) = redis::pipe()
-        .cmd("GET")
-        .arg(&shared.keys.version)
-        .cmd("XRANGE")
-        .arg(&shared.keys.log)
-        .arg("-")
-        .arg("+")
-        .arg("COUNT")
-        .arg(1)
-        .query_async(conn)
-        .await?;
+    let log = &shared.keys.log;
+    let (version, first, last, mine): (Option<u64>, Vec<Entry>, Vec<Entry>, Vec<Entry>) =
+        redis::pipe()
+            .cmd("GET")
+            .arg(&shared.keys.version)
+            .cmd("XRANGE")
+            .arg(log)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .cmd("XREVRANGE")
+            .arg(log)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .cmd("XRANGE")
+            .arg(log)
+            .arg(position.as_str())
+            .arg(position.as_str())
+            .query_async(conn)
+            .await?;
     let mut events = vec![StoreEvent::Reconnected { version }];
-    if let Some((oldest, _)) = first.first() {
-        if position != "0-0" && stream_id_less(position, oldest) {
-            tracing::warn!(
-                "entries this replica had not read are gone from the route log (it was away too long, or redis lost its data); reloading the table and voiding cached credentials"
-            );
-            events.push(StoreEvent::Reload { version: None });
-            events.push(StoreEvent::Revoke(Revocation {
-                user: None,
-                at_ms: crate::routes::now_ms(),
-            }));
-        }
+    let (Some((oldest, _)), Some((newest, _))) = (first.first(), last.first()) else {
+        // An empty log: the store lost everything, which `Reconnected` handles (refill).
+        return Ok(events);
+    };
+    let gone = if *position == "0-0" || !mine.is_empty() {
+        None
+    } else if stream_id_less(position, oldest) {
+        Some("entries this replica had not read are gone from the route log (it was away too long, or redis lost its data)")
+    } else {
+        *position = newest.clone();
+        Some("the route log entry this replica read last is gone (a failover to a replica that had not copied it)")
+    };
+    if let Some(why) = gone {
+        tracing::warn!("{why}; reloading the table and voiding cached credentials");
+        events.push(StoreEvent::Reload { version: None });
+        events.push(StoreEvent::Revoke(Revocation {
+            user: None,
+            at_ms: crate::routes::now_ms(),
+        }));
     }
     Ok(events)
 }

@@ -36,6 +36,7 @@ mod metrics_support;
 mod model;
 mod proxy;
 mod redis;
+mod redis_failover;
 mod streaming;
 mod sync;
 mod tls;

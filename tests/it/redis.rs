@@ -33,11 +33,11 @@ use crate::fakehub::{Endpoint, FakeHub};
 use crate::support::{empty, eventually, random_token, send_signal, Backend, Hubgate, Resp};
 
 /// Upper bound for one cross-process condition here: replicas converging, Redis starting.
-const LIMIT: Duration = Duration::from_secs(20);
+pub(crate) const LIMIT: Duration = Duration::from_secs(20);
 /// `last_activity` is flushed every 5 s; a raised value then travels through the log.
 const ACTIVITY_LIMIT: Duration = Duration::from_secs(20);
 /// A target that is never asked (the tests that use it send no traffic).
-const NOWHERE: &str = "http://127.0.0.1:9";
+pub(crate) const NOWHERE: &str = "http://127.0.0.1:9";
 /// What a browser sends as `Accept` when it navigates.
 const BROWSER: (&str, &str) = ("accept", "text/html,application/xhtml+xml,*/*;q=0.8");
 
@@ -55,6 +55,8 @@ pub struct RedisOptions {
     /// Serve TLS only (`--port 0 --tls-port`), with a certificate from a CA of the fixture's own
     /// (see [`RedisServer::ca_file`]).
     pub tls: bool,
+    /// `--replicaof 127.0.0.1 <port>`: a replica of the server on that port.
+    pub replica_of: Option<u16>,
 }
 
 /// A `redis-server` child process on `127.0.0.1:<port>` with its own directory; killed on drop.
@@ -129,6 +131,15 @@ impl RedisServer {
     /// The CA certificate that signed the server's, for `--redis-ca` (with `tls` only).
     pub fn ca_file(&self) -> &Path {
         self.ca.as_deref().expect("this redis-server has no TLS")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Makes the next [`RedisServer::restart`] start as a replica of the server on `primary`.
+    pub fn set_replica_of(&mut self, primary: Option<u16>) {
+        self.opts.replica_of = primary;
     }
 
     pub fn dir(&self) -> &Path {
@@ -245,7 +256,19 @@ impl RedisServer {
         }
         if let Some(password) = &self.opts.password {
             args.extend(["--requirepass".into(), password.clone()]);
+            // A replica, or a primary demoted by a failover, logs in to its primary with it.
+            args.extend(["--masterauth".into(), password.clone()]);
         }
+        if let Some(primary) = self.opts.replica_of {
+            args.extend([
+                "--replicaof".into(),
+                "127.0.0.1".into(),
+                primary.to_string(),
+            ]);
+        }
+        // A primary waits 5 s by default before it streams its data to a new replica (to serve
+        // several at once); the failover tests' replicas need it at once.
+        args.extend(["--repl-diskless-sync-delay", "0"].map(String::from));
         let out_file = File::create(&out).expect("create redis-server output file");
         let child = Command::new(redis_server_binary())
             .args(&args)
@@ -290,7 +313,7 @@ impl Drop for RedisServer {
 
 /// A port nothing listens on now: bound on `127.0.0.1:0`, then released (redis-server cannot
 /// be given port 0 and tell us which one it took).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("bind 127.0.0.1:0")
@@ -299,7 +322,7 @@ fn free_port() -> u16 {
 
 /// The `redis-server` to run, installing Debian's package first when it is missing and this
 /// runs as root (as CI does). Panics when it cannot be had.
-fn redis_server_binary() -> &'static Path {
+pub(crate) fn redis_server_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY.get_or_init(|| {
         if let Some(found) = find_redis_server() {
@@ -375,11 +398,11 @@ async fn replicas(url: &str, n: usize) -> Vec<Hubgate> {
     out
 }
 
-async fn ready(hg: &Hubgate) -> Resp {
+pub(crate) async fn ready(hg: &Hubgate) -> Resp {
     hg.api_get("/health/ready").await
 }
 
-async fn wait_ready(hg: &Hubgate, what: &str) {
+pub(crate) async fn wait_ready(hg: &Hubgate, what: &str) {
     let deadline = Instant::now() + LIMIT;
     loop {
         let resp = ready(hg).await;
@@ -397,27 +420,27 @@ async fn wait_ready(hg: &Hubgate, what: &str) {
 }
 
 /// `GET /api/status`.
-async fn status(hg: &Hubgate) -> Value {
+pub(crate) async fn status(hg: &Hubgate) -> Value {
     let resp = hg.api_get("/api/status").await;
     assert_eq!(resp.status, StatusCode::OK, "GET /api/status: {resp:?}");
     resp.json()
 }
 
-async fn table_version(hg: &Hubgate) -> u64 {
+pub(crate) async fn table_version(hg: &Hubgate) -> u64 {
     status(hg).await["table_version"]
         .as_u64()
         .expect("table_version in /api/status")
 }
 
 /// A table as posted: every route's data without `last_activity`.
-type Posted = BTreeMap<String, Value>;
+pub(crate) type Posted = BTreeMap<String, Value>;
 
-fn posted(table: &Map<String, Value>) -> Posted {
+pub(crate) fn posted(table: &Map<String, Value>) -> Posted {
     crate::support::posted(table).into_iter().collect()
 }
 
 /// What `expected` (route → target) looks like as posted.
-fn targets(expected: &BTreeMap<String, String>) -> Posted {
+pub(crate) fn targets(expected: &BTreeMap<String, String>) -> Posted {
     expected
         .iter()
         .map(|(k, t)| (k.clone(), json!({ "target": t })))
@@ -440,7 +463,11 @@ async fn view(hg: &Hubgate) -> View {
 /// Waits until every replica lists the same table at the same version. With `activity`, the
 /// listings must be equal whole (`last_activity` included); without, only as posted (for tests
 /// with traffic, whose `last_activity` moves). Panics with the differences after [`LIMIT`].
-async fn converge(replicas: &[&Hubgate], activity: bool, what: &str) -> Map<String, Value> {
+pub(crate) async fn converge(
+    replicas: &[&Hubgate],
+    activity: bool,
+    what: &str,
+) -> Map<String, Value> {
     let deadline = Instant::now() + LIMIT;
     loop {
         let views = join_all(replicas.iter().map(|hg| view(hg))).await;
@@ -502,14 +529,14 @@ async fn converge(replicas: &[&Hubgate], activity: bool, what: &str) -> Map<Stri
     }
 }
 
-fn tail(text: &str, lines: usize) -> String {
+pub(crate) fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// `GET path` on the public address, as a result rather than a panic: for loops that count
 /// failures.
-async fn try_get(hg: &Hubgate, path: &str) -> Result<StatusCode, String> {
+pub(crate) async fn try_get(hg: &Hubgate, path: &str) -> Result<StatusCode, String> {
     let req = Request::get(hg.proxy_url(path)).body(empty()).unwrap();
     let resp = tokio::time::timeout(Duration::from_secs(10), hg.client.request(req))
         .await
@@ -524,7 +551,7 @@ async fn try_get(hg: &Hubgate, path: &str) -> Result<StatusCode, String> {
 }
 
 /// Asserts `resp` is a JSON 503 with a message.
-fn assert_json_503(resp: &Resp, what: &str) -> String {
+pub(crate) fn assert_json_503(resp: &Resp, what: &str) -> String {
     assert_eq!(
         resp.status,
         StatusCode::SERVICE_UNAVAILABLE,
@@ -794,24 +821,24 @@ async fn a_replica_killed_and_restarted_catches_up_with_the_others() {
 
 /// Requests to `paths` on every replica, round and round until `stop`: counts answers (200
 /// or not) and keeps the first failures.
-struct Traffic {
+pub(crate) struct Traffic {
     ok: AtomicUsize,
-    failures: Mutex<Vec<String>>,
+    pub(crate) failures: Mutex<Vec<String>>,
 }
 
 impl Traffic {
-    fn new() -> Traffic {
+    pub(crate) fn new() -> Traffic {
         Traffic {
             ok: AtomicUsize::new(0),
             failures: Mutex::new(Vec::new()),
         }
     }
 
-    fn ok(&self) -> usize {
+    pub(crate) fn ok(&self) -> usize {
         self.ok.load(Ordering::SeqCst)
     }
 
-    async fn run(&self, replicas: &[&Hubgate], paths: &[String], stop: &AtomicBool) {
+    pub(crate) async fn run(&self, replicas: &[&Hubgate], paths: &[String], stop: &AtomicBool) {
         while !stop.load(Ordering::Relaxed) {
             for (i, hg) in replicas.iter().enumerate() {
                 for path in paths {
@@ -834,7 +861,7 @@ impl Traffic {
     }
 
     /// Waits until `more` requests succeeded after `from`.
-    async fn passes(&self, from: usize, more: usize, what: &str) {
+    pub(crate) async fn passes(&self, from: usize, more: usize, what: &str) {
         eventually(LIMIT, what, || async move { self.ok() >= from + more }).await;
     }
 }
@@ -972,7 +999,7 @@ async fn redis_outage(persistent: bool) {
 }
 
 /// `hubgate_store_reachable` from the API port's `/metrics`.
-async fn store_reachable_metric(hg: &Hubgate) -> i64 {
+pub(crate) async fn store_reachable_metric(hg: &Hubgate) -> i64 {
     let resp = hg.api_get("/metrics").await;
     assert_eq!(resp.status, StatusCode::OK, "{resp:?}");
     let text = resp.text();
