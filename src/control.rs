@@ -21,7 +21,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::routes::{Change, Outcome, Route, RouteTable, Snapshot};
 use crate::store::{
-    Batch, Loaded, Revocation, Store, StoreError, StoreEvent, StoreHealth, StoredChange,
+    Batch, Landed, Loaded, Revocation, Store, StoreError, StoreEvent, StoreHealth, StoredChange,
     StoredRoute,
 };
 use crate::target::Target;
@@ -380,8 +380,13 @@ impl Writer {
         let mut outcome = Err(ControlError::Contention);
         let deadline = tokio::time::Instant::now() + CONFLICT_BUDGET;
         let mut conflicts = 0usize;
+        // A sync makes the whole table: it conflicts with any change that came between. Batches
+        // conflict only with changes to the same routes (in a shared store that can tell).
+        let whole_table = ops.iter().any(|op| matches!(op, Op::Sync { .. }));
         while tokio::time::Instant::now() < deadline {
-            let (next, batches, answers) = self.prepare(&ops);
+            let base = self.table.load().version();
+            let (next, batches, answers, absent) = self.prepare(&ops);
+            let mut own = None;
             let written = if batches.is_empty() {
                 // Nothing to write (removing an absent route, an unchanged sync, a dry run):
                 // the answer was computed on this replica's table, so with a shared store make
@@ -393,25 +398,45 @@ impl Writer {
                     }
                     Err(e @ StoreError::Stale(_)) => Err(e),
                     // Unreachable: answer from this replica's table, which is what it serves.
-                    _ => Ok(()),
+                    _ => Ok(Landed {
+                        on: base,
+                        between: Vec::new(),
+                    }),
                 }
             } else {
                 let started = std::time::Instant::now();
-                let written = self.store.write(batches).await;
+                // Kept to apply after what came between, should the store put them there.
+                own = (!whole_table).then(|| batches.clone());
+                let written = self.store.write_routes(batches, whole_table, absent).await;
                 let m = crate::metrics::get();
                 m.store_write_seconds
                     .observe(started.elapsed().as_secs_f64());
                 match &written {
-                    Ok(()) => m.store_writes.with_label_values(&["ok"]).inc(),
+                    Ok(_) => m.store_writes.with_label_values(&["ok"]).inc(),
                     Err(StoreError::Conflict { .. }) => {}
                     Err(_) => crate::metrics::store_failed(),
                 }
                 written
             };
             outcome = match written {
-                Ok(()) => {
+                Ok(landed) if landed.on == base => {
                     self.table.publish(next);
                     Ok(answers)
+                }
+                Ok(landed) => {
+                    // Other replicas changed other routes meanwhile: these batches were applied
+                    // after theirs, with the versions after theirs. The answers hold (no change
+                    // between touched these routes); the table takes theirs, then these.
+                    let shift = landed.on.saturating_sub(base);
+                    self.apply_landed(landed, own.take().unwrap_or_default())
+                        .await;
+                    Ok(answers
+                        .into_iter()
+                        .map(|mut a| {
+                            a.version += shift;
+                            a
+                        })
+                        .collect())
                 }
                 Err(StoreError::Conflict { current }) => {
                     tracing::debug!(
@@ -465,16 +490,40 @@ impl Writer {
         }
     }
 
+    /// Brings the table to where a write that [`Landed`] after other replicas' changes left the
+    /// store: their batches, then `own` with the versions they got. From what the store told
+    /// when it had it all, else from the store's events (or a reload).
+    async fn apply_landed(&mut self, landed: Landed, own: Vec<Batch>) {
+        let target = landed.on + own.len() as u64;
+        let base = self.table.load().version();
+        if landed.between.len() as u64 == landed.on.saturating_sub(base) {
+            let own = own
+                .into_iter()
+                .zip(landed.on + 1..)
+                .map(|(b, version)| Batch {
+                    version,
+                    changes: b.changes,
+                });
+            for batch in landed.between.into_iter().chain(own) {
+                self.on_event(StoreEvent::Batch(batch)).await;
+            }
+        }
+        self.catch_up(target).await;
+    }
+
     /// The next table, the batches that make it, and each command's answer.
-    fn prepare(&self, ops: &[Op]) -> (Snapshot, Vec<Batch>, Vec<Applied>) {
+    /// Also answers the routes whose absence an answer relied on (a removal answered 404), which
+    /// the batches do not change but which must not have changed in the store either.
+    fn prepare(&self, ops: &[Op]) -> (Snapshot, Vec<Batch>, Vec<Applied>, Vec<String>) {
         let keeps = self.store.keeps_writes();
         let mut next = self.table.draft();
         let mut batches = Vec::new();
         let mut answers = Vec::with_capacity(ops.len());
+        let mut absent = Vec::new();
         for op in ops {
             let (changes, outcomes, counts, dry_run) = match op.clone() {
                 Op::Batch(changes) => {
-                    let (changes, outcomes, counts) = prepare_batch(&next, changes);
+                    let (changes, outcomes, counts) = prepare_batch(&next, changes, &mut absent);
                     (changes, outcomes, counts, false)
                 }
                 Op::Sync { desired, dry_run } => {
@@ -508,7 +557,7 @@ impl Writer {
                 version: next.version(),
             });
         }
-        (next, batches, answers)
+        (next, batches, answers, absent)
     }
 
     /// Brings the table up to the store's version `current`: from the store's events if they
@@ -674,7 +723,12 @@ async fn next_event(events: &mut Option<mpsc::Receiver<StoreEvent>>) -> Option<S
 
 /// Drops removals of absent keys (they change nothing) and reports each change's outcome as it
 /// will be once applied on `current`.
-fn prepare_batch(current: &Snapshot, changes: Vec<Change>) -> (Vec<Change>, Vec<Outcome>, Counts) {
+/// The keys of removals answered [`Outcome::Absent`] are added to `absent`.
+fn prepare_batch(
+    current: &Snapshot,
+    changes: Vec<Change>,
+    absent: &mut Vec<String>,
+) -> (Vec<Change>, Vec<Outcome>, Counts) {
     let mut counts = Counts::default();
     let mut present: HashMap<Arc<str>, bool> = HashMap::new();
     let mut kept = Vec::with_capacity(changes.len());
@@ -708,7 +762,10 @@ fn prepare_batch(current: &Snapshot, changes: Vec<Change>) -> (Vec<Change>, Vec<
                 present.insert(key, false);
                 kept.push(change);
             }
-            Change::Remove(_) => outcomes.push(Outcome::Absent),
+            Change::Remove(key) => {
+                outcomes.push(Outcome::Absent);
+                absent.push(key.to_string());
+            }
         }
     }
     (kept, outcomes, counts)

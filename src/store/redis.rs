@@ -32,7 +32,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, Notify};
 
 use super::{
-    Batch, Loaded, Revocation, Store, StoreError, StoreEvent, StoreHealth, StoredChange,
+    Batch, Landed, Loaded, Revocation, Store, StoreError, StoreEvent, StoreHealth, StoredChange,
     StoredRoute,
 };
 use crate::config::{RedisServer, RedisSettings, SentinelSettings};
@@ -58,14 +58,67 @@ pub const WAIT_TIMEOUT: Duration = Duration::from_secs(1);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
-/// Applies batches if the table is still at `ARGV[1]`; answers `{1, version}` or, on a
-/// conflict, `{0, version}`.
+/// How many versions back a write may have been computed and still be applied on top of the
+/// changes that came between (when they touch other routes). Further behind, the writer catches
+/// up first.
+const BEHIND_MAX: u64 = 256;
+
+/// Applies batches computed on the table at version `ARGV[1]`. When the table has moved on since,
+/// the batches are still applied, after the changes that came between, if none of those touched
+/// the same routes and none was a whole-table change (a sync, a reload marker); `ARGV[4] == '1'`
+/// (a sync) asks for the table to be exactly at `ARGV[1]`. After the batches come the routes the
+/// writer took as absent without changing them: a change to them between is a conflict too. The log says what came between: each
+/// batch entry lists its changes. Answers `{1, version applied on, {v, changes, ...}}` (what came
+/// between, oldest first, so the writer need not wait for the log to bring it) or, on a
+/// conflict, `{0, version, {}}`.
 const COMMIT: &str = r"
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
-if cur ~= tonumber(ARGV[1]) then return {0, cur} end
-local i = 4
-for _ = 1, tonumber(ARGV[3]) do
-  local v, payload, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+local base = tonumber(ARGV[1])
+local newest_first = {}
+if cur ~= base then
+  if ARGV[4] == '1' or cur < base or cur - base > tonumber(ARGV[5]) then return {0, cur, {}} end
+  local mine = {}
+  local i = 6
+  for _ = 1, tonumber(ARGV[3]) do
+    local n = tonumber(ARGV[i + 1])
+    i = i + 3
+    for _ = 1, n do
+      mine[ARGV[i + 1]] = true
+      if ARGV[i] == 'p' then i = i + 4 else i = i + 2 end
+    end
+  end
+  for j = i, #ARGV do mine[ARGV[j]] = true end
+  local between, seen, last = cur - base, 0, '+'
+  while seen < between do
+    local entries = redis.call('XREVRANGE', KEYS[4], last, '-', 'COUNT', 64)
+    if #entries == 0 then return {0, cur, {}} end
+    for _, e in ipairs(entries) do
+      local f = {}
+      for j = 1, #e[2], 2 do f[e[2][j]] = e[2][j + 1] end
+      if f.kind == 'batch' or f.kind == 'reload' then
+        if f.kind == 'reload' or f.whole == '1' or tonumber(f.v) <= base then return {0, cur, {}} end
+        for _, c in ipairs(cjson.decode(f.changes)) do
+          if mine[c.key] then return {0, cur, {}} end
+        end
+        newest_first[#newest_first + 1] = f.changes
+        seen = seen + 1
+        if seen == between then break end
+      end
+      last = '(' .. e[1]
+    end
+  end
+end
+local came = {}
+if cur ~= base then
+  for n = cur - base, 1, -1 do
+    came[#came + 1] = tostring(cur - n + 1)
+    came[#came + 1] = newest_first[n]
+  end
+end
+local i = 6
+for b = 1, tonumber(ARGV[3]) do
+  local v, payload, n = cur + b, ARGV[i], tonumber(ARGV[i + 1])
+  local whole = ARGV[i + 2]
   i = i + 3
   for _ = 1, n do
     if ARGV[i] == 'p' then
@@ -82,10 +135,10 @@ for _ = 1, tonumber(ARGV[3]) do
   if payload == '' then
     redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'kind', 'reload', 'v', v)
   else
-    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'kind', 'batch', 'v', v, 'changes', payload)
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'kind', 'batch', 'v', v, 'whole', whole, 'changes', payload)
   end
 end
-return {1, cur}
+return {1, cur, came}
 ";
 
 /// Raises `last_activity` of existing routes (the latest wins) and logs the values that rose.
@@ -554,9 +607,21 @@ impl Store for RedisStore {
     }
 
     fn write(&self, batches: Vec<Batch>) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move { self.write_routes(batches, true, Vec::new()).await.map(drop) })
+    }
+
+    fn write_routes(
+        &self,
+        batches: Vec<Batch>,
+        whole_table: bool,
+        absent: Vec<String>,
+    ) -> BoxFuture<'_, Result<Landed, StoreError>> {
         Box::pin(async move {
             let Some(first) = batches.first() else {
-                return Ok(());
+                return Ok(Landed {
+                    on: 0,
+                    between: Vec::new(),
+                });
             };
             let base = first.version - 1;
             let k = &self.shared.keys;
@@ -568,7 +633,9 @@ impl Store for RedisStore {
                 .key(&k.log)
                 .arg(base)
                 .arg(LOG_LENGTH)
-                .arg(batches.len());
+                .arg(batches.len())
+                .arg(if whole_table { "1" } else { "0" })
+                .arg(BEHIND_MAX);
             for batch in &batches {
                 let payload = if batch.changes.len() <= LOG_BATCH_MAX {
                     serde_json::to_string(&batch.changes)
@@ -577,9 +644,9 @@ impl Store for RedisStore {
                     String::new()
                 };
                 invocation
-                    .arg(batch.version)
                     .arg(payload)
-                    .arg(batch.changes.len());
+                    .arg(batch.changes.len())
+                    .arg(if whole_table { "1" } else { "0" });
                 for change in &batch.changes {
                     match change {
                         StoredChange::Put(r) => {
@@ -597,11 +664,15 @@ impl Store for RedisStore {
                     }
                 }
             }
+            for key in &absent {
+                invocation.arg(key);
+            }
             let min_replicas = self.shared.min_replicas;
-            let ((applied, current, confirmed), _) = self
+            let ((applied, current, came, confirmed), _) = self
                 .shared
                 .run(Access::Table, |mut c| async move {
-                    let (applied, current): (i64, u64) = invocation.invoke_async(&mut c).await?;
+                    let (applied, current, came): (i64, u64, Vec<String>) =
+                        invocation.invoke_async(&mut c).await?;
                     // WAIT counts the writes of the connection it is sent on: this one.
                     let confirmed = if applied == 1 && min_replicas > 0 {
                         redis::cmd("WAIT")
@@ -612,18 +683,35 @@ impl Store for RedisStore {
                     } else {
                         min_replicas
                     };
-                    Ok((applied, current, confirmed))
+                    Ok((applied, current, came, confirmed))
                 })
                 .await?;
             if applied != 1 {
                 return Err(StoreError::Conflict { current });
             }
+            // `current` is the version the batches were applied on: `base`, or later when other
+            // replicas changed other routes meanwhile.
             if confirmed < min_replicas {
                 return Err(StoreError::Indeterminate(format!(
                     "only {confirmed} of the {min_replicas} Redis replicas required (--redis-min-replicas) confirmed the change within {WAIT_TIMEOUT:?}: it is on the primary, but a failover could lose it; the outcome is unknown, retry"
                 )));
             }
-            Ok(())
+            // What came between, as the log has it; a batch that cannot be read leaves the
+            // list empty, and the writer waits for the log reader instead.
+            let between = came
+                .chunks_exact(2)
+                .map(|vc| {
+                    Some(Batch {
+                        version: vc[0].parse().ok()?,
+                        changes: serde_json::from_str(&vc[1]).ok()?,
+                    })
+                })
+                .collect::<Option<Vec<_>>>()
+                .unwrap_or_default();
+            Ok(Landed {
+                on: current,
+                between,
+            })
         })
     }
 
