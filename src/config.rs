@@ -139,6 +139,9 @@ pub struct Cli {
     /// Name of the primary the sentinels watch (as in `sentinel monitor NAME ...`)
     #[arg(long, env = "HUBGATE_REDIS_SENTINEL_MASTER", value_name = "NAME")]
     pub redis_sentinel_master: Option<String>,
+    /// Nodes of a Redis Cluster to start from (instead of --redis-url): host:port,host:port
+    #[arg(long, env = "HUBGATE_REDIS_CLUSTER", value_name = "HOST:PORT,...")]
+    pub redis_cluster: Option<String>,
     /// Password of the sentinels themselves [default: none]
     #[arg(
         long,
@@ -147,7 +150,8 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub redis_sentinel_password: Option<String>,
-    /// Password of the Redis servers found through Sentinel (with --redis-url, put it in the URL)
+    /// Password of the Redis servers found through Sentinel or in the cluster (with --redis-url,
+    /// put it in the URL)
     /// [default: none]
     #[arg(
         long,
@@ -354,6 +358,7 @@ pub struct FileConfig {
     pub redis_ca: Option<PathBuf>,
     pub redis_sentinel: Option<String>,
     pub redis_sentinel_master: Option<String>,
+    pub redis_cluster: Option<String>,
     pub redis_sentinel_password: Option<String>,
     pub redis_password: Option<String>,
     pub redis_min_replicas: Option<u32>,
@@ -427,6 +432,13 @@ pub enum RedisServer {
     Url(String),
     /// Asked of Sentinel, again after every lost connection (so a failover is followed).
     Sentinel(SentinelSettings),
+    /// A Redis Cluster: the redis crate's cluster client finds the primary of the keys' slot
+    /// and follows redirections and failovers.
+    Cluster {
+        /// Nodes to start from, as `(host, port)`.
+        nodes: Vec<(String, u16)>,
+        password: Option<String>,
+    },
 }
 
 /// `--redis-sentinel` and the flags that go with it.
@@ -706,6 +718,7 @@ impl Config {
                 prefix: cli.redis_prefix.or(file.redis_prefix),
                 ca: cli.redis_ca.or(file.redis_ca),
                 sentinel: cli.redis_sentinel.or(file.redis_sentinel),
+                cluster: cli.redis_cluster.or(file.redis_cluster),
                 sentinel_master: cli.redis_sentinel_master.or(file.redis_sentinel_master),
                 sentinel_password: cli.redis_sentinel_password.or(file.redis_sentinel_password),
                 password: cli.redis_password.or(file.redis_password),
@@ -1096,6 +1109,7 @@ struct RedisFlags {
     prefix: Option<String>,
     ca: Option<PathBuf>,
     sentinel: Option<String>,
+    cluster: Option<String>,
     sentinel_master: Option<String>,
     sentinel_password: Option<String>,
     password: Option<String>,
@@ -1108,21 +1122,34 @@ const MIN_REPLICAS_MAX: u32 = 16;
 fn redis_settings(f: RedisFlags) -> Result<Storage, ConfigError> {
     let url = f.url.filter(|u| !u.is_empty());
     let sentinel = f.sentinel.filter(|s| !s.is_empty());
-    let server = match (url, sentinel) {
-        (Some(_), Some(_)) => {
-            return Err(ConfigError::new(
-                "--redis-sentinel",
-                "give either --redis-url or --redis-sentinel, not both",
-            ))
-        }
-        (None, None) => {
+    let cluster = f.cluster.filter(|s| !s.is_empty());
+    let server = match (url, sentinel, cluster) {
+        (None, None, None) => {
             return Err(ConfigError::new(
                 "--redis-url",
-                "--storage-backend redis needs the Redis server's URL (redis://host:port) or \
-                 --redis-sentinel",
+                "--storage-backend redis needs the Redis server's URL (redis://host:port), \
+                 --redis-sentinel or --redis-cluster",
             ))
         }
-        (Some(url), None) => {
+        (None, None, Some(list)) => {
+            if f.sentinel_master.is_some() || f.sentinel_password.is_some() {
+                return Err(ConfigError::new(
+                    "--redis-cluster",
+                    "the --redis-sentinel-* flags only mean something with --redis-sentinel",
+                ));
+            }
+            RedisServer::Cluster {
+                nodes: host_ports("--redis-cluster", &list)?,
+                password: f.password.filter(|p| !p.is_empty()),
+            }
+        }
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                "--redis-sentinel",
+                "give one of --redis-url, --redis-sentinel and --redis-cluster",
+            ))
+        }
+        (Some(url), None, None) => {
             if f.password.is_some() {
                 return Err(ConfigError::new(
                     "--redis-password",
@@ -1143,17 +1170,17 @@ fn redis_settings(f: RedisFlags) -> Result<Storage, ConfigError> {
             redis_url(&url)?;
             RedisServer::Url(url)
         }
-        (None, Some(list)) => RedisServer::Sentinel(sentinel_settings(
+        (None, Some(list), None) => RedisServer::Sentinel(sentinel_settings(
             &list,
             f.sentinel_master,
             f.password,
             f.sentinel_password,
         )?),
     };
-    if matches!(server, RedisServer::Sentinel(_)) && f.ca.is_some() {
+    if !matches!(server, RedisServer::Url(_)) && f.ca.is_some() {
         return Err(ConfigError::new(
             "--redis-ca",
-            "TLS towards Sentinel and the servers it names is not supported yet",
+            "TLS towards Sentinel or a cluster is not supported yet",
         ));
     }
     let prefix = f.prefix.unwrap_or_else(|| "hubgate".to_owned());
@@ -1196,13 +1223,8 @@ fn redis_url(url: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// `host:port,host:port` (IPv6 as `[addr]:port`) and the master's name.
-fn sentinel_settings(
-    list: &str,
-    master: Option<String>,
-    password: Option<String>,
-    sentinel_password: Option<String>,
-) -> Result<SentinelSettings, ConfigError> {
+/// `host:port,host:port` (IPv6 as `[addr]:port`).
+fn host_ports(flag: &'static str, list: &str) -> Result<Vec<(String, u16)>, ConfigError> {
     let mut nodes = Vec::new();
     for item in list.split(',').map(str::trim) {
         let parsed = item.rsplit_once(':').and_then(|(host, port)| {
@@ -1217,12 +1239,23 @@ fn sentinel_settings(
             Some(node) => nodes.push(node),
             None => {
                 return Err(ConfigError::new(
-                    "--redis-sentinel",
+                    flag,
                     format!("{item:?} is not host:port (expected host:port,host:port)"),
                 ))
             }
         }
     }
+    Ok(nodes)
+}
+
+/// `--redis-sentinel`'s nodes and the master's name.
+fn sentinel_settings(
+    list: &str,
+    master: Option<String>,
+    password: Option<String>,
+    sentinel_password: Option<String>,
+) -> Result<SentinelSettings, ConfigError> {
+    let nodes = host_ports("--redis-sentinel", list)?;
     let master = master.filter(|m| !m.is_empty()).ok_or_else(|| {
         ConfigError::new(
             "--redis-sentinel-master",
@@ -1485,6 +1518,27 @@ mod tests {
             flag(&["--redis-url", "redis://h/", "--redis-min-replicas", "17"]),
             "--redis-min-replicas"
         );
+        assert_eq!(
+            flag(&["--redis-cluster", "h:1", "--redis-url", "redis://h/"]),
+            "--redis-sentinel"
+        );
+        assert_eq!(flag(&["--redis-cluster", "h:x"]), "--redis-cluster");
+        let c = load(&[
+            "--storage-backend",
+            "redis",
+            "--redis-cluster",
+            "a:7000,b:7001",
+            "--redis-password",
+            "pw",
+        ])
+        .unwrap();
+        assert!(matches!(
+            c.storage,
+            Storage::Redis(RedisSettings {
+                server: RedisServer::Cluster { ref nodes, password: Some(ref p) },
+                ..
+            }) if nodes.len() == 2 && p == "pw"
+        ));
     }
 
     #[test]

@@ -23,6 +23,9 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use redis::aio::MultiplexedConnection;
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{
     AsyncConnectionConfig, Client, ConnectionAddr, ErrorKind, IntoConnectionInfo,
@@ -36,6 +39,8 @@ use super::{
     StoredRoute,
 };
 use crate::config::{RedisServer, RedisSettings, SentinelSettings};
+
+type RedisResult<T> = Result<T, RedisError>;
 
 /// About how many entries the log keeps (`XADD MAXLEN ~`). A replica away for longer than this
 /// many changes reloads the whole table when it comes back.
@@ -209,9 +214,12 @@ impl Keys {
     }
 }
 
-/// Where connections go: one address, or the primary that Sentinel names at the time.
+/// Where connections go: one address, the primary that Sentinel names at the time, or a cluster.
 enum Source {
     Direct(Client),
+    /// The redis crate's cluster client: it sends each command to the primary of its key's slot
+    /// and follows MOVED/ASK, slot migrations and failovers.
+    Cluster(ClusterClient),
     /// Asked again for every new connection, so that after a failover (noticed as a lost
     /// connection or a READONLY answer) hubgate follows the new primary without a restart.
     Sentinel {
@@ -226,8 +234,63 @@ enum Source {
 /// any write.
 #[derive(Clone)]
 struct Conn {
-    conn: MultiplexedConnection,
+    conn: Link,
     replid: Arc<str>,
+}
+
+/// A connection to one server, or to a cluster (`slot`: the keys' slot, to which the commands
+/// without a key that must reach the keys' primary, `INFO` and `WAIT`, are routed).
+#[derive(Clone)]
+enum Link {
+    Single(MultiplexedConnection),
+    Cluster { conn: ClusterConnection, slot: u16 },
+}
+
+impl Link {
+    /// Runs a command without a key on the primary that holds the keys.
+    async fn on_primary<T: redis::FromRedisValue>(&mut self, cmd: redis::Cmd) -> RedisResult<T> {
+        match self {
+            Link::Single(c) => cmd.query_async(c).await,
+            Link::Cluster { conn, slot } => {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::new(*slot, SlotAddr::Master),
+                ));
+                let value = conn.route_command(cmd, route).await?;
+                Ok(redis::from_redis_value(value)?)
+            }
+        }
+    }
+}
+
+impl redis::aio::ConnectionLike for Link {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Link::Single(c) => c.req_packed_command(cmd),
+            Link::Cluster { conn, .. } => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Link::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Link::Cluster { conn, .. } => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Link::Single(c) => c.get_db(),
+            Link::Cluster { conn, .. } => conn.get_db(),
+        }
+    }
 }
 
 /// What the store's handle and its log reader share.
@@ -274,6 +337,9 @@ impl RedisStore {
                 client: tokio::sync::Mutex::new(sentinel_client(s)?),
                 master: s.master.clone(),
             },
+            RedisServer::Cluster { nodes, password } => {
+                Source::Cluster(cluster_client(nodes, password.as_deref())?)
+            }
         };
         let shared = Arc::new(Shared {
             source,
@@ -346,21 +412,53 @@ fn sentinel_client(s: &SentinelSettings) -> Result<SentinelClient, StoreError> {
     .map_err(|e| StoreError::Unavailable(describe(&e)))
 }
 
-impl Shared {
-    fn config() -> AsyncConnectionConfig {
-        AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+/// A client for a cluster reached first through `nodes`.
+fn cluster_client(
+    nodes: &[(String, u16)],
+    password: Option<&str>,
+) -> Result<ClusterClient, StoreError> {
+    let nodes: Vec<ConnectionAddr> = nodes
+        .iter()
+        .map(|(host, port)| ConnectionAddr::Tcp(host.clone(), *port))
+        .collect();
+    let mut builder = ClusterClient::builder(nodes)
+        .connection_timeout(CONNECT_TIMEOUT)
+        .response_timeout(RESPONSE_TIMEOUT);
+    if let Some(password) = password {
+        builder = builder.password(password);
     }
+    builder
+        .build()
+        .map_err(|e| StoreError::Unavailable(describe(&e)))
+}
 
+impl Shared {
     /// A new connection to the primary (asking Sentinel which server that is now), checked with
     /// one plain command that also gives the server's replication id and role.
-    async fn connect(&self, config: &AsyncConnectionConfig) -> Result<Conn, RedisError> {
+    async fn connect(&self, response_timeout: Duration) -> Result<Conn, RedisError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(response_timeout));
         let mut conn = match &self.source {
-            Source::Direct(client) => {
+            Source::Direct(client) => Link::Single(
                 client
-                    .get_multiplexed_async_connection_with_config(config)
-                    .await?
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?,
+            ),
+            Source::Cluster(client) => {
+                let mut conn = client
+                    .get_async_connection_with_config(
+                        redis::cluster::ClusterConfig::new()
+                            .set_connection_timeout(CONNECT_TIMEOUT)
+                            .set_response_timeout(response_timeout),
+                    )
+                    .await?;
+                let slot: u16 = redis::cmd("CLUSTER")
+                    .arg("KEYSLOT")
+                    .arg(&self.keys.version)
+                    .query_async(&mut conn)
+                    .await?;
+                Link::Cluster { conn, slot }
             }
             Source::Sentinel { client, master } => {
                 let asked = tokio::time::timeout(SENTINEL_TIMEOUT, async {
@@ -384,18 +482,19 @@ impl Shared {
                         )))
                     }
                 };
-                primary
-                    .get_multiplexed_async_connection_with_config(config)
-                    .await?
+                Link::Single(
+                    primary
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?,
+                )
             }
         };
         // A server that wants a password it was not given accepts the connection and refuses
         // every command: find out with one plain command, so the reason is NOAUTH (a MULTI
         // refused that way makes the redis crate's connection task panic).
-        let info: String = redis::cmd("INFO")
-            .arg("replication")
-            .query_async(&mut conn)
-            .await?;
+        let mut info_cmd = redis::cmd("INFO");
+        info_cmd.arg("replication");
+        let info: String = conn.on_primary(info_cmd).await?;
         let field = |name: &str| {
             info.lines()
                 .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
@@ -422,7 +521,7 @@ impl Shared {
         if let Some(c) = lock(&self.conn).clone() {
             return Ok(c);
         }
-        match self.connect(&Self::config()).await {
+        match self.connect(RESPONSE_TIMEOUT).await {
             Ok(c) => {
                 *lock(&self.conn) = Some(c.clone());
                 Ok(c)
@@ -459,7 +558,7 @@ impl Shared {
     /// replication id.
     async fn run<T, F, Fut>(&self, access: Access, f: F) -> Result<(T, Arc<str>), StoreError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Link) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
         let Conn { conn, replid } = self.conn().await?;
@@ -675,11 +774,9 @@ impl Store for RedisStore {
                         invocation.invoke_async(&mut c).await?;
                     // WAIT counts the writes of the connection it is sent on: this one.
                     let confirmed = if applied == 1 && min_replicas > 0 {
-                        redis::cmd("WAIT")
-                            .arg(min_replicas)
-                            .arg(WAIT_TIMEOUT.as_millis() as u64)
-                            .query_async::<u32>(&mut c)
-                            .await?
+                        let mut wait = redis::cmd("WAIT");
+                        wait.arg(min_replicas).arg(WAIT_TIMEOUT.as_millis() as u64);
+                        c.on_primary::<u32>(wait).await?
                     } else {
                         min_replicas
                     };
@@ -826,14 +923,11 @@ async fn read_log(shared: Arc<Shared>, tx: mpsc::Sender<StoreEvent>) {
         }
         shared.loaded.notified().await;
     };
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(CONNECT_TIMEOUT))
-        .set_response_timeout(Some(LOG_BLOCK + RESPONSE_TIMEOUT));
     let mut retry = Duration::from_millis(100);
     let mut reconnecting = false;
     loop {
         let moved = shared.moved.load(Ordering::Relaxed);
-        let mut conn = match shared.connect(&config).await {
+        let mut conn = match shared.connect(LOG_BLOCK + RESPONSE_TIMEOUT).await {
             Ok(c) => c.conn,
             Err(e) => {
                 shared.down(&e);
@@ -907,7 +1001,7 @@ async fn read_log(shared: Arc<Shared>, tx: mpsc::Sender<StoreEvent>) {
 /// revocations may have been missed, so cached credentials are voided too.
 async fn catch_up_check(
     shared: &Shared,
-    conn: &mut MultiplexedConnection,
+    conn: &mut Link,
     position: &mut String,
 ) -> Result<Vec<StoreEvent>, RedisError> {
     let log = &shared.keys.log;

@@ -9,6 +9,9 @@
 //! failover (the acknowledged set against the converged table); the sentinels' own password
 //! works (and a wrong one fails clearly, never logged).
 //!
+//! The same with a Redis Cluster (`--redis-cluster`, three primaries with a replica each, node
+//! timeout 1 s) whose primary for hubgate's slot is SIGKILLed.
+//!
 //! The sentinels run with `down-after-milliseconds 1000` so that a failover takes about two
 //! seconds and the tests stay short.
 
@@ -28,7 +31,7 @@ use serde_json::json;
 
 use crate::redis::{
     assert_json_503, converge, free_port, posted, ready, redis_server_binary, tail, targets,
-    wait_ready, RedisOptions, RedisServer, Traffic, LIMIT, NOWHERE,
+    wait_ready, RedisOptions, RedisServer, Traffic, LIMIT, NOWHERE, PACE,
 };
 use crate::support::{eventually, Backend, Hubgate};
 
@@ -524,16 +527,19 @@ async fn replica_online(server: &RedisServer) -> bool {
 
 #[tokio::test]
 async fn a_failover_loses_no_proxied_request_and_writes_resume_on_the_new_primary() {
+    let _shared = PACE.read().await;
     primary_killed_mid_traffic(0).await;
 }
 
 #[tokio::test]
 async fn with_min_replicas_every_route_answered_201_survives_the_failover() {
+    let _shared = PACE.read().await;
     primary_killed_mid_traffic(1).await;
 }
 
 #[tokio::test]
 async fn the_sentinels_password_is_used_and_a_wrong_one_is_refused_without_being_logged() {
+    let _shared = PACE.read().await;
     let d = Deployment::start(Some("sentinel-secret")).await;
     let right = d.hubgates(1, 0).await;
     right[0].add_route("/through-sentinel", NOWHERE).await;
@@ -559,6 +565,261 @@ async fn the_sentinels_password_is_used_and_a_wrong_one_is_refused_without_being
             !text.contains("sentinel-secret"),
             "a password was shown: {}",
             tail(&text, 20)
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis Cluster
+
+/// Six `redis-server --cluster-enabled yes` on loopback ports, made one cluster of three
+/// primaries with a replica each by `redis-cli --cluster create`.
+struct Cluster {
+    nodes: Vec<RedisServer>,
+}
+
+/// The key whose slot holds every hubgate key (they share the hash tag `{hubgate}`).
+const HUBGATE_KEY: &str = "{hubgate}:version";
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let mut nodes = Vec::with_capacity(6);
+        for _ in 0..6 {
+            let opts = RedisOptions {
+                cluster: true,
+                ..RedisOptions::default()
+            };
+            nodes.push(RedisServer::start(opts).await);
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let out = Command::new(redis_cli())
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = Cluster { nodes };
+        eventually(LIMIT, "every node to see the cluster ok", || async {
+            let mut ok = true;
+            for n in &cluster.nodes {
+                let info: Option<String> = query(n.port(), redis::cmd("CLUSTER").arg("INFO")).await;
+                ok &= info.is_some_and(|i| i.contains("cluster_state:ok"));
+            }
+            ok
+        })
+        .await;
+        eventually(
+            LIMIT,
+            "hubgate's slot to have a replica in sync",
+            || async {
+                match cluster.primary().await {
+                    Some(i) => replica_online(&cluster.nodes[i]).await,
+                    None => false,
+                }
+            },
+        )
+        .await;
+        cluster
+    }
+
+    /// `--redis-cluster`'s value: three of the nodes to start from.
+    fn arg(&self) -> String {
+        self.nodes[..3]
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Which node is the primary of hubgate's slot, as the first node that answers says.
+    async fn primary(&self) -> Option<usize> {
+        for n in &self.nodes {
+            let Some(slot) = query::<u16>(
+                n.port(),
+                redis::cmd("CLUSTER").arg("KEYSLOT").arg(HUBGATE_KEY),
+            )
+            .await
+            else {
+                continue;
+            };
+            let nodes: String = query(n.port(), redis::cmd("CLUSTER").arg("NODES")).await?;
+            let port = nodes.lines().find_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let serves = f.len() > 8
+                    && f[2].contains("master")
+                    && !f[2].contains("fail")
+                    && f[8..].iter().any(|range| {
+                        let (a, b) = range.split_once('-').unwrap_or((range, range));
+                        matches!((a.parse::<u16>(), b.parse::<u16>()), (Ok(a), Ok(b)) if a <= slot && slot <= b)
+                    });
+                serves.then(|| f[1].split(['@', ':']).nth(1)?.parse::<u16>().ok())?
+            })?;
+            return self.nodes.iter().position(|n| n.port() == port);
+        }
+        None
+    }
+}
+
+/// One command on the server at `port`; `None` when it cannot be had within 2 s.
+async fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> Option<T> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    let mut conn = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    tokio::time::timeout(Duration::from_secs(2), cmd.query_async(&mut conn))
+        .await
+        .ok()?
+        .ok()
+}
+
+/// `redis-cli`, which comes with Debian's redis-server (package redis-tools).
+fn redis_cli() -> &'static str {
+    redis_server_binary();
+    if Command::new("redis-cli").arg("--version").output().is_ok() {
+        "redis-cli"
+    } else {
+        "/usr/bin/redis-cli"
+    }
+}
+
+#[tokio::test]
+async fn a_cluster_whose_primary_for_the_slot_dies_keeps_every_route_answered_201() {
+    let _shared = PACE.read().await;
+    let mut cluster = Cluster::start().await;
+    let args = [
+        "--storage-backend",
+        "redis",
+        "--redis-cluster",
+        &cluster.arg(),
+        "--redis-min-replicas",
+        "1",
+    ];
+    let mut r = Vec::new();
+    for i in 0..3 {
+        let hg = Hubgate::builder().args(args).start().await;
+        wait_ready(&hg, &format!("hubgate {i} on the cluster")).await;
+        r.push(hg);
+    }
+    let all: Vec<&Hubgate> = r.iter().collect();
+    let backend = Backend::echo().await;
+    let mut served = BTreeMap::new();
+    for (i, hg) in r.iter().enumerate() {
+        let key = format!("/app{i}");
+        hg.add_route(&key, &backend.url("")).await;
+        served.insert(key, backend.url(""));
+    }
+    converge(&all, false, "before the failover").await;
+    let paths: Vec<String> = (0..3).map(|i| format!("/app{i}/ping")).collect();
+    let traffic = Traffic::new();
+    let stop = AtomicBool::new(false);
+    let logs: Vec<Mutex<Written>> = (0..3).map(|_| Mutex::default()).collect();
+    let doomed = cluster
+        .primary()
+        .await
+        .expect("a primary for hubgate's slot");
+
+    let scenario = async {
+        eventually(LIMIT, "every writer to get 10 writes in", || async {
+            logs.iter().all(|l| l.lock().unwrap().acked.len() >= 10)
+        })
+        .await;
+        let killed = Instant::now();
+        for log in &logs {
+            log.lock().unwrap().since = Some(killed);
+        }
+        cluster.nodes[doomed].kill().await;
+        eventually(LIMIT, "the cluster to promote the replica", || async {
+            cluster.primary().await.is_some_and(|p| p != doomed)
+        })
+        .await;
+        let switched = Instant::now();
+        // As a supervisor would: the node comes back, and the cluster makes it a replica.
+        cluster.nodes[doomed].restart().await;
+        let promoted = cluster.primary().await.expect("a primary");
+        eventually(
+            LIMIT,
+            "the old primary to be the new one's replica",
+            || async { replica_online(&cluster.nodes[promoted]).await },
+        )
+        .await;
+        let resumed_from = Instant::now();
+        eventually(
+            resumed_from.elapsed() + RESUME_BOUND,
+            "every writer to have a write accepted after the failover",
+            || async { logs.iter().all(|l| l.lock().unwrap().resumed.is_some()) },
+        )
+        .await;
+        let first = logs
+            .iter()
+            .filter_map(|l| l.lock().unwrap().resumed)
+            .max()
+            .expect("every writer had one");
+        eprintln!(
+            "cluster failover (min-replicas 1): the replica was promoted {:?} after the SIGKILL; \
+             every replica had a write asked after the SIGKILL accepted {:?} after it",
+            switched - killed,
+            first - killed,
+        );
+        let at = traffic.ok();
+        traffic.passes(at, 30, "traffic after the failover").await;
+        stop.store(true, Ordering::Relaxed);
+    };
+    let names = ["a", "b", "c"];
+    tokio::join!(
+        traffic.run(&all, &paths, &stop),
+        scenario,
+        join_all(
+            r.iter()
+                .zip(&logs)
+                .zip(names)
+                .map(|((hg, log), name)| writer(hg, name, log, &stop))
+        )
+    );
+
+    let failures = traffic.failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "{} of {} proxied requests failed during the failover; first ones: {:?}",
+        failures.len(),
+        failures.len() + traffic.ok(),
+        &failures[..failures.len().min(20)]
+    );
+    let table = posted(&converge(&all, false, "after the failover").await);
+    let lost: Vec<String> = logs
+        .iter()
+        .flat_map(|l| l.lock().unwrap().acked.clone())
+        .map(|(_, k)| k)
+        .filter(|k| !table.contains_key(k))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} routes answered 201 are gone after the failover: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    let expected = targets(&served);
+    for key in served.keys() {
+        assert_eq!(table.get(key), expected.get(key), "{key}");
+    }
+    for (i, hg) in r.iter().enumerate() {
+        assert!(
+            !hg.logs().contains("panicked"),
+            "hubgate {i} panicked:\n{}",
+            tail(&hg.logs(), 40)
         );
     }
 }
