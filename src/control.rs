@@ -505,7 +505,7 @@ impl Writer {
                     changes: b.changes,
                 });
             for batch in landed.between.into_iter().chain(own) {
-                self.on_event(StoreEvent::Batch(batch)).await;
+                self.apply_event(StoreEvent::Batch(batch)).await;
             }
         }
         self.catch_up(target).await;
@@ -594,8 +594,8 @@ impl Writer {
         }
     }
 
+    /// Counts an event from the store and applies it.
     async fn on_event(&mut self, event: StoreEvent) {
-        let local = self.table.load().version();
         let kind = match &event {
             StoreEvent::Batch(_) => "batch",
             StoreEvent::Activity(_) => "activity",
@@ -607,6 +607,13 @@ impl Writer {
             .store_events
             .with_label_values(&[kind])
             .inc();
+        self.apply_event(event).await;
+    }
+
+    /// Applies one event (from the store's log, or handed back by a write that landed after
+    /// other replicas' changes).
+    async fn apply_event(&mut self, event: StoreEvent) {
+        let local = self.table.load().version();
         match event {
             StoreEvent::Batch(batch) if batch.version <= local => {}
             StoreEvent::Batch(batch) if batch.version == local + 1 => {

@@ -461,6 +461,8 @@ impl Shared {
                 Link::Cluster { conn, slot }
             }
             Source::Sentinel { client, master } => {
+                // The sentinel client keeps its connections to the sentinels and needs `&mut`:
+                // a tokio mutex, held across the lookup, makes concurrent lookups take turns.
                 let asked = tokio::time::timeout(SENTINEL_TIMEOUT, async {
                     client.lock().await.async_get_client().await
                 })
