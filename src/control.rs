@@ -7,10 +7,12 @@
 //! `fsync` for the group), which is what makes durable adds fast under concurrent clients.
 //!
 //! With a shared store (Redis) the store orders the replicas' writes: a group is computed on
-//! this replica's table at version `v` and committed only if the store is still at `v`. When
-//! another replica wrote first, the writer applies what it missed from the store's events (or
-//! reloads the table) and computes the group again, so every answer (201 or 404, the counts of
-//! a sync) is exact for the table it was applied to.
+//! this replica's table at version `v` and committed only if nothing since `v` touched the routes
+//! it changes or answered about (a sync: only if the store is still at `v`). When other replicas
+//! changed other routes meanwhile, the group lands after their changes and the writer applies
+//! theirs, then its own. When one touched the same routes, the writer applies what it missed from
+//! the store's events (or reloads the table) and computes the group again. So every answer (201
+//! or 404, the counts of a sync) is exact for the table it was applied to.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

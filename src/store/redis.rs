@@ -9,9 +9,18 @@
 //!   `reload` marker, raised activity and revocations; trimmed to about [`LOG_LENGTH`] entries;
 //! - `{p}:synced`: present once the hub has synced the table.
 //!
-//! Every write is a Lua script, so a batch is applied whole or not at all, and only if the table
-//! is still at the version the writing replica computed it on (optimistic concurrency). A replica
-//! that is behind gets [`StoreError::Conflict`]; the control plane catches up and tries again.
+//! Every write is a Lua script, so a batch is applied whole or not at all, and only if no change
+//! since the version the writing replica computed it on touched its routes (optimistic
+//! concurrency per route; a sync needs the table exactly at that version). A replica whose
+//! batch conflicts gets [`StoreError::Conflict`]; the control plane catches up and tries again.
+//! With `--redis-min-replicas N` a write is acknowledged only once `WAIT N` confirms it.
+//!
+//! The primary is one address (`--redis-url`), the one Sentinel names (asked again after every
+//! lost connection or READONLY answer, so failovers are followed), or the primary of the keys'
+//! slot in a Redis Cluster (the redis crate's cluster client). A primary with another
+//! replication id than the one the table was read from (a failover, a restart) is
+//! [`StoreError::Stale`]: the writer reads the table again before writing.
+//!
 //! Each replica reads the log from where it was ([`StoreEvent`]s to the control plane), so a
 //! replica that lost its connection resumes from its last entry, and one that missed entries
 //! (trimmed while it was away) reloads the whole table.
@@ -59,7 +68,7 @@ const SENTINEL_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long `WAIT` waits for `--redis-min-replicas` replicas to confirm a write. Replication on
 /// a working network takes well under a millisecond; past this the write is answered as of
 /// unknown outcome rather than held.
-pub const WAIT_TIMEOUT: Duration = Duration::from_secs(1);
+const WAIT_TIMEOUT: Duration = Duration::from_secs(1);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
@@ -72,10 +81,10 @@ const BEHIND_MAX: u64 = 256;
 /// the batches are still applied, after the changes that came between, if none of those touched
 /// the same routes and none was a whole-table change (a sync, a reload marker); `ARGV[4] == '1'`
 /// (a sync) asks for the table to be exactly at `ARGV[1]`. After the batches come the routes the
-/// writer took as absent without changing them: a change to them between is a conflict too. The log says what came between: each
-/// batch entry lists its changes. Answers `{1, version applied on, {v, changes, ...}}` (what came
-/// between, oldest first, so the writer need not wait for the log to bring it) or, on a
-/// conflict, `{0, version, {}}`.
+/// writer took as absent without changing them: a change to them between is a conflict too. The
+/// log says what came between: each batch entry lists its changes. Answers
+/// `{1, version applied on, {v, changes, ...}}` (what came between, oldest first, so the writer
+/// need not wait for the log to bring it) or, on a conflict, `{0, version, {}}`.
 const COMMIT: &str = r"
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 local base = tonumber(ARGV[1])
