@@ -31,13 +31,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{
-    AsyncConnectionConfig, Client, ConnectionAddr, ErrorKind, IntoConnectionInfo,
+    AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo,
     RedisConnectionInfo, RedisError, Script, ServerErrorKind,
 };
 use serde_json::{Map, Value};
@@ -312,8 +313,8 @@ struct Shared {
     conn: Mutex<Option<Conn>>,
     /// The replication id of the server the table was last loaded from.
     lineage: Mutex<Option<Arc<str>>>,
-    /// One more each time the command connection found its server demoted (READONLY): the log
-    /// reader then leaves that server too.
+    /// One more each time the primary moved (Sentinel said so, or the command connection found
+    /// its server demoted): the log reader then leaves that server too.
     moved: AtomicU64,
     reachable: AtomicBool,
     /// Why the store is unreachable (the last error), for readiness and `/api/status`.
@@ -340,12 +341,16 @@ impl RedisStore {
     /// # Errors
     /// When the URL cannot be used or the CA file cannot be read.
     pub fn open(settings: &RedisSettings) -> Result<RedisStore, StoreError> {
+        let mut sentinels = None;
         let source = match &settings.server {
             RedisServer::Url(url) => Source::Direct(direct_client(url, settings)?),
-            RedisServer::Sentinel(s) => Source::Sentinel {
-                client: tokio::sync::Mutex::new(sentinel_client(s)?),
-                master: s.master.clone(),
-            },
+            RedisServer::Sentinel(s) => {
+                sentinels = Some((sentinel_nodes(s)?, s.master.clone()));
+                Source::Sentinel {
+                    client: tokio::sync::Mutex::new(sentinel_client(s)?),
+                    master: s.master.clone(),
+                }
+            }
             RedisServer::Cluster { nodes, password } => {
                 Source::Cluster(cluster_client(nodes, password.as_deref())?)
             }
@@ -368,6 +373,9 @@ impl RedisStore {
         });
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(read_log(shared.clone(), tx));
+        if let Some((nodes, master)) = sentinels {
+            tokio::spawn(follow_sentinels(shared.clone(), nodes, master));
+        }
         Ok(RedisStore {
             shared,
             events: Mutex::new(Some(rx)),
@@ -398,16 +406,7 @@ fn direct_client(url: &str, settings: &RedisSettings) -> Result<Client, StoreErr
 /// A client that asks the sentinels of `--redis-sentinel` (with their own password) for the
 /// primary, and connects to it with `--redis-password`.
 fn sentinel_client(s: &SentinelSettings) -> Result<SentinelClient, StoreError> {
-    let mut nodes = Vec::with_capacity(s.nodes.len());
-    for (host, port) in &s.nodes {
-        let mut info = ConnectionAddr::Tcp(host.clone(), *port)
-            .into_connection_info()
-            .map_err(|e| StoreError::Unavailable(describe(&e)))?;
-        if let Some(password) = &s.sentinel_password {
-            info = info.set_redis_settings(RedisConnectionInfo::default().set_password(password));
-        }
-        nodes.push(info);
-    }
+    let nodes = sentinel_nodes(s)?;
     let mut server = RedisConnectionInfo::default();
     if let Some(password) = &s.password {
         server = server.set_password(password);
@@ -419,6 +418,53 @@ fn sentinel_client(s: &SentinelSettings) -> Result<SentinelClient, StoreError> {
         SentinelServerType::Master,
     )
     .map_err(|e| StoreError::Unavailable(describe(&e)))
+}
+
+/// How to reach each sentinel (with their own password).
+fn sentinel_nodes(s: &SentinelSettings) -> Result<Vec<ConnectionInfo>, StoreError> {
+    let mut nodes = Vec::with_capacity(s.nodes.len());
+    for (host, port) in &s.nodes {
+        let mut info = ConnectionAddr::Tcp(host.clone(), *port)
+            .into_connection_info()
+            .map_err(|e| StoreError::Unavailable(describe(&e)))?;
+        if let Some(password) = &s.sentinel_password {
+            info = info.set_redis_settings(RedisConnectionInfo::default().set_password(password));
+        }
+        nodes.push(info);
+    }
+    Ok(nodes)
+}
+
+/// Listens for `+switch-master` on one sentinel after the other: when the sentinels move the
+/// primary, the command connection and the log reader leave the old one at once. Waiting until
+/// the old primary refuses writes is not enough: after a `SENTINEL FAILOVER` it stays a primary
+/// for seconds, and what it takes meanwhile is dropped when it becomes a replica.
+async fn follow_sentinels(shared: Arc<Shared>, nodes: Vec<ConnectionInfo>, master: String) {
+    let mut subscribed_before = false;
+    for info in nodes.iter().cycle() {
+        let pubsub = match Client::open(info.clone()) {
+            Ok(client) => tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub()).await,
+            Err(e) => Ok(Err(e)),
+        };
+        if let Ok(Ok(mut pubsub)) = pubsub {
+            if pubsub.subscribe("+switch-master").await.is_ok() {
+                if subscribed_before {
+                    // A switch may have come while no sentinel was listened to.
+                    shared.leave_primary();
+                }
+                subscribed_before = true;
+                let mut messages = pubsub.on_message();
+                while let Some(message) = messages.next().await {
+                    let payload: String = message.get_payload().unwrap_or_default();
+                    if payload.split(' ').next() == Some(master.as_str()) {
+                        tracing::warn!(switch = %payload, "Sentinel moved the Redis primary; following");
+                        shared.leave_primary();
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// A client for a cluster reached first through `nodes`.
@@ -544,6 +590,13 @@ impl Shared {
         }
     }
 
+    /// Drops the command connection (the next command connects to the primary as it is now) and
+    /// makes the log reader reconnect too.
+    fn leave_primary(&self) {
+        *lock(&self.conn) = None;
+        self.moved.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn up(&self) {
         if !self.reachable.swap(true, Ordering::Relaxed) {
             tracing::info!("route store redis is reachable");
@@ -599,8 +652,7 @@ impl Shared {
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly) => {
                 // The server was demoted (a failover): nothing was applied. Leave it; the next
                 // connection asks Sentinel for the new primary, and the log reader moves too.
-                *lock(&self.conn) = None;
-                self.moved.fetch_add(1, Ordering::Relaxed);
+                self.leave_primary();
                 tracing::warn!("the Redis server answered READONLY (it is a replica now); reconnecting to the primary");
                 Err(StoreError::Unavailable(format!(
                     "the Redis server is a replica now (failover); nothing was applied: {}",

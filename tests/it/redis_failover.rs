@@ -569,6 +569,63 @@ async fn the_sentinels_password_is_used_and_a_wrong_one_is_refused_without_being
     }
 }
 
+#[tokio::test]
+async fn a_manual_failover_with_the_old_primary_alive_loses_no_route_answered_201() {
+    let _shared = PACE.read().await;
+    // `SENTINEL FAILOVER`: the replica is promoted while the old primary stays up, still a
+    // primary until the sentinels reconfigure it (up to ~10 s later), and then it drops what it
+    // took meanwhile. With `--redis-min-replicas 1` a write it takes after losing its replica is
+    // never confirmed, so never answered 201: every 201 must be in Redis afterwards.
+    let d = Deployment::start(None).await;
+    let r = d.hubgates(2, 1).await;
+    r[0].add_route("/before", NOWHERE).await;
+    let mut cmd = redis::cmd("SENTINEL");
+    cmd.arg("FAILOVER").arg(MASTER);
+    let answer: Option<String> = d.sentinels.ask(0, &cmd).await;
+    assert_eq!(answer.as_deref(), Some("OK"), "SENTINEL FAILOVER");
+    eventually(LIMIT, "the sentinels to name the replica", || async {
+        d.sentinels.primary_port().await == Some(d.replica.port())
+    })
+    .await;
+    for (i, hg) in r.iter().enumerate() {
+        // Each listens for the sentinels' `+switch-master` and leaves the old primary at once.
+        eventually(
+            LIMIT,
+            &format!("hubgate {i} to hear of the switch"),
+            || async { hg.logs().contains("Sentinel moved the Redis primary") },
+        )
+        .await;
+    }
+    for (i, hg) in r.iter().enumerate() {
+        let key = format!("/after{i}");
+        eventually(LIMIT, &format!("hubgate {i} to write {key}"), || async {
+            let resp = hg
+                .api_post(
+                    &format!("/api/routes{key}"),
+                    &json!({ "target": NOWHERE }).to_string(),
+                )
+                .await;
+            if resp.status != StatusCode::CREATED {
+                assert_json_503(&resp, &format!("hubgate {i}: POST {key}"));
+            }
+            resp.status == StatusCode::CREATED
+        })
+        .await;
+    }
+    eventually(LIMIT, "the old primary to be a replica", || async {
+        let info: Option<String> =
+            query(d.primary.port(), redis::cmd("INFO").arg("replication")).await;
+        info.is_some_and(|i| i.contains("role:slave"))
+    })
+    .await;
+    // What Redis holds, as a replica started now loads it, against what was answered 201.
+    let late = d.hubgates(1, 1).await;
+    let all = [&r[0], &r[1], &late[0]];
+    let table = posted(&converge(&all, false, "after the manual failover").await);
+    let keys: Vec<&str> = table.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["/after0", "/after1", "/before"]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Redis Cluster
 
