@@ -28,7 +28,8 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 /// The file's text without its `#[cfg(test)] mod tests { ... }` (always last in this codebase).
 fn without_tests(text: &str) -> &str {
-    text.find("#[cfg(test)]\nmod tests").map_or(text, |at| &text[..at])
+    text.find("#[cfg(test)]\nmod tests")
+        .map_or(text, |at| &text[..at])
 }
 
 /// The top-level module a file belongs to: `src/proxy/body.rs` → `proxy`.
@@ -71,7 +72,9 @@ fn edges() -> BTreeMap<String, BTreeSet<String>> {
                 targets.insert(ident(rest));
             }
         }
-        targets.retain(|t| !t.is_empty() && *t != from && t.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+        targets.retain(|t| {
+            !t.is_empty() && *t != from && t.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+        });
         graph.entry(from).or_default().extend(targets);
     }
     graph
@@ -150,9 +153,19 @@ fn function_lengths() -> Vec<(String, usize)> {
         let lines: Vec<&str> = without_tests(&text).lines().collect();
         for (i, line) in lines.iter().enumerate() {
             let t = line.trim_start();
-            let is_fn = ["fn ", "pub fn ", "async fn ", "pub async fn ", "pub(crate) fn ", "pub(super) fn ", "pub(super) async fn ", "const fn ", "pub const fn "]
-                .iter()
-                .any(|p| t.starts_with(p));
+            let is_fn = [
+                "fn ",
+                "pub fn ",
+                "async fn ",
+                "pub async fn ",
+                "pub(crate) fn ",
+                "pub(super) fn ",
+                "pub(super) async fn ",
+                "const fn ",
+                "pub const fn ",
+            ]
+            .iter()
+            .any(|p| t.starts_with(p));
             if !is_fn || t.ends_with(';') {
                 continue;
             }
@@ -186,7 +199,11 @@ fn function_lengths() -> Vec<(String, usize)> {
 #[test]
 fn no_function_is_longer_than_a_screenful_or_two() {
     let lengths = function_lengths();
-    assert!(lengths.len() > 200, "too few functions read: {}", lengths.len());
+    assert!(
+        lengths.len() > 200,
+        "too few functions read: {}",
+        lengths.len()
+    );
     let long: Vec<String> = lengths
         .into_iter()
         .filter(|(_, n)| *n > LONGEST)
