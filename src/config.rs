@@ -177,6 +177,7 @@ impl ForwardOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::redis::{RedisServer, SentinelSettings};
     use clap::Parser;
 
     fn load(args: &[&str]) -> Result<Config, ConfigError> {
@@ -286,9 +287,10 @@ mod tests {
         assert_eq!(
             c.storage,
             Storage::Redis(RedisSettings {
-                url: "redis://:pw@127.0.0.1:6380/2".into(),
+                server: RedisServer::Url("redis://:pw@127.0.0.1:6380/2".into()),
                 prefix: "hubgate".into(),
                 ca: None,
+                min_replicas: 0,
             })
         );
         let e = load(&[
@@ -301,6 +303,95 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(e.flag, "--redis-prefix");
+    }
+
+    #[test]
+    fn redis_sentinel_takes_nodes_a_master_and_passwords() {
+        let c = load(&[
+            "--storage-backend",
+            "redis",
+            "--redis-sentinel",
+            "127.0.0.1:26379, [::1]:26380,s3:26381",
+            "--redis-sentinel-master",
+            "hub",
+            "--redis-password",
+            "pw",
+            "--redis-min-replicas",
+            "1",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.storage,
+            Storage::Redis(RedisSettings {
+                server: RedisServer::Sentinel(SentinelSettings {
+                    nodes: vec![
+                        ("127.0.0.1".into(), 26379),
+                        ("::1".into(), 26380),
+                        ("s3".into(), 26381)
+                    ],
+                    master: "hub".into(),
+                    password: Some("pw".into()),
+                    sentinel_password: None,
+                }),
+                prefix: "hubgate".into(),
+                ca: None,
+                min_replicas: 1,
+            })
+        );
+        let flag = |args: &[&str]| {
+            let mut all = vec!["--storage-backend", "redis"];
+            all.extend_from_slice(args);
+            load(&all).unwrap_err().flag
+        };
+        assert_eq!(
+            flag(&["--redis-sentinel", "h:1"]),
+            "--redis-sentinel-master"
+        );
+        assert_eq!(
+            flag(&["--redis-sentinel", "h", "--redis-sentinel-master", "m"]),
+            "--redis-sentinel"
+        );
+        assert_eq!(
+            flag(&["--redis-sentinel", "h:1,", "--redis-sentinel-master", "m"]),
+            "--redis-sentinel"
+        );
+        assert_eq!(
+            flag(&["--redis-sentinel", "h:1", "--redis-url", "redis://h/"]),
+            "--redis-sentinel"
+        );
+        assert_eq!(
+            flag(&["--redis-url", "redis://h/", "--redis-password", "x"]),
+            "--redis-password"
+        );
+        assert_eq!(
+            flag(&["--redis-url", "redis://h/", "--redis-sentinel-master", "m"]),
+            "--redis-sentinel-master"
+        );
+        assert_eq!(
+            flag(&["--redis-url", "redis://h/", "--redis-min-replicas", "17"]),
+            "--redis-min-replicas"
+        );
+        assert_eq!(
+            flag(&["--redis-cluster", "h:1", "--redis-url", "redis://h/"]),
+            "--redis-sentinel"
+        );
+        assert_eq!(flag(&["--redis-cluster", "h:x"]), "--redis-cluster");
+        let c = load(&[
+            "--storage-backend",
+            "redis",
+            "--redis-cluster",
+            "a:7000,b:7001",
+            "--redis-password",
+            "pw",
+        ])
+        .unwrap();
+        assert!(matches!(
+            c.storage,
+            Storage::Redis(RedisSettings {
+                server: RedisServer::Cluster { ref nodes, password: Some(ref p) },
+                ..
+            }) if nodes.len() == 2 && p == "pw"
+        ));
     }
 
     #[test]

@@ -7,10 +7,12 @@
 //! `fsync` for the group), which is what makes durable adds fast under concurrent clients.
 //!
 //! With a shared store (Redis) the store orders the replicas' writes: a group is computed on
-//! this replica's table at version `v` and committed only if the store is still at `v`. When
-//! another replica wrote first, the writer applies what it missed from the store's events (or
-//! reloads the table) and computes the group again, so every answer (201 or 404, the counts of
-//! a sync) is exact for the table it was applied to.
+//! this replica's table at version `v` and committed only if nothing since `v` touched the routes
+//! it changes or answered about (a sync: only if the store is still at `v`). When other replicas
+//! changed other routes meanwhile, the group lands after their changes and the writer applies
+//! theirs, then its own. When one touched the same routes, the writer applies what it missed from
+//! the store's events (or reloads the table) and computes the group again. So every answer (201
+//! or 404, the counts of a sync) is exact for the table it was applied to.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -21,7 +23,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::routes::{Change, Outcome, Route, RouteTable, Snapshot};
 use crate::store::{
-    Batch, Loaded, Revocation, Store, StoreError, StoreEvent, StoreHealth, StoredChange,
+    Batch, Landed, Loaded, Revocation, Store, StoreError, StoreEvent, StoreHealth, StoredChange,
     StoredRoute,
 };
 use crate::target::Target;
@@ -380,8 +382,13 @@ impl Writer {
         let mut outcome = Err(ControlError::Contention);
         let deadline = tokio::time::Instant::now() + CONFLICT_BUDGET;
         let mut conflicts = 0usize;
+        // A sync makes the whole table: it conflicts with any change that came between. Batches
+        // conflict only with changes to the same routes (in a shared store that can tell).
+        let whole_table = ops.iter().any(|op| matches!(op, Op::Sync { .. }));
         while tokio::time::Instant::now() < deadline {
-            let (next, batches, answers) = self.prepare(&ops);
+            let base = self.table.load().version();
+            let (next, batches, answers, absent) = self.prepare(&ops);
+            let mut own = None;
             let written = if batches.is_empty() {
                 // Nothing to write (removing an absent route, an unchanged sync, a dry run):
                 // the answer was computed on this replica's table, so with a shared store make
@@ -391,26 +398,47 @@ impl Writer {
                     Ok(Some(current)) if current != next.version() => {
                         Err(StoreError::Conflict { current })
                     }
+                    Err(e @ StoreError::Stale(_)) => Err(e),
                     // Unreachable: answer from this replica's table, which is what it serves.
-                    _ => Ok(()),
+                    _ => Ok(Landed {
+                        on: base,
+                        between: Vec::new(),
+                    }),
                 }
             } else {
                 let started = std::time::Instant::now();
-                let written = self.store.write(batches).await;
+                // Kept to apply after what came between, should the store put them there.
+                own = (!whole_table).then(|| batches.clone());
+                let written = self.store.write_routes(batches, whole_table, absent).await;
                 let m = crate::metrics::get();
                 m.store_write_seconds
                     .observe(started.elapsed().as_secs_f64());
                 match &written {
-                    Ok(()) => m.store_writes.with_label_values(&["ok"]).inc(),
+                    Ok(_) => m.store_writes.with_label_values(&["ok"]).inc(),
                     Err(StoreError::Conflict { .. }) => {}
                     Err(_) => crate::metrics::store_failed(),
                 }
                 written
             };
             outcome = match written {
-                Ok(()) => {
+                Ok(landed) if landed.on == base => {
                     self.table.publish(next);
                     Ok(answers)
+                }
+                Ok(landed) => {
+                    // Other replicas changed other routes meanwhile: these batches were applied
+                    // after theirs, with the versions after theirs. The answers hold (no change
+                    // between touched these routes); the table takes theirs, then these.
+                    let shift = landed.on.saturating_sub(base);
+                    self.apply_landed(landed, own.take().unwrap_or_default())
+                        .await;
+                    Ok(answers
+                        .into_iter()
+                        .map(|mut a| {
+                            a.version += shift;
+                            a
+                        })
+                        .collect())
                 }
                 Err(StoreError::Conflict { current }) => {
                     tracing::debug!(
@@ -423,6 +451,15 @@ impl Writer {
                     self.catch_up(current).await;
                     self.apply_received_events().await;
                     continue;
+                }
+                Err(StoreError::Stale(why)) => {
+                    tracing::info!(why = %why, "reading the table again before writing");
+                    if let Err(e) = self.resync().await {
+                        Err(ControlError::Store(e.to_string()))
+                    } else {
+                        self.apply_received_events().await;
+                        continue;
+                    }
                 }
                 Err(e @ StoreError::Indeterminate(_)) => {
                     tracing::error!(store = self.store.name(), error = %e, "route store did not answer a write");
@@ -455,16 +492,40 @@ impl Writer {
         }
     }
 
+    /// Brings the table to where a write that [`Landed`] after other replicas' changes left the
+    /// store: their batches, then `own` with the versions they got. From what the store told
+    /// when it had it all, else from the store's events (or a reload).
+    async fn apply_landed(&mut self, landed: Landed, own: Vec<Batch>) {
+        let target = landed.on + own.len() as u64;
+        let base = self.table.load().version();
+        if landed.between.len() as u64 == landed.on.saturating_sub(base) {
+            let own = own
+                .into_iter()
+                .zip(landed.on + 1..)
+                .map(|(b, version)| Batch {
+                    version,
+                    changes: b.changes,
+                });
+            for batch in landed.between.into_iter().chain(own) {
+                self.apply_event(StoreEvent::Batch(batch)).await;
+            }
+        }
+        self.catch_up(target).await;
+    }
+
     /// The next table, the batches that make it, and each command's answer.
-    fn prepare(&self, ops: &[Op]) -> (Snapshot, Vec<Batch>, Vec<Applied>) {
+    /// Also answers the routes whose absence an answer relied on (a removal answered 404), which
+    /// the batches do not change but which must not have changed in the store either.
+    fn prepare(&self, ops: &[Op]) -> (Snapshot, Vec<Batch>, Vec<Applied>, Vec<String>) {
         let keeps = self.store.keeps_writes();
         let mut next = self.table.draft();
         let mut batches = Vec::new();
         let mut answers = Vec::with_capacity(ops.len());
+        let mut absent = Vec::new();
         for op in ops {
             let (changes, outcomes, counts, dry_run) = match op.clone() {
                 Op::Batch(changes) => {
-                    let (changes, outcomes, counts) = prepare_batch(&next, changes);
+                    let (changes, outcomes, counts) = prepare_batch(&next, changes, &mut absent);
                     (changes, outcomes, counts, false)
                 }
                 Op::Sync { desired, dry_run } => {
@@ -498,7 +559,7 @@ impl Writer {
                 version: next.version(),
             });
         }
-        (next, batches, answers)
+        (next, batches, answers, absent)
     }
 
     /// Brings the table up to the store's version `current`: from the store's events if they
@@ -516,7 +577,7 @@ impl Writer {
             }
         }
         if self.table.load().version() != current {
-            self.resync().await;
+            let _ = self.resync().await;
         }
     }
 
@@ -535,8 +596,8 @@ impl Writer {
         }
     }
 
+    /// Counts an event from the store and applies it.
     async fn on_event(&mut self, event: StoreEvent) {
-        let local = self.table.load().version();
         let kind = match &event {
             StoreEvent::Batch(_) => "batch",
             StoreEvent::Activity(_) => "activity",
@@ -548,6 +609,13 @@ impl Writer {
             .store_events
             .with_label_values(&[kind])
             .inc();
+        self.apply_event(event).await;
+    }
+
+    /// Applies one event (from the store's log, or handed back by a write that landed after
+    /// other replicas' changes).
+    async fn apply_event(&mut self, event: StoreEvent) {
+        let local = self.table.load().version();
         match event {
             StoreEvent::Batch(batch) if batch.version <= local => {}
             StoreEvent::Batch(batch) if batch.version == local + 1 => {
@@ -582,7 +650,7 @@ impl Writer {
                     store = batch.version,
                     "missed changes from the store; reloading"
                 );
-                self.resync().await;
+                let _ = self.resync().await;
             }
             StoreEvent::Activity(raised) => {
                 let snapshot = self.table.load();
@@ -597,10 +665,11 @@ impl Writer {
             }
             // This replica's own large batch comes back as a marker: nothing to read.
             StoreEvent::Reload { version: Some(v) } if v <= local => {}
-            StoreEvent::Reload { .. } => self.resync().await,
+            // A failed reload is logged; the next event or write tries again.
+            StoreEvent::Reload { .. } => drop(self.resync().await),
             StoreEvent::Reconnected { version } => match version {
-                None if local > 0 => self.resync().await,
-                Some(v) if v < local => self.resync().await,
+                None if local > 0 => drop(self.resync().await),
+                Some(v) if v < local => drop(self.resync().await),
                 _ => {}
             },
         }
@@ -608,12 +677,15 @@ impl Writer {
 
     /// Makes the table equal to the store's, or, when the store lost its table (restarted
     /// without persistence), fills it with this replica's.
-    async fn resync(&mut self) {
+    ///
+    /// # Errors
+    /// When the store cannot be read (the current table is kept).
+    async fn resync(&mut self) -> Result<(), StoreError> {
         let loaded = match self.store.load().await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reload routes from the store; keeping the current table until it answers");
-                return;
+                return Err(e);
             }
         };
         let local = self.table.snapshot();
@@ -626,22 +698,28 @@ impl Writer {
                         version = local.version(),
                         "the route store had lost its table; filled it again from this replica's"
                     );
-                    return;
+                    return Ok(());
                 }
                 Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot refill the route store");
-                    return;
+                    return Err(e);
                 }
             }
             // Another replica refilled it first: take theirs.
-            match self.store.load().await {
-                Ok(l) => self.install(l, false),
-                Err(e) => tracing::warn!(error = %e, "cannot reload routes from the store"),
-            }
-            return;
+            return match self.store.load().await {
+                Ok(l) => {
+                    self.install(l, false);
+                    Ok(())
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reload routes from the store");
+                    Err(e)
+                }
+            };
         }
         self.install(loaded, false);
+        Ok(())
     }
 }
 
@@ -654,7 +732,12 @@ async fn next_event(events: &mut Option<mpsc::Receiver<StoreEvent>>) -> Option<S
 
 /// Drops removals of absent keys (they change nothing) and reports each change's outcome as it
 /// will be once applied on `current`.
-fn prepare_batch(current: &Snapshot, changes: Vec<Change>) -> (Vec<Change>, Vec<Outcome>, Counts) {
+/// The keys of removals answered [`Outcome::Absent`] are added to `absent`.
+fn prepare_batch(
+    current: &Snapshot,
+    changes: Vec<Change>,
+    absent: &mut Vec<String>,
+) -> (Vec<Change>, Vec<Outcome>, Counts) {
     let mut counts = Counts::default();
     let mut present: HashMap<Arc<str>, bool> = HashMap::new();
     let mut kept = Vec::with_capacity(changes.len());
@@ -688,7 +771,10 @@ fn prepare_batch(current: &Snapshot, changes: Vec<Change>) -> (Vec<Change>, Vec<
                 present.insert(key, false);
                 kept.push(change);
             }
-            Change::Remove(_) => outcomes.push(Outcome::Absent),
+            Change::Remove(key) => {
+                outcomes.push(Outcome::Absent);
+                absent.push(key.to_string());
+            }
         }
     }
     (kept, outcomes, counts)

@@ -35,11 +35,17 @@ pub enum StoreError {
     /// The store could not be reached: nothing was applied.
     #[error("route store is unreachable: {0}")]
     Unavailable(String),
-    /// The store was asked but did not answer: the change may or may not have been applied (it
-    /// reaches the table through the store's events if it was). Retrying is safe: route changes
-    /// are idempotent.
-    #[error("route store did not answer, the change may or may not have been applied: {0}")]
+    /// The store was asked but did not answer, or did not confirm that enough replicas have the
+    /// change (`--redis-min-replicas`): the change may or may not have been applied (it reaches
+    /// the table through the store's events if it was). Retrying is safe: route changes are
+    /// idempotent.
+    #[error("the outcome is unknown, retry (the route store may or may not have applied the change): {0}")]
     Indeterminate(String),
+    /// The shared store is now another server than the one this replica's table was read from
+    /// (a failover, a restart): nothing was applied. The writer reads the table again and tries
+    /// again; callers never see this unless the table cannot be read.
+    #[error("route store changed servers: {0}")]
+    Stale(String),
     /// Another replica changed the table first: `current` is the store's version. The writer
     /// catches up and tries again; callers never see this.
     #[error("route store is at version {current}, ahead of this replica")]
@@ -116,6 +122,18 @@ pub struct Batch {
     pub changes: Vec<StoredChange>,
 }
 
+/// Where a [`Store::write_routes`] landed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Landed {
+    /// The version the batches were applied on: the one they were computed on, or a later one
+    /// when other replicas changed other routes meanwhile (the batches then got the versions
+    /// after theirs).
+    pub on: u64,
+    /// The batches that came between, oldest first, as far as the store could tell (all or
+    /// none); the rest arrive as events.
+    pub between: Vec<Batch>,
+}
+
 /// What a store holds at start.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Loaded {
@@ -184,6 +202,27 @@ pub trait Store: Send + Sync + 'static {
 
     /// Makes batches durable, in order. `Ok` means every batch survives a crash from now on.
     fn write(&self, batches: Vec<Batch>) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Like [`Store::write`], for a store shared by replicas that detects conflicts per route:
+    /// the batches (computed on the table at the first one's version - 1) may be applied on top
+    /// of changes other replicas made meanwhile to other routes, unless `whole_table` (a sync,
+    /// which conflicts with every change). `absent` are routes the answers took as absent
+    /// without changing them (a removal answered 404): a change to them between conflicts too.
+    /// Answers where they landed.
+    fn write_routes(
+        &self,
+        batches: Vec<Batch>,
+        _whole_table: bool,
+        _absent: Vec<String>,
+    ) -> BoxFuture<'_, Result<Landed, StoreError>> {
+        Box::pin(async move {
+            let on = batches.first().map_or(0, |b| b.version - 1);
+            self.write(batches).await.map(|()| Landed {
+                on,
+                between: Vec::new(),
+            })
+        })
+    }
 
     /// Saves `last_activity` for some routes. Advisory: it may be lost in a crash, and a store
     /// may keep only the latest value per route.

@@ -154,6 +154,41 @@ pub struct Options {
     /// [default: the system's]
     #[arg(long, value_name = "FILE")]
     pub redis_ca: Option<PathBuf>,
+    /// Sentinels to ask for the Redis primary (instead of --redis-url): host:port,host:port
+    #[arg(long, env = "HUBGATE_REDIS_SENTINEL", value_name = "HOST:PORT,...")]
+    pub redis_sentinel: Option<String>,
+    /// Name of the primary the sentinels watch (as in `sentinel monitor NAME ...`)
+    #[arg(long, env = "HUBGATE_REDIS_SENTINEL_MASTER", value_name = "NAME")]
+    pub redis_sentinel_master: Option<String>,
+    /// Nodes of a Redis Cluster to start from (instead of --redis-url): host:port,host:port
+    #[arg(long, env = "HUBGATE_REDIS_CLUSTER", value_name = "HOST:PORT,...")]
+    pub redis_cluster: Option<String>,
+    /// Password of the sentinels themselves [default: none]
+    #[arg(
+        long,
+        env = "HUBGATE_REDIS_SENTINEL_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
+    pub redis_sentinel_password: Option<String>,
+    /// Password of the Redis servers found through Sentinel or in the cluster (with --redis-url,
+    /// put it in the URL) [default: none]
+    #[arg(
+        long,
+        env = "HUBGATE_REDIS_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
+    pub redis_password: Option<String>,
+    /// Answer a route change only once this many Redis replicas have it too (WAIT), so that a
+    /// failover cannot lose it; 0 to 16 (0: the primary alone)
+    #[arg(
+        long,
+        env = "HUBGATE_REDIS_MIN_REPLICAS",
+        value_name = "N",
+        default_value_t = 0
+    )]
+    pub redis_min_replicas: u32,
     /// IP for the metrics server [default: all interfaces]
     #[arg(long, value_name = "IP")]
     pub metrics_ip: Option<String>,

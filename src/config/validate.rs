@@ -14,7 +14,7 @@ use crate::auth::AuthSettings;
 use crate::logging::LogFormat;
 use crate::proxy::ErrorPages;
 use crate::server::Listen;
-use crate::store::redis::RedisSettings;
+use crate::store::redis::{RedisServer, RedisSettings, SentinelSettings};
 use crate::target::Target;
 use crate::tls::{ClientFiles, ServerFiles, Versions};
 
@@ -310,29 +310,54 @@ fn storage(o: &Options) -> Result<Storage, ConfigError> {
     }
 }
 
+/// The most `--redis-min-replicas` may ask: more replicas than any deployment runs is a typo.
+const MIN_REPLICAS_MAX: u32 = 16;
+
+/// `--redis-url`, `--redis-sentinel` or `--redis-cluster` (one of them), the flags that go with
+/// each, `--redis-prefix`, `--redis-ca` and `--redis-min-replicas`.
 fn redis_settings(o: &Options) -> Result<RedisSettings, ConfigError> {
-    let url = o
-        .redis_url
-        .clone()
-        .filter(|u| !u.is_empty())
-        .ok_or_else(|| {
-            ConfigError::new(
+    let given = |v: &Option<String>| v.clone().filter(|s| !s.is_empty());
+    let server = match (
+        given(&o.redis_url),
+        given(&o.redis_sentinel),
+        given(&o.redis_cluster),
+    ) {
+        (None, None, None) => {
+            return Err(ConfigError::new(
                 "--redis-url",
-                "--storage-backend redis needs the Redis server's URL (redis://host:port)",
-            )
-        })?;
-    let scheme = url.split("://").next().unwrap_or_default();
-    if !["redis", "rediss", "redis+unix", "unix"].contains(&scheme) || !url.contains("://") {
+                "--storage-backend redis needs the Redis server's URL (redis://host:port), \
+                 --redis-sentinel or --redis-cluster",
+            ))
+        }
+        (None, None, Some(list)) => {
+            if o.redis_sentinel_master.is_some() || o.redis_sentinel_password.is_some() {
+                return Err(ConfigError::new(
+                    "--redis-cluster",
+                    "the --redis-sentinel-* flags only mean something with --redis-sentinel",
+                ));
+            }
+            RedisServer::Cluster {
+                nodes: host_ports("--redis-cluster", &list)?,
+                password: given(&o.redis_password),
+            }
+        }
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                "--redis-sentinel",
+                "give one of --redis-url, --redis-sentinel and --redis-cluster",
+            ))
+        }
+        (Some(url), None, None) => {
+            redis_url_only(o)?;
+            redis_url(&url)?;
+            RedisServer::Url(url)
+        }
+        (None, Some(list), None) => RedisServer::Sentinel(sentinel_settings(o, &list)?),
+    };
+    if !matches!(server, RedisServer::Url(_)) && o.redis_ca.is_some() {
         return Err(ConfigError::new(
-            "--redis-url",
-            "expected redis://, rediss:// or redis+unix:// (the URL is not shown: it may hold a password)",
-        ));
-    }
-    if let Err(e) = redis::Client::open(url.as_str()) {
-        // The URL may carry a password: name the problem, never echo the URL.
-        return Err(ConfigError::new(
-            "--redis-url",
-            format!("not a usable Redis URL ({})", e.category()),
+            "--redis-ca",
+            "TLS towards Sentinel or a cluster is not supported yet",
         ));
     }
     let prefix = o.redis_prefix.clone();
@@ -342,10 +367,113 @@ fn redis_settings(o: &Options) -> Result<RedisSettings, ConfigError> {
             "must be non-empty, without braces or spaces",
         ));
     }
+    let min_replicas = o.redis_min_replicas;
+    if min_replicas > MIN_REPLICAS_MAX {
+        return Err(ConfigError::new(
+            "--redis-min-replicas",
+            format!("{min_replicas} is more than {MIN_REPLICAS_MAX}"),
+        ));
+    }
     Ok(RedisSettings {
-        url,
+        server,
         prefix,
         ca: o.redis_ca.clone(),
+        min_replicas,
+    })
+}
+
+/// With `--redis-url`, the flags of Sentinel and of a cluster are refused.
+fn redis_url_only(o: &Options) -> Result<(), ConfigError> {
+    if o.redis_password.is_some() {
+        return Err(ConfigError::new(
+            "--redis-password",
+            "with --redis-url the password goes in the URL (redis://:PASSWORD@host)",
+        ));
+    }
+    for (flag, given) in [
+        ("--redis-sentinel-master", o.redis_sentinel_master.is_some()),
+        (
+            "--redis-sentinel-password",
+            o.redis_sentinel_password.is_some(),
+        ),
+    ] {
+        if given {
+            return Err(ConfigError::new(
+                flag,
+                "only means something with --redis-sentinel",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn redis_url(url: &str) -> Result<(), ConfigError> {
+    let scheme = url.split("://").next().unwrap_or_default();
+    if !["redis", "rediss", "redis+unix", "unix"].contains(&scheme) || !url.contains("://") {
+        return Err(ConfigError::new(
+            "--redis-url",
+            "expected redis://, rediss:// or redis+unix:// (the URL is not shown: it may hold a password)",
+        ));
+    }
+    if let Err(e) = redis::Client::open(url) {
+        // The URL may carry a password: name the problem, never echo the URL.
+        return Err(ConfigError::new(
+            "--redis-url",
+            format!("not a usable Redis URL ({})", e.category()),
+        ));
+    }
+    Ok(())
+}
+
+/// `host:port,host:port` (IPv6 as `[addr]:port`).
+fn host_ports(flag: &'static str, list: &str) -> Result<Vec<(String, u16)>, ConfigError> {
+    let mut nodes = Vec::new();
+    for item in list.split(',').map(str::trim) {
+        let parsed = item.rsplit_once(':').and_then(|(host, port)| {
+            let host = host
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(host);
+            let port = port.parse::<u16>().ok().filter(|p| *p != 0)?;
+            (!host.is_empty() && !host.contains(['/', '@', ' '])).then(|| (host.to_owned(), port))
+        });
+        match parsed {
+            Some(node) => nodes.push(node),
+            None => {
+                return Err(ConfigError::new(
+                    flag,
+                    format!("{item:?} is not host:port (expected host:port,host:port)"),
+                ))
+            }
+        }
+    }
+    Ok(nodes)
+}
+
+/// `--redis-sentinel`'s nodes, the master's name and the passwords.
+fn sentinel_settings(o: &Options, list: &str) -> Result<SentinelSettings, ConfigError> {
+    let nodes = host_ports("--redis-sentinel", list)?;
+    let master = o
+        .redis_sentinel_master
+        .clone()
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| {
+            ConfigError::new(
+                "--redis-sentinel-master",
+                "--redis-sentinel needs the name of the primary the sentinels watch",
+            )
+        })?;
+    if master.chars().any(char::is_whitespace) {
+        return Err(ConfigError::new(
+            "--redis-sentinel-master",
+            "must not contain spaces",
+        ));
+    }
+    Ok(SentinelSettings {
+        nodes,
+        master,
+        password: o.redis_password.clone().filter(|p| !p.is_empty()),
+        sentinel_password: o.redis_sentinel_password.clone().filter(|p| !p.is_empty()),
     })
 }
 

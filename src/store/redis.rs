@@ -9,37 +9,88 @@
 //!   `reload` marker, raised activity and revocations; trimmed to about [`LOG_LENGTH`] entries;
 //! - `{p}:synced`: present once the hub has synced the table.
 //!
-//! Every write is a Lua script, so a batch is applied whole or not at all, and only if the table
-//! is still at the version the writing replica computed it on (optimistic concurrency). A replica
-//! that is behind gets [`StoreError::Conflict`]; the control plane catches up and tries again.
+//! Every write is a Lua script, so a batch is applied whole or not at all, and only if no change
+//! since the version the writing replica computed it on touched its routes (optimistic
+//! concurrency per route; a sync needs the table exactly at that version). A replica whose
+//! batch conflicts gets [`StoreError::Conflict`]; the control plane catches up and tries again.
+//! With `--redis-min-replicas N` a write is acknowledged only once `WAIT N` confirms it.
+//!
+//! The primary is one address (`--redis-url`), the one Sentinel names (asked again after every
+//! lost connection or READONLY answer, so failovers are followed), or the primary of the keys'
+//! slot in a Redis Cluster (the redis crate's cluster client). A primary with another
+//! replication id than the one the table was read from (a failover, a restart) is
+//! [`StoreError::Stale`]: the writer reads the table again before writing.
+//!
 //! Each replica reads the log from where it was ([`StoreEvent`]s to the control plane), so a
 //! replica that lost its connection resumes from its last entry, and one that missed entries
 //! (trimmed while it was away) reloads the whole table.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, RedisError, Script};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{
+    AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo,
+    RedisConnectionInfo, RedisError, Script, ServerErrorKind,
+};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, Notify};
 
 use super::{
-    Batch, Loaded, Revocation, Store, StoreError, StoreEvent, StoreHealth, StoredChange,
+    Batch, Landed, Loaded, Revocation, Store, StoreError, StoreEvent, StoreHealth, StoredChange,
     StoredRoute,
 };
 
-/// Where the Redis store is and how to reach it: `--redis-url`, `--redis-prefix`, `--redis-ca`.
+/// Where the Redis store is and how to reach it: `--redis-url`, `--redis-sentinel` or
+/// `--redis-cluster` and the flags that go with them, `--redis-prefix`, `--redis-ca`,
+/// `--redis-min-replicas`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisSettings {
-    pub url: String,
+    pub server: RedisServer,
     pub prefix: String,
     pub ca: Option<PathBuf>,
+    /// Replicas that must have a change (`WAIT`) before it is acknowledged; 0: do not wait.
+    pub min_replicas: u32,
 }
+
+/// How the Redis primary is found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisServer {
+    /// One address (`--redis-url`).
+    Url(String),
+    /// Asked of Sentinel, again after every lost connection (so a failover is followed).
+    Sentinel(SentinelSettings),
+    /// A Redis Cluster: the redis crate's cluster client finds the primary of the keys' slot
+    /// and follows redirections and failovers.
+    Cluster {
+        /// Nodes to start from, as `(host, port)`.
+        nodes: Vec<(String, u16)>,
+        password: Option<String>,
+    },
+}
+
+/// `--redis-sentinel` and the flags that go with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentinelSettings {
+    /// Each sentinel as `(host, port)`.
+    pub nodes: Vec<(String, u16)>,
+    pub master: String,
+    /// Of the Redis servers (primary and replicas).
+    pub password: Option<String>,
+    /// Of the sentinels.
+    pub sentinel_password: Option<String>,
+}
+
+type RedisResult<T> = Result<T, RedisError>;
 
 /// About how many entries the log keeps (`XADD MAXLEN ~`). A replica away for longer than this
 /// many changes reloads the whole table when it comes back.
@@ -53,17 +104,76 @@ const LOG_BATCH_MAX: usize = 1_000;
 const LOG_BLOCK: Duration = Duration::from_secs(1);
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long asking the sentinels for the primary may take (each sentinel asked in turn).
+const SENTINEL_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long `WAIT` waits for `--redis-min-replicas` replicas to confirm a write. Replication on
+/// a working network takes well under a millisecond; past this the write is answered as of
+/// unknown outcome rather than held.
+const WAIT_TIMEOUT: Duration = Duration::from_secs(1);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
-/// Applies batches if the table is still at `ARGV[1]`; answers `{1, version}` or, on a
-/// conflict, `{0, version}`.
+/// How many versions back a write may have been computed and still be applied on top of the
+/// changes that came between (when they touch other routes). Further behind, the writer catches
+/// up first.
+const BEHIND_MAX: u64 = 256;
+
+/// Applies batches computed on the table at version `ARGV[1]`. When the table has moved on since,
+/// the batches are still applied, after the changes that came between, if none of those touched
+/// the same routes and none was a whole-table change (a sync, a reload marker); `ARGV[4] == '1'`
+/// (a sync) asks for the table to be exactly at `ARGV[1]`. After the batches come the routes the
+/// writer took as absent without changing them: a change to them between is a conflict too. The
+/// log says what came between: each batch entry lists its changes. Answers
+/// `{1, version applied on, {v, changes, ...}}` (what came between, oldest first, so the writer
+/// need not wait for the log to bring it) or, on a conflict, `{0, version, {}}`.
 const COMMIT: &str = r"
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
-if cur ~= tonumber(ARGV[1]) then return {0, cur} end
-local i = 4
-for _ = 1, tonumber(ARGV[3]) do
-  local v, payload, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+local base = tonumber(ARGV[1])
+local newest_first = {}
+if cur ~= base then
+  if ARGV[4] == '1' or cur < base or cur - base > tonumber(ARGV[5]) then return {0, cur, {}} end
+  local mine = {}
+  local i = 6
+  for _ = 1, tonumber(ARGV[3]) do
+    local n = tonumber(ARGV[i + 1])
+    i = i + 3
+    for _ = 1, n do
+      mine[ARGV[i + 1]] = true
+      if ARGV[i] == 'p' then i = i + 4 else i = i + 2 end
+    end
+  end
+  for j = i, #ARGV do mine[ARGV[j]] = true end
+  local between, seen, last = cur - base, 0, '+'
+  while seen < between do
+    local entries = redis.call('XREVRANGE', KEYS[4], last, '-', 'COUNT', 64)
+    if #entries == 0 then return {0, cur, {}} end
+    for _, e in ipairs(entries) do
+      local f = {}
+      for j = 1, #e[2], 2 do f[e[2][j]] = e[2][j + 1] end
+      if f.kind == 'batch' or f.kind == 'reload' then
+        if f.kind == 'reload' or f.whole == '1' or tonumber(f.v) <= base then return {0, cur, {}} end
+        for _, c in ipairs(cjson.decode(f.changes)) do
+          if mine[c.key] then return {0, cur, {}} end
+        end
+        newest_first[#newest_first + 1] = f.changes
+        seen = seen + 1
+        if seen == between then break end
+      end
+      last = '(' .. e[1]
+    end
+  end
+end
+local came = {}
+if cur ~= base then
+  for n = cur - base, 1, -1 do
+    came[#came + 1] = tostring(cur - n + 1)
+    came[#came + 1] = newest_first[n]
+  end
+end
+local i = 6
+for b = 1, tonumber(ARGV[3]) do
+  local v, payload, n = cur + b, ARGV[i], tonumber(ARGV[i + 1])
+  local whole = ARGV[i + 2]
   i = i + 3
   for _ = 1, n do
     if ARGV[i] == 'p' then
@@ -80,10 +190,10 @@ for _ = 1, tonumber(ARGV[3]) do
   if payload == '' then
     redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'kind', 'reload', 'v', v)
   else
-    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'kind', 'batch', 'v', v, 'changes', payload)
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'kind', 'batch', 'v', v, 'whole', whole, 'changes', payload)
   end
 end
-return {1, cur}
+return {1, cur, came}
 ";
 
 /// Raises `last_activity` of existing routes (the latest wins) and logs the values that rose.
@@ -154,12 +264,98 @@ impl Keys {
     }
 }
 
+/// Where connections go: one address, the primary that Sentinel names at the time, or a cluster.
+enum Source {
+    Direct(Client),
+    /// The redis crate's cluster client: it sends each command to the primary of its key's slot
+    /// and follows MOVED/ASK, slot migrations and failovers.
+    Cluster(ClusterClient),
+    /// Asked again for every new connection, so that after a failover (noticed as a lost
+    /// connection or a READONLY answer) hubgate follows the new primary without a restart.
+    Sentinel {
+        client: tokio::sync::Mutex<SentinelClient>,
+        master: String,
+    },
+}
+
+/// A connection to the primary and that server's replication id (`master_replid`): a server
+/// with another id than the one the table was loaded from (a replica promoted by a failover, a
+/// restarted server) may lack changes this replica has seen, so its table is read again before
+/// any write.
+#[derive(Clone)]
+struct Conn {
+    conn: Link,
+    replid: Arc<str>,
+}
+
+/// A connection to one server, or to a cluster (`slot`: the keys' slot, to which the commands
+/// without a key that must reach the keys' primary, `INFO` and `WAIT`, are routed).
+#[derive(Clone)]
+enum Link {
+    Single(MultiplexedConnection),
+    Cluster { conn: ClusterConnection, slot: u16 },
+}
+
+impl Link {
+    /// Runs a command without a key on the primary that holds the keys.
+    async fn on_primary<T: redis::FromRedisValue>(&mut self, cmd: redis::Cmd) -> RedisResult<T> {
+        match self {
+            Link::Single(c) => cmd.query_async(c).await,
+            Link::Cluster { conn, slot } => {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::new(*slot, SlotAddr::Master),
+                ));
+                let value = conn.route_command(cmd, route).await?;
+                Ok(redis::from_redis_value(value)?)
+            }
+        }
+    }
+}
+
+impl redis::aio::ConnectionLike for Link {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Link::Single(c) => c.req_packed_command(cmd),
+            Link::Cluster { conn, .. } => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Link::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Link::Cluster { conn, .. } => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Link::Single(c) => c.get_db(),
+            Link::Cluster { conn, .. } => conn.get_db(),
+        }
+    }
+}
+
 /// What the store's handle and its log reader share.
 struct Shared {
-    client: Client,
+    source: Source,
     keys: Keys,
+    /// `--redis-min-replicas`: replicas `WAIT` must count before a write is acknowledged.
+    min_replicas: u32,
     /// The connection for commands, made again after a failure.
-    conn: Mutex<Option<MultiplexedConnection>>,
+    conn: Mutex<Option<Conn>>,
+    /// The replication id of the server the table was last loaded from.
+    lineage: Mutex<Option<Arc<str>>>,
+    /// One more each time the primary moved (Sentinel said so, or the command connection found
+    /// its server demoted): the log reader then leaves that server too.
+    moved: AtomicU64,
     reachable: AtomicBool,
     /// Why the store is unreachable (the last error), for readiness and `/api/status`.
     detail: Mutex<Option<String>>,
@@ -185,26 +381,27 @@ impl RedisStore {
     /// # Errors
     /// When the URL cannot be used or the CA file cannot be read.
     pub fn open(settings: &RedisSettings) -> Result<RedisStore, StoreError> {
-        let client = match &settings.ca {
-            Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| {
-                    StoreError::Unavailable(format!("--redis-ca {}: {e}", path.display()))
-                })?;
-                Client::build_with_tls(
-                    settings.url.as_str(),
-                    redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(pem),
-                    },
-                )
+        let mut sentinels = None;
+        let source = match &settings.server {
+            RedisServer::Url(url) => Source::Direct(direct_client(url, settings)?),
+            RedisServer::Sentinel(s) => {
+                sentinels = Some((sentinel_nodes(s)?, s.master.clone()));
+                Source::Sentinel {
+                    client: tokio::sync::Mutex::new(sentinel_client(s)?),
+                    master: s.master.clone(),
+                }
             }
-            None => Client::open(settings.url.as_str()),
-        }
-        .map_err(|e| StoreError::Unavailable(describe(&e)))?;
+            RedisServer::Cluster { nodes, password } => {
+                Source::Cluster(cluster_client(nodes, password.as_deref())?)
+            }
+        };
         let shared = Arc::new(Shared {
-            client,
+            source,
             keys: Keys::new(&settings.prefix),
+            min_replicas: settings.min_replicas,
             conn: Mutex::new(None),
+            lineage: Mutex::new(None),
+            moved: AtomicU64::new(0),
             reachable: AtomicBool::new(false),
             detail: Mutex::new(Some("not connected yet".to_owned())),
             start: Mutex::new(None),
@@ -216,6 +413,9 @@ impl RedisStore {
         });
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(read_log(shared.clone(), tx));
+        if let Some((nodes, master)) = sentinels {
+            tokio::spawn(follow_sentinels(shared.clone(), nodes, master));
+        }
         Ok(RedisStore {
             shared,
             events: Mutex::new(Some(rx)),
@@ -223,32 +423,203 @@ impl RedisStore {
     }
 }
 
+/// The client of `--redis-url` (with `--redis-ca`'s authorities for `rediss://`).
+fn direct_client(url: &str, settings: &RedisSettings) -> Result<Client, StoreError> {
+    match &settings.ca {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| {
+                StoreError::Unavailable(format!("--redis-ca {}: {e}", path.display()))
+            })?;
+            Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                },
+            )
+        }
+        None => Client::open(url),
+    }
+    .map_err(|e| StoreError::Unavailable(describe(&e)))
+}
+
+/// A client that asks the sentinels of `--redis-sentinel` (with their own password) for the
+/// primary, and connects to it with `--redis-password`.
+fn sentinel_client(s: &SentinelSettings) -> Result<SentinelClient, StoreError> {
+    let nodes = sentinel_nodes(s)?;
+    let mut server = RedisConnectionInfo::default();
+    if let Some(password) = &s.password {
+        server = server.set_password(password);
+    }
+    SentinelClient::build(
+        nodes,
+        s.master.clone(),
+        Some(SentinelNodeConnectionInfo::default().set_redis_connection_info(server)),
+        SentinelServerType::Master,
+    )
+    .map_err(|e| StoreError::Unavailable(describe(&e)))
+}
+
+/// How to reach each sentinel (with their own password).
+fn sentinel_nodes(s: &SentinelSettings) -> Result<Vec<ConnectionInfo>, StoreError> {
+    let mut nodes = Vec::with_capacity(s.nodes.len());
+    for (host, port) in &s.nodes {
+        let mut info = ConnectionAddr::Tcp(host.clone(), *port)
+            .into_connection_info()
+            .map_err(|e| StoreError::Unavailable(describe(&e)))?;
+        if let Some(password) = &s.sentinel_password {
+            info = info.set_redis_settings(RedisConnectionInfo::default().set_password(password));
+        }
+        nodes.push(info);
+    }
+    Ok(nodes)
+}
+
+/// Listens for `+switch-master` on one sentinel after the other: when the sentinels move the
+/// primary, the command connection and the log reader leave the old one at once. Waiting until
+/// the old primary refuses writes is not enough: after a `SENTINEL FAILOVER` it stays a primary
+/// for seconds, and what it takes meanwhile is dropped when it becomes a replica.
+async fn follow_sentinels(shared: Arc<Shared>, nodes: Vec<ConnectionInfo>, master: String) {
+    let mut subscribed_before = false;
+    for info in nodes.iter().cycle() {
+        let pubsub = match Client::open(info.clone()) {
+            Ok(client) => tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub()).await,
+            Err(e) => Ok(Err(e)),
+        };
+        if let Ok(Ok(mut pubsub)) = pubsub {
+            if pubsub.subscribe("+switch-master").await.is_ok() {
+                if subscribed_before {
+                    // A switch may have come while no sentinel was listened to.
+                    shared.leave_primary();
+                }
+                subscribed_before = true;
+                let mut messages = pubsub.on_message();
+                while let Some(message) = messages.next().await {
+                    let payload: String = message.get_payload().unwrap_or_default();
+                    if payload.split(' ').next() == Some(master.as_str()) {
+                        tracing::warn!(switch = %payload, "Sentinel moved the Redis primary; following");
+                        shared.leave_primary();
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A client for a cluster reached first through `nodes`.
+fn cluster_client(
+    nodes: &[(String, u16)],
+    password: Option<&str>,
+) -> Result<ClusterClient, StoreError> {
+    let nodes: Vec<ConnectionAddr> = nodes
+        .iter()
+        .map(|(host, port)| ConnectionAddr::Tcp(host.clone(), *port))
+        .collect();
+    let mut builder = ClusterClient::builder(nodes)
+        .connection_timeout(CONNECT_TIMEOUT)
+        .response_timeout(RESPONSE_TIMEOUT);
+    if let Some(password) = password {
+        builder = builder.password(password);
+    }
+    builder
+        .build()
+        .map_err(|e| StoreError::Unavailable(describe(&e)))
+}
+
 impl Shared {
-    fn config() -> AsyncConnectionConfig {
-        AsyncConnectionConfig::new()
+    /// A new connection to the primary (asking Sentinel which server that is now), checked with
+    /// one plain command that also gives the server's replication id and role.
+    async fn connect(&self, response_timeout: Duration) -> Result<Conn, RedisError> {
+        let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_response_timeout(Some(response_timeout));
+        let mut conn = match &self.source {
+            Source::Direct(client) => Link::Single(
+                client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?,
+            ),
+            Source::Cluster(client) => {
+                let mut conn = client
+                    .get_async_connection_with_config(
+                        redis::cluster::ClusterConfig::new()
+                            .set_connection_timeout(CONNECT_TIMEOUT)
+                            .set_response_timeout(response_timeout),
+                    )
+                    .await?;
+                let slot: u16 = redis::cmd("CLUSTER")
+                    .arg("KEYSLOT")
+                    .arg(&self.keys.version)
+                    .query_async(&mut conn)
+                    .await?;
+                Link::Cluster { conn, slot }
+            }
+            Source::Sentinel { client, master } => {
+                // The sentinel client keeps its connections to the sentinels and needs `&mut`:
+                // a tokio mutex, held across the lookup, makes concurrent lookups take turns.
+                let asked = tokio::time::timeout(SENTINEL_TIMEOUT, async {
+                    client.lock().await.async_get_client().await
+                })
+                .await;
+                let primary = match asked {
+                    Ok(Ok(primary)) => primary,
+                    Ok(Err(e)) => {
+                        return Err(RedisError::from((
+                            ErrorKind::Io,
+                            "the sentinels name no reachable primary",
+                            format!("{master:?}: {}", describe(&e)),
+                        )))
+                    }
+                    Err(_) => {
+                        return Err(RedisError::from((
+                            ErrorKind::Io,
+                            "the sentinels did not answer",
+                            format!("within {SENTINEL_TIMEOUT:?}"),
+                        )))
+                    }
+                };
+                Link::Single(
+                    primary
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?,
+                )
+            }
+        };
+        // A server that wants a password it was not given accepts the connection and refuses
+        // every command: find out with one plain command, so the reason is NOAUTH (a MULTI
+        // refused that way makes the redis crate's connection task panic).
+        let mut info_cmd = redis::cmd("INFO");
+        info_cmd.arg("replication");
+        let info: String = conn.on_primary(info_cmd).await?;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        if matches!(self.source, Source::Sentinel { .. }) && field("role") != "master" {
+            // Sentinel named a server that has just been demoted: ask again later.
+            return Err(RedisError::from((
+                ErrorKind::Io,
+                "the server Sentinel named is not a primary (a failover is under way)",
+            )));
+        }
+        Ok(Conn {
+            conn,
+            replid: field("master_replid").into(),
+        })
     }
 
     /// The command connection, connecting if there is none. Two tasks may both connect after
     /// a failure; the later one's connection is kept, and the other is dropped when done.
-    async fn conn(&self) -> Result<MultiplexedConnection, StoreError> {
+    async fn conn(&self) -> Result<Conn, StoreError> {
         if let Some(c) = lock(&self.conn).clone() {
             return Ok(c);
         }
-        match self
-            .client
-            .get_multiplexed_async_connection_with_config(&Self::config())
-            .await
-        {
-            Ok(mut c) => {
-                // A server that wants a password it was not given accepts the connection and
-                // refuses every command: find out with one plain command, so the reason is
-                // NOAUTH (a MULTI refused that way makes the redis crate's connection task panic).
-                if let Err(e) = redis::cmd("PING").query_async::<()>(&mut c).await {
-                    self.down(&e);
-                    return Err(StoreError::Unavailable(describe(&e)));
-                }
+        match self.connect(RESPONSE_TIMEOUT).await {
+            Ok(c) => {
                 *lock(&self.conn) = Some(c.clone());
                 Ok(c)
             }
@@ -257,6 +628,13 @@ impl Shared {
                 Err(StoreError::Unavailable(describe(&e)))
             }
         }
+    }
+
+    /// Drops the command connection (the next command connects to the primary as it is now) and
+    /// makes the log reader reconnect too.
+    fn leave_primary(&self) {
+        *lock(&self.conn) = None;
+        self.moved.fetch_add(1, Ordering::Relaxed);
     }
 
     fn up(&self) {
@@ -278,31 +656,64 @@ impl Shared {
     }
 
     /// Runs a command with the shared connection, keeping track of reachability. A failure
-    /// after the command may have been sent is [`StoreError::Indeterminate`] when `writes`.
-    async fn run<T, F, Fut>(&self, writes: bool, f: F) -> Result<T, StoreError>
+    /// after the command may have been sent is [`StoreError::Indeterminate`] when it writes.
+    /// With [`Access::Table`], a server of another lineage than the loaded table's is
+    /// [`StoreError::Stale`] and nothing is sent. Answers the value and the server's
+    /// replication id.
+    async fn run<T, F, Fut>(&self, access: Access, f: F) -> Result<(T, Arc<str>), StoreError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Link) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
-        let conn = self.conn().await?;
+        let Conn { conn, replid } = self.conn().await?;
+        if access == Access::Table {
+            if let Some(lineage) = lock(&self.lineage).clone() {
+                if lineage != replid {
+                    return Err(StoreError::Stale(
+                        "the Redis primary is another server than the one the table was read from (a failover or a restart)".to_owned(),
+                    ));
+                }
+            }
+        }
         match f(conn).await {
             Ok(v) => {
                 self.up();
-                Ok(v)
+                Ok((v, replid))
             }
             Err(e) if e.is_io_error() || e.is_timeout() || e.is_unrecoverable_error() => {
                 *lock(&self.conn) = None;
                 self.down(&e);
-                Err(if writes {
-                    StoreError::Indeterminate(describe(&e))
-                } else {
+                Err(if access == Access::Read {
                     StoreError::Unavailable(describe(&e))
+                } else {
+                    StoreError::Indeterminate(describe(&e))
                 })
+            }
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly) => {
+                // The server was demoted (a failover): nothing was applied. Leave it; the next
+                // connection asks Sentinel for the new primary, and the log reader moves too.
+                self.leave_primary();
+                tracing::warn!("the Redis server answered READONLY (it is a replica now); reconnecting to the primary");
+                Err(StoreError::Unavailable(format!(
+                    "the Redis server is a replica now (failover); nothing was applied: {}",
+                    describe(&e)
+                )))
             }
             // Redis answered with an error: it is reachable, and nothing was applied.
             Err(e) => Err(StoreError::Refused(describe(&e))),
         }
     }
+}
+
+/// What a command does, for [`Shared::run`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Reads: a failure is [`StoreError::Unavailable`].
+    Read,
+    /// Writes that do not depend on the table's content (activity, revocations, the synced mark).
+    Write,
+    /// Writes computed on this replica's table: refused on a server of another lineage.
+    Table,
 }
 
 impl Store for RedisStore {
@@ -337,9 +748,9 @@ impl Store for RedisStore {
             );
             // One script, so the table, its version and the log position agree. (Not MULTI:
             // redis 1.8's connection task panics when a server refuses the MULTI itself.)
-            let (version, routes, activity, synced, position): Reply = self
+            let ((version, routes, activity, synced, position), replid): (Reply, _) = self
                 .shared
-                .run(false, |mut c| async move {
+                .run(Access::Read, |mut c| async move {
                     self.shared
                         .load
                         .key(&k.version)
@@ -371,6 +782,7 @@ impl Store for RedisStore {
                     }
                 }
             }
+            *lock(&self.shared.lineage) = Some(replid);
             let first = lock(&self.shared.start).replace(position).is_none();
             if first {
                 self.shared.loaded.notify_one();
@@ -386,9 +798,9 @@ impl Store for RedisStore {
     fn current_version(&self) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
         Box::pin(async move {
             let key = &self.shared.keys.version;
-            let version: Option<u64> = self
+            let (version, _): (Option<u64>, _) = self
                 .shared
-                .run(false, |mut c| async move {
+                .run(Access::Table, |mut c| async move {
                     redis::cmd("GET").arg(key).query_async(&mut c).await
                 })
                 .await?;
@@ -397,9 +809,21 @@ impl Store for RedisStore {
     }
 
     fn write(&self, batches: Vec<Batch>) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move { self.write_routes(batches, true, Vec::new()).await.map(drop) })
+    }
+
+    fn write_routes(
+        &self,
+        batches: Vec<Batch>,
+        whole_table: bool,
+        absent: Vec<String>,
+    ) -> BoxFuture<'_, Result<Landed, StoreError>> {
         Box::pin(async move {
             let Some(first) = batches.first() else {
-                return Ok(());
+                return Ok(Landed {
+                    on: 0,
+                    between: Vec::new(),
+                });
             };
             let base = first.version - 1;
             let k = &self.shared.keys;
@@ -411,7 +835,9 @@ impl Store for RedisStore {
                 .key(&k.log)
                 .arg(base)
                 .arg(LOG_LENGTH)
-                .arg(batches.len());
+                .arg(batches.len())
+                .arg(if whole_table { "1" } else { "0" })
+                .arg(BEHIND_MAX);
             for batch in &batches {
                 let payload = if batch.changes.len() <= LOG_BATCH_MAX {
                     serde_json::to_string(&batch.changes)
@@ -420,9 +846,9 @@ impl Store for RedisStore {
                     String::new()
                 };
                 invocation
-                    .arg(batch.version)
                     .arg(payload)
-                    .arg(batch.changes.len());
+                    .arg(batch.changes.len())
+                    .arg(if whole_table { "1" } else { "0" });
                 for change in &batch.changes {
                     match change {
                         StoredChange::Put(r) => {
@@ -440,17 +866,52 @@ impl Store for RedisStore {
                     }
                 }
             }
-            let (applied, current): (i64, u64) = self
+            for key in &absent {
+                invocation.arg(key);
+            }
+            let min_replicas = self.shared.min_replicas;
+            let ((applied, current, came, confirmed), _) = self
                 .shared
-                .run(true, |mut c| async move {
-                    invocation.invoke_async(&mut c).await
+                .run(Access::Table, |mut c| async move {
+                    let (applied, current, came): (i64, u64, Vec<String>) =
+                        invocation.invoke_async(&mut c).await?;
+                    // WAIT counts the writes of the connection it is sent on: this one.
+                    let confirmed = if applied == 1 && min_replicas > 0 {
+                        let mut wait = redis::cmd("WAIT");
+                        wait.arg(min_replicas).arg(WAIT_TIMEOUT.as_millis() as u64);
+                        c.on_primary::<u32>(wait).await?
+                    } else {
+                        min_replicas
+                    };
+                    Ok((applied, current, came, confirmed))
                 })
                 .await?;
-            if applied == 1 {
-                Ok(())
-            } else {
-                Err(StoreError::Conflict { current })
+            if applied != 1 {
+                return Err(StoreError::Conflict { current });
             }
+            // `current` is the version the batches were applied on: `base`, or later when other
+            // replicas changed other routes meanwhile.
+            if confirmed < min_replicas {
+                return Err(StoreError::Indeterminate(format!(
+                    "only {confirmed} of the {min_replicas} Redis replicas required (--redis-min-replicas) confirmed the change within {WAIT_TIMEOUT:?}: it is on the primary, but a failover could lose it; the outcome is unknown, retry"
+                )));
+            }
+            // What came between, as the log has it; a batch that cannot be read leaves the
+            // list empty, and the writer waits for the log reader instead.
+            let between = came
+                .chunks_exact(2)
+                .map(|vc| {
+                    Some(Batch {
+                        version: vc[0].parse().ok()?,
+                        changes: serde_json::from_str(&vc[1]).ok()?,
+                    })
+                })
+                .collect::<Option<Vec<_>>>()
+                .unwrap_or_default();
+            Ok(Landed {
+                on: current,
+                between,
+            })
         })
     }
 
@@ -469,9 +930,9 @@ impl Store for RedisStore {
             for (key, ms) in &activity {
                 invocation.arg(key).arg(*ms);
             }
-            let _raised: i64 = self
+            let (_raised, _): (i64, _) = self
                 .shared
-                .run(true, |mut c| async move {
+                .run(Access::Write, |mut c| async move {
                     invocation.invoke_async(&mut c).await
                 })
                 .await?;
@@ -483,7 +944,7 @@ impl Store for RedisStore {
         Box::pin(async move {
             let key = &self.shared.keys.synced;
             self.shared
-                .run(true, |mut c| async move {
+                .run(Access::Write, |mut c| async move {
                     redis::cmd("SET")
                         .arg(key)
                         .arg(crate::routes::now_ms())
@@ -491,6 +952,7 @@ impl Store for RedisStore {
                         .await
                 })
                 .await
+                .map(drop)
         })
     }
 
@@ -500,7 +962,7 @@ impl Store for RedisStore {
             let body = serde_json::to_string(&revocation)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             self.shared
-                .run(true, |mut c| async move {
+                .run(Access::Write, |mut c| async move {
                     redis::cmd("XADD")
                         .arg(log)
                         .arg("MAXLEN")
@@ -539,9 +1001,9 @@ impl Store for RedisStore {
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 invocation.arg(&r.key).arg(data).arg(r.last_activity);
             }
-            let wrote: i64 = self
+            let (wrote, _): (i64, _) = self
                 .shared
-                .run(true, |mut c| async move {
+                .run(Access::Table, |mut c| async move {
                     invocation.invoke_async(&mut c).await
                 })
                 .await?;
@@ -564,18 +1026,12 @@ async fn read_log(shared: Arc<Shared>, tx: mpsc::Sender<StoreEvent>) {
         }
         shared.loaded.notified().await;
     };
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(CONNECT_TIMEOUT))
-        .set_response_timeout(Some(LOG_BLOCK + RESPONSE_TIMEOUT));
     let mut retry = Duration::from_millis(100);
     let mut reconnecting = false;
     loop {
-        let mut conn = match shared
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-        {
-            Ok(c) => c,
+        let moved = shared.moved.load(Ordering::Relaxed);
+        let mut conn = match shared.connect(LOG_BLOCK + RESPONSE_TIMEOUT).await {
+            Ok(c) => c.conn,
             Err(e) => {
                 shared.down(&e);
                 tokio::time::sleep(retry).await;
@@ -584,7 +1040,7 @@ async fn read_log(shared: Arc<Shared>, tx: mpsc::Sender<StoreEvent>) {
             }
         };
         if reconnecting {
-            match catch_up_check(&shared, &mut conn, &position).await {
+            match catch_up_check(&shared, &mut conn, &mut position).await {
                 Ok(events) => {
                     for event in events {
                         if tx.send(event).await.is_err() {
@@ -632,42 +1088,68 @@ async fn read_log(shared: Arc<Shared>, tx: mpsc::Sender<StoreEvent>) {
                     }
                 }
             }
+            if shared.moved.load(Ordering::Relaxed) != moved {
+                // The command connection found this server demoted: follow it to the primary.
+                break;
+            }
         }
         tokio::time::sleep(retry).await;
     }
 }
 
 /// After a lost connection: the store's version (a store without one lost its data), and
-/// whether entries this replica had not read yet were trimmed from the log meanwhile (then it
-/// must reload, and revocations may have been missed).
+/// whether this replica's place in the log is still there. When entries it had not read yet were
+/// trimmed meanwhile, or the entry it read last is gone although the log goes on (a failover to
+/// a replica that had not copied it), it must reload the table and read on from the log's end;
+/// revocations may have been missed, so cached credentials are voided too.
 async fn catch_up_check(
     shared: &Shared,
-    conn: &mut MultiplexedConnection,
-    position: &str,
+    conn: &mut Link,
+    position: &mut String,
 ) -> Result<Vec<StoreEvent>, RedisError> {
-    let (version, first): (Option<u64>, Vec<Entry>) = redis::pipe()
-        .cmd("GET")
-        .arg(&shared.keys.version)
-        .cmd("XRANGE")
-        .arg(&shared.keys.log)
-        .arg("-")
-        .arg("+")
-        .arg("COUNT")
-        .arg(1)
-        .query_async(conn)
-        .await?;
+    let log = &shared.keys.log;
+    let (version, first, last, mine): (Option<u64>, Vec<Entry>, Vec<Entry>, Vec<Entry>) =
+        redis::pipe()
+            .cmd("GET")
+            .arg(&shared.keys.version)
+            .cmd("XRANGE")
+            .arg(log)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .cmd("XREVRANGE")
+            .arg(log)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .cmd("XRANGE")
+            .arg(log)
+            .arg(position.as_str())
+            .arg(position.as_str())
+            .query_async(conn)
+            .await?;
     let mut events = vec![StoreEvent::Reconnected { version }];
-    if let Some((oldest, _)) = first.first() {
-        if position != "0-0" && stream_id_less(position, oldest) {
-            tracing::warn!(
-                "entries this replica had not read are gone from the route log (it was away too long, or redis lost its data); reloading the table and voiding cached credentials"
-            );
-            events.push(StoreEvent::Reload { version: None });
-            events.push(StoreEvent::Revoke(Revocation {
-                user: None,
-                at_ms: crate::routes::now_ms(),
-            }));
-        }
+    let (Some((oldest, _)), Some((newest, _))) = (first.first(), last.first()) else {
+        // An empty log: the store lost everything, which `Reconnected` handles (refill).
+        return Ok(events);
+    };
+    let gone = if *position == "0-0" || !mine.is_empty() {
+        None
+    } else if stream_id_less(position, oldest) {
+        Some("entries this replica had not read are gone from the route log (it was away too long, or redis lost its data)")
+    } else {
+        *position = newest.clone();
+        Some("the route log entry this replica read last is gone (a failover to a replica that had not copied it)")
+    };
+    if let Some(why) = gone {
+        tracing::warn!("{why}; reloading the table and voiding cached credentials");
+        events.push(StoreEvent::Reload { version: None });
+        events.push(StoreEvent::Revoke(Revocation {
+            user: None,
+            at_ms: crate::routes::now_ms(),
+        }));
     }
     Ok(events)
 }
