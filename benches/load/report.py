@@ -225,6 +225,13 @@ def ratios(rows):
                             get(rows, "hubgate.auth", "rps"),
                             mean2("hubgate.authopen", "hubgate.authopen2", "rps"),
                             lambda x: f"{x * 100:.1f} %"))
+    lines.append(ratio_line("hubgate + auth + limits on / hubgate + auth (cached token), "
+                            "requests/s", get(rows, "hubgate.authlimits", "rps"),
+                            get(rows, "hubgate.auth", "rps"), lambda x: f"{x * 100:.1f} %"))
+    lines.append(ratio_line("hubgate + auth + limits on / hubgate + auth (cached token), "
+                            "CPU per request", get(rows, "hubgate.authlimits", "cpu_us"),
+                            get(rows, "hubgate.auth", "cpu_us"),
+                            lambda x: f"{x * 100:.1f} % (change {(x - 1) * 100:+.1f} %)"))
     calls = (rows.get("hubgate.auth", {}).get("data") or {}).get("hub_user_calls")
     if calls is not None:
         lines.append(f"hub calls (GET /hub/api/user) during the authenticated run: {calls}")

@@ -759,6 +759,28 @@ else
     not_started hubgate.auth "hubgate + auth" hubgate-auth
 fi
 stop "$PROXY_PID"
+# The same with fair-use limits on (issue 19): a rate and a concurrency cap per user and per
+# client address, set high enough never to refuse, so every check runs and none answers.
+cat >"$WORK/limits.toml" <<'TOML'
+[limits]
+user = { rate = 1000000.0, burst = 1000000, concurrent = 100000, websockets = 100000 }
+client = { rate = 1000000.0, burst = 1000000, concurrent = 100000, websockets = 100000 }
+login = { rate = 1.0, burst = 10 }
+TOML
+if JUPYTERHUB_API_TOKEN="$HUB_TOKEN" start_hubgate hubgate-limits \
+        --hub-api-url "http://127.0.0.1:$HUB_PORT/hub/api" --config "$WORK/limits.toml"; then
+    timeout 300 python3 "$HERE/routeapi.py" sync --api "$PROXY_API" --token "$TOKEN" \
+        --target "$BACKEND" --count "$ROUTES" --with-user >"$WORK/limits-sync.out"
+    URL="http://127.0.0.1:$PROXY_PORT/user/u$MIDDLE/small"
+    code_ok=$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 -H "Authorization: token $USER_TOKEN" "$URL")
+    EXTRA_NOTE="limits on for user and client (never refusing); check: with the token $code_ok; "
+    load hubgate.authlimits "hubgate + auth + limits, small, cached token" "$URL" "$PROXY_PID" \
+        -H "Authorization: token $USER_TOKEN"
+    EXTRA_NOTE=""
+else
+    not_started hubgate.authlimits "hubgate + auth + limits" hubgate-limits
+fi
+stop "$PROXY_PID"
 stop "$HUB_PID"
 HGA_ERRLINES=$(errlines hubgate-auth)
 fi
