@@ -280,6 +280,7 @@ pub fn serve(parts: Parts, sockets: Sockets, config: &Config) -> anyhow::Result<
         ));
     }
     tokio::spawn(tls::watch(parts.tls_listeners()));
+    tokio::spawn(hangups());
     if let (Some(limits), Some(file)) = (&edge.limits, &config.config_file) {
         let login_rate = config.limit_login_rate;
         tokio::spawn(reload_limits(limits.clone(), file.clone(), login_rate));
@@ -444,6 +445,23 @@ impl Serving {
             tracing::warn!("grace period over with requests still in flight; exiting");
             Exit::Cut
         }
+    }
+}
+
+/// SIGHUP's default action ends the process, and operators send it expecting a reload. Listening
+/// for it here makes it harmless whatever is configured; the TLS and limits watchers listen too
+/// and reload what they own.
+async fn hangups() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hup) => {
+            while hup.recv().await.is_some() {
+                tracing::info!(
+                    "received SIGHUP: TLS certificates and limits reload; nothing else does"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP; one would stop hubgate"),
     }
 }
 

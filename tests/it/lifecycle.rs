@@ -192,6 +192,26 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
 }
 
 #[tokio::test]
+async fn sighup_with_nothing_to_reload_leaves_hubgate_serving() {
+    let backend = HeldBackend::start().await;
+    backend.release.send_replace(true);
+    let target = backend.url();
+    let mut hg = Hubgate::start(&["--default-target", &target]).await;
+    let proxy = hg.proxy;
+    hg.signal("HUP");
+    eventually(WAIT, "the SIGHUP to be logged", || {
+        let logged = hg.logs().contains("received SIGHUP");
+        async move { logged }
+    })
+    .await;
+    let resp = try_get(format!("http://{proxy}/after-hup"))
+        .await
+        .unwrap_or_else(|e| panic!("no answer after SIGHUP: {e}\n{}", hg.logs()));
+    assert_eq!(resp.status, StatusCode::OK, "{resp:?}");
+    assert!(hg.is_running(), "hubgate exited on SIGHUP:\n{}", hg.logs());
+}
+
+#[tokio::test]
 async fn shutdown_timeout_cuts_a_slow_request_and_exits_1() {
     let backend = HeldBackend::start().await;
     let target = backend.url();
