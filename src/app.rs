@@ -82,7 +82,7 @@ fn open_store(storage: &Storage) -> anyhow::Result<Arc<dyn Store>> {
         ),
         Storage::Redis(settings) => Arc::new(
             store::redis::RedisStore::open(settings)
-                .map_err(|e| anyhow::anyhow!("--redis-url: {e}"))?,
+                .map_err(|e| anyhow::anyhow!("{}: {e}", settings.server.flag()))?,
         ),
     })
 }

@@ -78,6 +78,17 @@ pub enum RedisServer {
     },
 }
 
+impl RedisServer {
+    /// The flag that named this server, for error messages.
+    pub fn flag(&self) -> &'static str {
+        match self {
+            RedisServer::Url(_) => "--redis-url",
+            RedisServer::Sentinel(_) => "--redis-sentinel",
+            RedisServer::Cluster { .. } => "--redis-cluster",
+        }
+    }
+}
+
 /// `--redis-sentinel` and the flags that go with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SentinelSettings {

@@ -21,12 +21,11 @@ use serde_json::Value;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    sync::watch,
 };
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::{
-    collect, empty, eventually, full, http_client, send, serve, Backend, Hubgate, Resp, Server,
+    collect, empty, eventually, full, http_client, send, Backend, HeldBackend, Hubgate, Resp,
     WsEvent, WsPeer, WAIT,
 };
 
@@ -95,48 +94,6 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("bind a free port")
         .port()
-}
-
-/// A backend that holds every request until released; it counts the requests that arrived.
-struct HeldBackend {
-    server: Server,
-    arrived: Arc<AtomicUsize>,
-    release: watch::Sender<bool>,
-}
-
-impl HeldBackend {
-    async fn start() -> HeldBackend {
-        let arrived = Arc::new(AtomicUsize::new(0));
-        let (release, released) = watch::channel(false);
-        let count = arrived.clone();
-        let server = serve(move |_req| {
-            let count = count.clone();
-            let mut released = released.clone();
-            async move {
-                count.fetch_add(1, Ordering::SeqCst);
-                let _ = released.wait_for(|r| *r).await;
-                http::Response::new(full("slow answer"))
-            }
-        })
-        .await;
-        HeldBackend {
-            server,
-            arrived,
-            release,
-        }
-    }
-
-    fn url(&self) -> String {
-        self.server.url("")
-    }
-
-    async fn wait_arrived(&self, n: usize) {
-        eventually(WAIT, "the request to reach the backend", || {
-            let arrived = self.arrived.load(Ordering::SeqCst);
-            async move { arrived >= n }
-        })
-        .await;
-    }
 }
 
 /// `GET url` from a client of its own; the error's debug text when no response came.

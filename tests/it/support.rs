@@ -1022,6 +1022,59 @@ impl Server {
     }
 }
 
+/// A backend that holds requests until released (all of them, or only those for one path; the
+/// others are answered at once), counting the held requests that arrived.
+pub struct HeldBackend {
+    pub server: Server,
+    pub arrived: Arc<std::sync::atomic::AtomicUsize>,
+    pub release: tokio::sync::watch::Sender<bool>,
+}
+
+impl HeldBackend {
+    /// Holds every request.
+    pub async fn start() -> HeldBackend {
+        Self::holding(None).await
+    }
+
+    /// Holds requests for `path` only (every request when `None`).
+    pub async fn holding(path: Option<&'static str>) -> HeldBackend {
+        let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (release, released) = tokio::sync::watch::channel(false);
+        let count = arrived.clone();
+        let server = serve(move |req| {
+            let count = count.clone();
+            let mut released = released.clone();
+            async move {
+                if path.is_some_and(|p| req.uri().path() != p) {
+                    return Response::new(full("fast answer"));
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                let _ = released.wait_for(|r| *r).await;
+                Response::new(full("slow answer"))
+            }
+        })
+        .await;
+        HeldBackend {
+            server,
+            arrived,
+            release,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url("")
+    }
+
+    /// Waits (at most `WAIT`) until `n` held requests have arrived.
+    pub async fn wait_arrived(&self, n: usize) {
+        eventually(WAIT, "the request to reach the backend", || {
+            let arrived = self.arrived.load(Ordering::SeqCst);
+            async move { arrived >= n }
+        })
+        .await;
+    }
+}
+
 /// Serve `handler` on `127.0.0.1:0` until the returned `Server` is dropped.
 pub async fn serve<F, Fut>(handler: F) -> Server
 where

@@ -8,19 +8,13 @@
 //! round trip on an open connection wakes exactly the worker that serves it. A round trip during
 //! which another worker also woke up (its idle sweep, a timer) proves nothing and is repeated.
 
-use std::{
-    collections::BTreeSet,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
-};
+use std::{collections::BTreeSet, sync::atomic::Ordering};
 
 use futures_util::{SinkExt, StreamExt};
-use http::{header, Request, Response, StatusCode};
+use http::{header, Request, StatusCode};
 use hyper::client::conn::{http1, http2};
 use serde_json::Value;
-use tokio::{net::TcpStream, sync::watch};
+use tokio::net::TcpStream;
 use tokio_tungstenite::{connect_async, tungstenite::Message, MaybeTlsStream, WebSocketStream};
 
 use crate::certs::{
@@ -29,7 +23,7 @@ use crate::certs::{
 };
 use crate::lifecycle::raw_exchange;
 use crate::support::{
-    collect, empty, eventually, full, serve, Backend, Body, Hubgate, Server, WsPeer, WAIT,
+    collect, empty, eventually, serve, Backend, Body, HeldBackend, Hubgate, WsPeer, WAIT,
 };
 
 /// Workers in every test here: the smallest number that can be unevenly loaded.
@@ -377,42 +371,9 @@ async fn max_connections_is_one_limit_for_all_workers() {
     .await;
 }
 
-/// A backend that holds `/b/slow` until released and answers anything else at once.
-struct Held {
-    server: Server,
-    arrived: Arc<AtomicUsize>,
-    release: watch::Sender<bool>,
-}
-
-impl Held {
-    async fn start() -> Held {
-        let arrived = Arc::new(AtomicUsize::new(0));
-        let (release, released) = watch::channel(false);
-        let count = arrived.clone();
-        let server = serve(move |req| {
-            let count = count.clone();
-            let mut released = released.clone();
-            async move {
-                if req.uri().path() == "/b/slow" {
-                    count.fetch_add(1, Ordering::SeqCst);
-                    let _ = released.wait_for(|r| *r).await;
-                    return Response::new(full("slow answer"));
-                }
-                Response::new(full("fast answer"))
-            }
-        })
-        .await;
-        Held {
-            server,
-            arrived,
-            release,
-        }
-    }
-}
-
 #[tokio::test]
 async fn sigterm_drains_slow_requests_on_every_worker_then_exits_0() {
-    let backend = Held::start().await;
+    let backend = HeldBackend::holding(Some("/b/slow")).await;
     let (mut hg, threads) = start(&backend.server.url(""), &[]).await;
     let proxy = hg.proxy;
 
