@@ -98,17 +98,11 @@ def describe(key: str, now: dict | None, before: dict | None) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description="Make hubgate's route table equal to a file."
-    )
-    parser.add_argument(
-        "file", help='JSON: {"/path": {"target": "http://...", ...}, ...}'
-    )
+    parser = argparse.ArgumentParser(description="Make hubgate's route table equal to a file.")
+    parser.add_argument("file", help='JSON: {"/path": {"target": "http://...", ...}, ...}')
     parser.add_argument("--dry-run", action="store_true", help="only count the changes")
     parser.add_argument("--page-size", type=int, default=500)
-    parser.add_argument(
-        "--url", default=os.environ.get("HUBGATE_API_URL", "http://127.0.0.1:8001")
-    )
+    parser.add_argument("--url", default=os.environ.get("HUBGATE_API_URL", "http://127.0.0.1:8001"))
     opts = parser.parse_args()
 
     try:

@@ -56,8 +56,7 @@ class Hubgate:
         env = {
             k: v
             for k, v in os.environ.items()
-            if not k.startswith(("HUBGATE_", "JUPYTERHUB_", "CONFIGPROXY_"))
-            and k != "RUST_LOG"
+            if not k.startswith(("HUBGATE_", "JUPYTERHUB_", "CONFIGPROXY_")) and k != "RUST_LOG"
         }
         env["CONFIGPROXY_AUTH_TOKEN"] = token
         args = [
@@ -95,13 +94,9 @@ class Hubgate:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=30)
 
-    def request(
-        self, method: str, path: str, body: object = None
-    ) -> tuple[int, dict, bytes]:
+    def request(self, method: str, path: str, body: object = None) -> tuple[int, dict, bytes]:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            f"http://{self.api}{path}", data=data, method=method
-        )
+        req = urllib.request.Request(f"http://{self.api}{path}", data=data, method=method)
         req.add_header("Authorization", f"token {self.token}")
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
@@ -164,11 +159,7 @@ def summarise(report: Path) -> dict:
         data = json.loads(report.read_text())
     except (OSError, ValueError):
         return {}
-    return {
-        k: data[k]
-        for k in ("operations", "test_cases", "failures", "phases")
-        if k in data
-    }
+    return {k: data[k] for k in ("operations", "test_cases", "failures", "phases") if k in data}
 
 
 def quote_key(key: str) -> str:
@@ -198,12 +189,8 @@ def check_table(hg: Hubgate, echo_port: int) -> dict:
             route,
         )
         # The whole key as one encoded segment: `/api/routes/` alone would list the table.
-        status, _, one = hg.request(
-            "GET", "/api/routes/" + urllib.parse.quote(key, safe="")
-        )
-        assert status == 200, (
-            f"{key!r} is listed but GET /api/routes/... answers {status}"
-        )
+        status, _, one = hg.request("GET", "/api/routes/" + urllib.parse.quote(key, safe=""))
+        assert status == 200, f"{key!r} is listed but GET /api/routes/... answers {status}"
         assert json.loads(one)["target"] == route["target"], key
 
     # One sync points every route at the echo server, each at a path of its own, keeping keys
@@ -241,10 +228,7 @@ def check_table(hg: Hubgate, echo_port: int) -> dict:
 
 
 def without_activity(table: dict) -> dict:
-    return {
-        k: {f: v for f, v in r.items() if f != "last_activity"}
-        for k, r in table.items()
-    }
+    return {k: {f: v for f, v in r.items() if f != "last_activity"} for k, r in table.items()}
 
 
 def main() -> int:
@@ -270,9 +254,7 @@ def main() -> int:
     threading.Thread(target=echo.serve_forever, daemon=True).start()
 
     hg = Hubgate(opts.hubgate, store, token, run_dir / "hubgate.log")
-    print(
-        f"hubgate: proxy {hg.proxy}, api {hg.api}, metrics {hg.metrics}; logs in {run_dir}"
-    )
+    print(f"hubgate: proxy {hg.proxy}, api {hg.api}, metrics {hg.metrics}; logs in {run_dir}")
     seed = ["--seed", opts.seed] if opts.seed else []
     try:
         api = schemathesis(
@@ -320,12 +302,8 @@ def main() -> int:
     try:
         status, _, after = again.request("GET", "/api/proxy")
         assert status == 200, (status, after)
-        lost = without_activity(json.loads(before)) != without_activity(
-            json.loads(after)
-        )
-        assert not lost, (
-            f"the table did not come back whole after a restart:\n{before}\n{after}"
-        )
+        lost = without_activity(json.loads(before)) != without_activity(json.loads(after))
+        assert not lost, f"the table did not come back whole after a restart:\n{before}\n{after}"
     finally:
         again.stop()
     echo.shutdown()
