@@ -294,14 +294,6 @@ impl Port {
         (Arc::new(port), receivers)
     }
 
-    /// Open connections per worker, for tests and `/api/status`.
-    pub fn spread(&self) -> Vec<usize> {
-        self.open
-            .iter()
-            .map(|n| n.load(Ordering::Relaxed))
-            .collect()
-    }
-
     /// Where a connection `me` just accepted is served: `None` for here, or the worker to hand
     /// it to. Counts it for whichever it is.
     fn place(&self, me: usize) -> Option<usize> {

@@ -28,7 +28,6 @@ pub struct Workers {
     threads: Vec<std::thread::JoinHandle<()>>,
     drained: Vec<oneshot::Receiver<bool>>,
     exit: watch::Sender<bool>,
-    port: Arc<Port>,
 }
 
 /// What every worker is given.
@@ -81,18 +80,7 @@ impl Workers {
             threads,
             drained,
             exit,
-            port: plan.port,
         })
-    }
-
-    /// How many workers serve.
-    pub fn count(&self) -> usize {
-        self.threads.len()
-    }
-
-    /// The port they serve, for its per-worker connection counts.
-    pub fn port(&self) -> &Arc<Port> {
-        &self.port
     }
 
     /// Waits until every worker has stopped accepting and its requests have finished (or the

@@ -141,11 +141,6 @@ impl Pool {
         });
     }
 
-    /// How many idle connections the pool holds.
-    pub fn idle_count(&self) -> usize {
-        self.lock().values().map(|(_, idle)| idle.len()).sum()
-    }
-
     fn lock(&self) -> MutexGuard<'_, ByOrigin> {
         // A panic while holding it cannot leave the map inconsistent: every change is one call.
         self.idle
