@@ -22,31 +22,9 @@ import signal
 import socket
 import threading
 import time
-from urllib.parse import urlsplit
 
-
-def connect(api):
-    u = urlsplit(api)
-    assert u.hostname in ("127.0.0.1", "localhost", "::1"), "loopback only"
-    return http.client.HTTPConnection(u.hostname, u.port, timeout=30)
-
-
-def call(conn, method, path, token, body=None):
-    headers = {"Authorization": f"token {token}"}
-    if body is not None:
-        headers["Content-Type"] = "application/json"
-    conn.request(method, path, body=body, headers=headers)
-    r = conn.getresponse()
-    r.read()
-    return r.status
-
-
-def pct(values, p):
-    if not values:
-        return 0.0
-    values = sorted(values)
-    i = min(len(values), max(1, int(len(values) * p + 0.999999))) - 1
-    return values[i]
+# Run as a script from this folder: its neighbour is importable.
+from propagation import call, connect, pct
 
 
 def latency(a):
