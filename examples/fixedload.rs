@@ -8,6 +8,11 @@
 //! - `fixedload send --url http://127.0.0.1:PORT/path --conns C --requests N`: `N` GET requests
 //!   spread over `C` keep-alive connections, one at a time on each; fails unless every answer is
 //!   a 200. Prints one JSON line with the count and the elapsed seconds.
+//! - `fixedload floor --listen 127.0.0.1:PORT --target 127.0.0.1:PORT [--secs S]`: the floor
+//!   the issue-14 measurements compare hubgate with: a bare hyper 1.x proxy on one
+//!   `current_thread` runtime, one upstream connection (`client::conn::http1`) per client
+//!   connection, TCP_NODELAY both sides, adding one header; no routing, auth, metrics or log.
+//!   What hubgate costs above it is hubgate's own work; what it costs above nginx is hyper's.
 
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
@@ -44,8 +49,16 @@ async fn main() -> anyhow::Result<()> {
             let requests: usize = arg(&args, "--requests").map_or(Ok(20_000), |s| s.parse())?;
             send(url, conns, requests).await
         }
+        Some("floor") => {
+            let listen = arg(&args, "--listen").unwrap_or_else(|| "127.0.0.1:0".into());
+            let target = arg(&args, "--target")
+                .ok_or_else(|| anyhow::anyhow!("--target host:port is required"))?;
+            let secs: f64 = arg(&args, "--secs").map_or(Ok(3600.0), |s| s.parse())?;
+            floor(&listen, target, Duration::from_secs_f64(secs)).await
+        }
         _ => anyhow::bail!(
-            "usage: fixedload serve --listen ADDR | send --url URL --conns C --requests N"
+            "usage: fixedload serve --listen ADDR | send --url URL --conns C --requests N \
+             | floor --listen ADDR --target HOST:PORT"
         ),
     }
 }
@@ -111,5 +124,53 @@ async fn send(url: hyper::Uri, conns: usize, requests: usize) -> anyhow::Result<
         "{{\"requests\": {done}, \"seconds\": {:.3}}}",
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+async fn floor(listen: &str, target: String, lifetime: Duration) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    println!("{}", listener.local_addr()?);
+    let target: &'static str = target.leak();
+    let accept = async {
+        loop {
+            let (stream, _) = listener.accept().await?;
+            stream.set_nodelay(true)?;
+            tokio::spawn(async move {
+                if let Err(e) = floor_connection(stream, target).await {
+                    eprintln!("floor: {e}");
+                }
+            });
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), anyhow::Error>(())
+    };
+    tokio::select! {
+        r = accept => r,
+        () = tokio::time::sleep(lifetime) => Ok(()),
+    }
+}
+
+/// One client connection with its own upstream connection, both driven on this thread.
+async fn floor_connection(client: TcpStream, target: &'static str) -> anyhow::Result<()> {
+    let upstream = TcpStream::connect(target).await?;
+    upstream.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await?;
+    tokio::spawn(conn);
+    let sender = std::sync::Arc::new(tokio::sync::Mutex::new(sender));
+    let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+        let sender = sender.clone();
+        async move {
+            req.headers_mut().insert(
+                "x-forwarded-proto",
+                hyper::header::HeaderValue::from_static("http"),
+            );
+            let mut sender = sender.lock().await;
+            sender.ready().await?;
+            sender.send_request(req).await
+        }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(client), service)
+        .await?;
     Ok(())
 }

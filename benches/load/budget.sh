@@ -3,7 +3,7 @@
 # (not timed) so that the figure is the same on a busy machine as on a quiet one.
 #
 #   bash benches/load/budget.sh [--bin PATH] [--requests N] [--conns C] [--routes R] [--top K]
-#                               [--preload LIB]
+#                               [--preload LIB] [--floor]
 #
 # hubgate runs under `valgrind --tool=callgrind` with one worker; a backend (examples/fixedload
 # serve) answers a small body. After a warm-up (every connection opened, pools filled), the
@@ -12,6 +12,8 @@
 # instructions (Ir), calls to malloc/calloc/realloc, and the top K functions by their own
 # instructions. `--bin` measures another build (e.g. an older commit's) the same way;
 # `--preload` runs it with another allocator (e.g. /usr/lib/x86_64-linux-gnu/libjemalloc.so.2).
+# `--floor` measures the bare hyper proxy (`fixedload floor`) instead: the floor hubgate's own
+# work sits on.
 #
 # Needs valgrind (installed from Debian when missing, as root) and builds hubgate and
 # examples/fixedload with cargo --release unless --bin is given.
@@ -28,6 +30,7 @@ CONNS=32
 ROUTES=1000
 TOP=25
 PRELOAD=""
+FLOOR=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --bin) BIN=${2:?}; shift ;;
@@ -36,6 +39,7 @@ while [ $# -gt 0 ]; do
         --routes) ROUTES=${2:?}; shift ;;
         --top) TOP=${2:?}; shift ;;
         --preload) PRELOAD=${2:?}; shift ;;
+        --floor) FLOOR=1 ;;
         --keep) KEEP=1 ;;
         -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "budget.sh: unknown argument $1" >&2; exit 64 ;;
@@ -50,7 +54,7 @@ command -v valgrind >/dev/null || {
 }
 TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
 (cd "$REPO" && cargo build -q --release --example fixedload) || die "cannot build examples/fixedload"
-if [ -z "$BIN" ]; then
+if [ -z "$BIN" ] && [ -z "$FLOOR" ]; then
     (cd "$REPO" && cargo build -q --release --bin hubgate) || die "cannot build hubgate"
     BIN=$TARGET_DIR/release/hubgate
 fi
@@ -64,17 +68,10 @@ TOKEN=budget-token-$$
 start backend 0-63 "$LOAD" serve --listen "127.0.0.1:$BACKEND_PORT" --secs 1800
 wait_port "$BACKEND_PORT" || die "backend did not start"
 
-# One worker: the budget is the work a request costs, not how it spreads. TOKIO_WORKER_THREADS
-# does the same for builds older than --workers.
-HUBGATE_WORKERS=1 TOKIO_WORKER_THREADS=1 CONFIGPROXY_AUTH_TOKEN=$TOKEN LD_PRELOAD=$PRELOAD \
-    start hubgate 0-63 valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" \
-    "$BIN" --ip 127.0.0.1 --port "$PROXY_PORT" --api-ip 127.0.0.1 --api-port "$API_PORT" --log-level warn
-HG_PID=$LAST_PID
-wait_port "$PROXY_PORT" 1200 || die "hubgate did not start under valgrind: $(tail -5 "$WORK/hubgate.log")"
-wait_port "$API_PORT" 600 || die "hubgate's API did not start"
-
-log "adding $ROUTES routes"
-python3 - "$API_PORT" "$TOKEN" "$ROUTES" "$BACKEND_PORT" <<'PY' || die "adding routes failed"
+add_routes() {
+    wait_port "$API_PORT" 600 || die "hubgate's API did not start"
+    log "adding $ROUTES routes"
+    python3 - "$API_PORT" "$TOKEN" "$ROUTES" "$BACKEND_PORT" <<'PY' || die "adding routes failed"
 import json, sys, urllib.request
 api, token, n, backend = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 routes = {f"/user/u{i}": {"target": f"http://127.0.0.1:{backend}"} for i in range(n)}
@@ -83,6 +80,24 @@ req = urllib.request.Request(f"http://127.0.0.1:{api}/api/proxy", method="POST",
     headers={"Authorization": f"token {token}", "Content-Type": "application/json"})
 urllib.request.urlopen(req, timeout=300).read()
 PY
+}
+
+if [ -n "$FLOOR" ]; then
+    BIN="$LOAD floor"
+    LD_PRELOAD=$PRELOAD start hubgate 0-63 valgrind --tool=callgrind \
+        --callgrind-out-file="$WORK/cg.out" \
+        "$LOAD" floor --listen "127.0.0.1:$PROXY_PORT" --target "127.0.0.1:$BACKEND_PORT" --secs 1800
+else
+    # One worker: the budget is the work a request costs, not how it spreads.
+    # TOKIO_WORKER_THREADS does the same for builds older than --workers.
+    HUBGATE_WORKERS=1 TOKIO_WORKER_THREADS=1 CONFIGPROXY_AUTH_TOKEN=$TOKEN LD_PRELOAD=$PRELOAD \
+        start hubgate 0-63 valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" \
+        "$BIN" --ip 127.0.0.1 --port "$PROXY_PORT" --api-ip 127.0.0.1 --api-port "$API_PORT" \
+        --log-level warn
+fi
+HG_PID=$LAST_PID
+wait_port "$PROXY_PORT" 1200 || die "the proxy did not start under valgrind: $(tail -5 "$WORK/hubgate.log")"
+[ -n "$FLOOR" ] || add_routes
 URL="http://127.0.0.1:$PROXY_PORT/user/u$((ROUTES / 2))/api/contents"
 log "warm-up: $((CONNS * 20)) requests on $CONNS connections"
 "$LOAD" send --url "$URL" --conns "$CONNS" --requests $((CONNS * 20)) >/dev/null || die "warm-up failed"
