@@ -212,7 +212,7 @@ impl Proxy {
         }
         if let Some(auth) = &self.auth {
             // Authentication reads it (cookies are `Secure` on TLS connections).
-            req.extensions_mut().insert(conn);
+            req.extensions_mut().insert(conn.clone());
             if auth.is_callback(req.uri().path()) {
                 return Ok(auth.callback(&req).await);
             }
@@ -225,8 +225,8 @@ impl Proxy {
             upstream: None,
             route: None,
         };
-        let resp = self.answer(req, conn, websocket, &mut trace).await;
-        Ok(self.record(resp, method, conn, started, websocket, trace))
+        let resp = self.answer(req, &conn, websocket, &mut trace).await;
+        Ok(self.record(resp, method, conn.remote_ip, started, websocket, trace))
     }
 
     /// The last phase: metrics, and the access-log line when the response body ends.
@@ -234,7 +234,7 @@ impl Proxy {
         &self,
         resp: Response<ProxyBody>,
         method: http::Method,
-        conn: ConnInfo,
+        client: Option<std::net::IpAddr>,
         started: Instant,
         websocket: bool,
         trace: Trace,
@@ -256,7 +256,7 @@ impl Proxy {
             route: trace.route,
             status,
             started,
-            client: conn.remote_ip,
+            client,
         };
         resp.map(|body| LoggedBody::new(body, record).boxed())
     }
@@ -265,7 +265,7 @@ impl Proxy {
     async fn answer(
         &self,
         req: Request<Incoming>,
-        conn: ConnInfo,
+        conn: &ConnInfo,
         websocket: bool,
         trace: &mut Trace,
     ) -> Response<ProxyBody> {
@@ -291,7 +291,7 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         uri: &http::Uri,
-        conn: ConnInfo,
+        conn: &ConnInfo,
         websocket: bool,
         trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -387,7 +387,7 @@ impl Proxy {
         &self,
         req: &Request<Incoming>,
         path: &RequestPath<'_>,
-        conn: ConnInfo,
+        conn: &ConnInfo,
         grant: &Grant,
         kind: RouteKind,
         websocket: bool,
@@ -417,7 +417,7 @@ impl Proxy {
     fn upstream_request(
         &self,
         req: Request<Incoming>,
-        conn: ConnInfo,
+        conn: &ConnInfo,
         path: &RequestPath<'_>,
         route: &Arc<Route>,
         host: Option<HeaderValue>,
@@ -608,7 +608,7 @@ fn target_host(route: &Route) -> Option<HeaderValue> {
 /// absent.
 fn add_forwarded(
     headers: &mut HeaderMap,
-    conn: ConnInfo,
+    conn: &ConnInfo,
     host: Option<&HeaderValue>,
     websocket: bool,
 ) {
@@ -619,7 +619,7 @@ fn add_forwarded(
         (false, false) => "http",
     };
     let host_str = host.and_then(|h| h.to_str().ok());
-    append_forwarded(headers, X_FORWARDED_FOR, client_address(conn.remote_ip));
+    append_forwarded(headers, X_FORWARDED_FOR, conn.forwarded_for.clone());
     if let Some(port) = value_of(forwarded_port(host_str, conn.tls)) {
         append_forwarded(headers, X_FORWARDED_PORT, port);
     }
@@ -736,19 +736,6 @@ fn value_of(s: &str) -> Option<HeaderValue> {
         "443" => Some(HeaderValue::from_static("443")),
         _ => HeaderValue::from_str(s).ok(),
     }
-}
-
-/// The client's address as `X-Forwarded-For` writes it, formatted without a heap string.
-fn client_address(ip: Option<std::net::IpAddr>) -> HeaderValue {
-    use std::io::Write;
-    let Some(ip) = ip else {
-        return HeaderValue::from_static("");
-    };
-    let mut buf = [0u8; 64];
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    let _ = write!(cursor, "{}", ip.to_canonical());
-    let n = usize::try_from(cursor.position()).unwrap_or(0);
-    HeaderValue::from_bytes(&buf[..n]).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// Appends to an `X-Forwarded-*` header with `,` as CHP's proxy library does.

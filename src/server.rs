@@ -522,7 +522,7 @@ impl Conns<'_> {
                 },
                 None => io,
             };
-            let service = service_fn(move |req| handler(req, info));
+            let service = service_fn(move |req| handler(req, info.clone()));
             let io = TokioIo::new(IdleIo::new(
                 io,
                 port.settings.idle_timeout,
@@ -648,16 +648,8 @@ impl HandedStream {
 
 fn tcp_info(stream: &TcpStream, addr: SocketAddr) -> ConnInfo {
     let _ = stream.set_nodelay(true);
-    ConnInfo {
-        remote_ip: Some(addr.ip()),
-        tls: false,
-    }
+    ConnInfo::tcp(addr.ip())
 }
-
-const UNIX_INFO: ConnInfo = ConnInfo {
-    remote_ip: None,
-    tls: false,
-};
 
 /// A connection already waiting in the listener's queue, without waiting for one. Asks the
 /// socket itself: the runtime may not have seen the newest ones yet.
@@ -676,14 +668,14 @@ fn accept_queued(listener: &Listener) -> Option<io::Result<(Accepted, ConnInfo)>
             let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
             let info = match addr.as_socket() {
                 Some(addr) => tcp_info(&stream, addr),
-                None => UNIX_INFO,
+                None => ConnInfo::unix(),
             };
             Ok((Accepted::Tcp(stream), info))
         }
         Listener::Unix(..) => {
             let fd = std::os::fd::OwnedFd::from(socket);
             let stream = UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))?;
-            Ok((Accepted::Unix(stream), UNIX_INFO))
+            Ok((Accepted::Unix(stream), ConnInfo::unix()))
         }
     });
     Some(registered)
@@ -698,7 +690,7 @@ async fn accept(listener: &Listener) -> io::Result<(Accepted, ConnInfo)> {
         }
         Listener::Unix(l, _) => {
             let (stream, _) = l.accept().await?;
-            Ok((Accepted::Unix(stream), UNIX_INFO))
+            Ok((Accepted::Unix(stream), ConnInfo::unix()))
         }
     }
 }
