@@ -31,6 +31,8 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::http::{ConnInfo, ProxyBody};
 
+mod timer;
+
 /// Where a listener binds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {
@@ -315,7 +317,8 @@ fn http_builder(settings: &ConnSettings) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .timer(TokioTimer::new())
+        // hyper arms this timer for every request head: see `timer` for why it is not tokio's.
+        .timer(timer::CoarseTimer)
         .header_read_timeout(settings.keep_alive_timeout)
         .max_buf_size(settings.max_header_size.max(8192))
         .keep_alive(true);
