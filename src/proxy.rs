@@ -156,16 +156,20 @@ pub struct Proxy {
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
-/// non-standard ones that old clients still send.
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
+/// non-standard ones that old clients still send. Asked of every header of every message: a
+/// `match` on the name compares lengths first, where comparing `HeaderName`s does not.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
@@ -665,7 +669,7 @@ fn header_has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool
 /// Most messages carry none, and finding that out by looking at the names present is cheaper
 /// than asking the map for each of them.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
     let mut connection = headers.get_all(header::CONNECTION).iter();
@@ -688,7 +692,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             headers.remove(token);
         }
     }
-    for name in &HOP_BY_HOP {
+    let present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| is_hop_by_hop(k))
+        .cloned()
+        .collect();
+    for name in present {
         headers.remove(name);
     }
     if let Some(upgrade) = upgrade {
