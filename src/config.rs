@@ -27,7 +27,7 @@ mod validate;
 
 /// Where a listener binds; `server` owns it, start-up names it through here.
 pub use crate::server::Listen;
-pub use options::{Cli, Options, Secrets, FLAG_ONLY};
+pub use options::{without_password, Cli, Options, Secrets, FLAG_ONLY, SECRET_OPTIONS};
 
 /// The exit code for a configuration error (EX_USAGE, as linkerd2-proxy uses).
 pub const EXIT_CONFIG: i32 = 64;
@@ -507,6 +507,38 @@ mod tests {
             .iter()
             .all(|k| !FLAG_ONLY.contains(&k.as_str())));
         assert!(Options::file_keys().contains(&"custom_headers".to_owned()));
+    }
+
+    #[test]
+    fn no_secret_option_is_printed() {
+        let cli = Cli::try_parse_from([
+            "hubgate",
+            "--redis-url",
+            "redis://:url-pw-1@h:6379/0",
+            "--redis-password",
+            "redis-pw-2",
+            "--redis-sentinel-password",
+            "sentinel-pw-3",
+            "--session-secrets",
+            "session-secret-4",
+        ])
+        .unwrap();
+        let mut options = cli.options.clone();
+        options.auth_token = Some("api-token-5".into());
+        options.hub_api_token = Some("hub-token-6".into());
+        let printed = format!("{options:?} {cli:?} {options:#?}");
+        for secret in [
+            "url-pw-1",
+            "redis-pw-2",
+            "sentinel-pw-3",
+            "session-secret-4",
+            "api-token-5",
+            "hub-token-6",
+        ] {
+            assert!(!printed.contains(secret), "{secret} in {printed}");
+        }
+        assert!(printed.contains("redis://<hidden>@h:6379/0"), "{printed}");
+        assert!(printed.contains("redis_prefix: \"hubgate\""), "{printed}");
     }
 
     #[test]
