@@ -40,7 +40,7 @@ while [ $# -gt 0 ]; do
         --bin) BIN=${2:?--bin needs a file}; shift ;;
         --count) COUNT=${2:?--count needs a number}; shift ;;
         --rounds) ROUNDS=${2:?--rounds needs a number}; shift ;;
-        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) echo "failover.sh: unknown argument $1 (see --help)" >&2; exit 64 ;;
     esac
     shift
