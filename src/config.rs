@@ -27,7 +27,7 @@ mod validate;
 
 /// Where a listener binds; `server` owns it, start-up names it through here.
 pub use crate::server::Listen;
-pub use options::{without_password, Cli, Options, Secrets, FLAG_ONLY, SECRET_OPTIONS};
+pub use options::{Cli, Options, Secrets, FLAG_ONLY, SECRET_OPTIONS};
 
 /// The exit code for a configuration error (EX_USAGE, as linkerd2-proxy uses).
 pub const EXIT_CONFIG: i32 = 64;

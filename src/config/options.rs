@@ -418,7 +418,7 @@ impl fmt::Debug for Options {
                 *value = "<hidden>".into();
             } else if name == "redis_url" {
                 if let Some(url) = value.as_str() {
-                    *value = without_password(url).into();
+                    *value = crate::store::redis::without_password(url).into();
                 }
             }
         }
@@ -427,19 +427,6 @@ impl fmt::Debug for Options {
             out.field(name, &format_args!("{value}"));
         }
         out.finish()
-    }
-}
-
-/// A URL with whatever stands before `@` in its authority (a password, perhaps with a user
-/// name) replaced by `<hidden>`.
-pub fn without_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}://<hidden>{}", &rest[at..]),
-        None => url.to_owned(),
     }
 }
 

@@ -99,10 +99,7 @@ impl RedisServer {
 impl fmt::Debug for RedisServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RedisServer::Url(url) => f
-                .debug_tuple("Url")
-                .field(&crate::config::without_password(url))
-                .finish(),
+            RedisServer::Url(url) => f.debug_tuple("Url").field(&without_password(url)).finish(),
             RedisServer::Sentinel(s) => f.debug_tuple("Sentinel").field(s).finish(),
             RedisServer::Cluster { nodes, password } => f
                 .debug_struct("Cluster")
@@ -134,6 +131,19 @@ impl fmt::Debug for SentinelSettings {
             .field("password", &hidden(&self.password))
             .field("sentinel_password", &hidden(&self.sentinel_password))
             .finish()
+    }
+}
+
+/// A URL with whatever stands before `@` in its authority (a password, perhaps with a user
+/// name) replaced by `<hidden>`.
+pub fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://<hidden>{}", &rest[at..]),
+        None => url.to_owned(),
     }
 }
 
