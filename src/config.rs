@@ -393,6 +393,15 @@ mod tests {
             "--redis-min-replicas"
         );
         assert_eq!(
+            flag(&[
+                "--redis-url",
+                "rediss://h/",
+                "--redis-ca",
+                "/nonexistent/ca.pem"
+            ]),
+            "--redis-ca"
+        );
+        assert_eq!(
             flag(&["--redis-cluster", "h:1", "--redis-url", "redis://h/"]),
             "--redis-sentinel"
         );

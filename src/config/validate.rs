@@ -362,6 +362,13 @@ fn redis_settings(o: &Options) -> Result<RedisSettings, ConfigError> {
             "TLS towards Sentinel or a cluster is not supported yet",
         ));
     }
+    if let Some(path) = &o.redis_ca {
+        // Read again when the store opens; a file that is not there is a configuration error,
+        // found before any socket is bound, not a store that seems unreachable.
+        std::fs::read(path).map_err(|e| {
+            ConfigError::new("--redis-ca", format!("cannot read {}: {e}", path.display()))
+        })?;
+    }
     let prefix = o.redis_prefix.clone();
     if prefix.is_empty() || prefix.contains(['{', '}']) || prefix.chars().any(char::is_whitespace) {
         return Err(ConfigError::new(
