@@ -146,7 +146,7 @@ impl Edge {
                 };
                 Some(Arc::new(hub::Hub::new(
                     url.clone(),
-                    config.hub_api_token.clone(),
+                    config.hub_api_token.as_ref().map(|t| t.expose().to_owned()),
                     upstream::client(client_tls.clone()),
                     announce,
                 )))
@@ -375,7 +375,7 @@ fn serve_control(
         edge.auth,
         status.clone(),
         api::ApiSettings {
-            token: config.auth_token.clone(),
+            token: config.auth_token.as_ref().map(|t| t.expose().to_owned()),
             host_routing: config.host_routing,
             max_body: config.max_route_body,
             max_sync_body: config.max_sync_body,
@@ -573,7 +573,7 @@ fn announcement(config: &Config, api: &Listener) -> anyhow::Result<Value> {
     };
     Ok(serde_json::json!({
         "api_url": api_url,
-        "auth_token": config.auth_token,
+        "auth_token": config.auth_token.as_ref().map(crate::config::Secret::expose),
         "ip": addr.map(|a| a.ip().to_string()),
         "port": addr.map(|a| a.port()),
         "protocol": "http",

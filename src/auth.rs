@@ -62,8 +62,8 @@ impl Identity {
     }
 }
 
-/// Authentication settings, from the configuration.
-#[derive(Debug, Clone)]
+/// Authentication settings, from the configuration. `Debug` hides the session secrets.
+#[derive(Clone)]
 pub struct AuthSettings {
     pub cache_ttl: Duration,
     pub negative_ttl: Duration,
@@ -83,6 +83,44 @@ pub struct AuthSettings {
     pub identity_header: Option<HeaderName>,
     pub cookie_path: String,
     pub cookie_secure: bool,
+}
+
+impl std::fmt::Debug for AuthSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let AuthSettings {
+            cache_ttl,
+            negative_ttl,
+            cache_size,
+            grace,
+            allow_token_in_url,
+            legacy_token_endpoint,
+            hub_login_cookie,
+            oauth,
+            session_secrets,
+            ephemeral_secret,
+            identity_header,
+            cookie_path,
+            cookie_secure,
+        } = self;
+        f.debug_struct("AuthSettings")
+            .field("cache_ttl", cache_ttl)
+            .field("negative_ttl", negative_ttl)
+            .field("cache_size", cache_size)
+            .field("grace", grace)
+            .field("allow_token_in_url", allow_token_in_url)
+            .field("legacy_token_endpoint", legacy_token_endpoint)
+            .field("hub_login_cookie", hub_login_cookie)
+            .field("oauth", oauth)
+            .field(
+                "session_secrets",
+                &format_args!("{} hidden", session_secrets.len()),
+            )
+            .field("ephemeral_secret", ephemeral_secret)
+            .field("identity_header", identity_header)
+            .field("cookie_path", cookie_path)
+            .field("cookie_secure", cookie_secure)
+            .finish()
+    }
 }
 
 /// A hub failure during a decision. Requests it affects get 503.

@@ -27,7 +27,7 @@ mod validate;
 
 /// Where a listener binds; `server` owns it, start-up names it through here.
 pub use crate::server::Listen;
-pub use options::{Cli, Options, Secrets, FLAG_ONLY};
+pub use options::{Cli, Options, Secrets, FLAG_ONLY, SECRET_OPTIONS};
 
 /// The exit code for a configuration error (EX_USAGE, as linkerd2-proxy uses).
 pub const EXIT_CONFIG: i32 = 64;
@@ -65,7 +65,7 @@ pub struct Config {
     /// The metrics server, when asked for (CHP: `--metrics-port`).
     pub metrics_listen: Option<Listen>,
     /// `None` (or empty in the environment) leaves the API open, as CHP does.
-    pub auth_token: Option<String>,
+    pub auth_token: Option<Secret>,
     pub default_target: Option<Target>,
     pub error_pages: ErrorPages,
     pub host_routing: bool,
@@ -87,7 +87,7 @@ pub struct Config {
     pub storage: Storage,
     /// The hub's API, for the handshake (and, later, authentication).
     pub hub_api_url: Option<Target>,
-    pub hub_api_token: Option<String>,
+    pub hub_api_token: Option<Secret>,
     /// Announce hubgate's API to the hub at start.
     pub notify_hub: bool,
     /// hubgate's API URL as the hub should reach it; derived from the API listener when unset.
@@ -117,6 +117,27 @@ pub struct Config {
     pub limit_login_rate: Option<f64>,
     /// The configuration file, read again for the limits on SIGHUP.
     pub config_file: Option<PathBuf>,
+}
+
+/// A token or password: `Debug` shows `<hidden>`, so a configuration printed whole (in a log, a
+/// panic, a test's failure message) shows none; [`Secret::expose`] is the one way to read it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Secret {
+        Secret(value)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<hidden>")
+    }
 }
 
 /// The `[limits]` table of the configuration file as it is now, with `--limit-login-rate` over
@@ -372,6 +393,15 @@ mod tests {
             "--redis-min-replicas"
         );
         assert_eq!(
+            flag(&[
+                "--redis-url",
+                "rediss://h/",
+                "--redis-ca",
+                "/nonexistent/ca.pem"
+            ]),
+            "--redis-ca"
+        );
+        assert_eq!(
             flag(&["--redis-cluster", "h:1", "--redis-url", "redis://h/"]),
             "--redis-sentinel"
         );
@@ -412,7 +442,7 @@ mod tests {
                 port: 7100
             }
         );
-        assert_eq!(c.auth_token.as_deref(), Some("env"));
+        assert_eq!(c.auth_token.as_ref().map(Secret::expose), Some("env"));
         assert!(!c.x_forward);
         assert_eq!(c.custom_headers[0].0, "x-a");
     }
@@ -507,6 +537,65 @@ mod tests {
             .iter()
             .all(|k| !FLAG_ONLY.contains(&k.as_str())));
         assert!(Options::file_keys().contains(&"custom_headers".to_owned()));
+    }
+
+    #[test]
+    fn no_secret_option_is_printed() {
+        let cli = Cli::try_parse_from([
+            "hubgate",
+            "--redis-url",
+            "redis://:url-pw-1@h:6379/0",
+            "--redis-password",
+            "redis-pw-2",
+            "--redis-sentinel-password",
+            "sentinel-pw-3",
+            "--session-secrets",
+            "session-secret-4",
+        ])
+        .unwrap();
+        let mut options = cli.options.clone();
+        options.auth_token = Some("api-token-5".into());
+        options.hub_api_token = Some("hub-token-6".into());
+        let printed = format!("{options:?} {cli:?} {options:#?}");
+        for secret in [
+            "url-pw-1",
+            "redis-pw-2",
+            "sentinel-pw-3",
+            "session-secret-4",
+            "api-token-5",
+            "hub-token-6",
+        ] {
+            assert!(!printed.contains(secret), "{secret} in {printed}");
+        }
+        assert!(printed.contains("redis://<hidden>@h:6379/0"), "{printed}");
+        assert!(printed.contains("redis_prefix: \"hubgate\""), "{printed}");
+    }
+
+    #[test]
+    fn the_validated_configuration_prints_no_secret() {
+        let cli = Cli::try_parse_from([
+            "hubgate",
+            "--storage-backend",
+            "redis",
+            "--redis-url",
+            "redis://:url-pw-1@h:6379/0",
+            "--hub-api-url",
+            "http://127.0.0.1:8081/hub/api",
+            "--session-secrets",
+            "session-secret-4-0123456789abcdef0123456789",
+        ])
+        .unwrap();
+        let mut config = Config::load(cli, &|_| None).unwrap();
+        config.auth_token = Some(Secret::new("api-token-5".into()));
+        config.hub_api_token = Some(Secret::new("hub-token-6".into()));
+        let printed = format!("{config:?}");
+        for secret in ["url-pw-1", "session-secret-4", "api-token-5", "hub-token-6"] {
+            assert!(!printed.contains(secret), "{secret} in {printed}");
+        }
+        // The session secret as bytes, the way a derived Debug would print a Vec<u8>.
+        let bytes = format!("{:?}", b"session".to_vec());
+        assert!(!printed.contains(&bytes[1..bytes.len() - 1]), "{printed}");
+        assert!(printed.contains("<hidden>"), "{printed}");
     }
 
     #[test]

@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
-# Redis behind Sentinel, as hubgate sees it: the latency of a route write with
-# --redis-min-replicas 0 and 1, and the time from SIGKILLing the Redis primary to the first write
-# hubgate accepts again. On loopback: one primary, one replica, three sentinels
-# (down-after-milliseconds 1000, as tests/it/redis_failover.rs), one release hubgate.
+# Redis as hubgate's replicas share it, rows of two groups:
+#   sentinel     behind Sentinel: the latency of a route write with --redis-min-replicas 0 and 1,
+#                and the time from SIGKILLing the Redis primary to the first write hubgate
+#                accepts again (one primary, one replica, three sentinels with
+#                down-after-milliseconds 1000, as tests/it/redis_failover.rs; one hubgate)
+#   propagation  how long a route change made through one hubgate replica takes to be listed by
+#                another (propagation.py), through one Redis and through a Redis Cluster (three
+#                primaries with a replica each, as the tests make it) in the same run; and the
+#                write latency on the cluster with --redis-min-replicas 0 and 1
+# All on loopback, release hubgates.
 #
 #   bash benches/load/failover.sh [--bin target/release/hubgate] [--count N] [--rounds R]
+#                                 [--rows sentinel,propagation]
 #
 #   --bin     the hubgate to run (default target/release/hubgate, built if missing)
-#   --count   writes per latency row (N adds then N deletes; default 1000)
+#   --count   writes per latency row (N adds then N deletes; default 1000), and route changes
+#             per propagation row (N/2 adds then N/2 deletes)
 #   --rounds  failovers to time, each on a new deployment (default 3)
+#   --rows    the groups to run (default both)
+#
+# It prints a markdown table, `| row | result |`, the result a JSON object; benches/load/run.sh
+# --rows failover turns these rows into its report's.
 #
 # Needs redis-server (Debian's: installed when missing and root) and python3. Every process it
 # starts is killed on exit; every address is 127.0.0.1. It is about Redis round trips, not proxy
@@ -21,16 +33,19 @@ REPO=$(cd "$HERE/../.." && pwd)
 BIN=$REPO/target/release/hubgate
 COUNT=1000
 ROUNDS=3
+ROWS=sentinel,propagation
 while [ $# -gt 0 ]; do
     case "$1" in
+        --rows) ROWS=${2:?--rows needs a list}; shift ;;
         --bin) BIN=${2:?--bin needs a file}; shift ;;
         --count) COUNT=${2:?--count needs a number}; shift ;;
         --rounds) ROUNDS=${2:?--rounds needs a number}; shift ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) echo "failover.sh: unknown argument $1 (see --help)" >&2; exit 64 ;;
     esac
     shift
 done
+want() { case ",$ROWS," in *",$1,"*) return 0 ;; esac; return 1; }
 
 if ! command -v redis-server >/dev/null; then
     [ "$(id -u)" = 0 ] || { echo "failover.sh: needs redis-server (apt-get install redis-server)" >&2; exit 1; }
@@ -69,7 +84,20 @@ redis() {  # NAME PORT [args]: a redis-server in its own directory
         --repl-diskless-sync-delay 0 --logfile "$WORK/$name/log" "$@" &
     PIDS+=($!)
     LAST_PID=$!
-    wait_port "$port"
+    wait_port "$port" || { log "redis-server $name did not start: $(tail -c 300 "$WORK/$name/log")"; return 1; }
+}
+cluster_port() {  # a port that binds, with its cluster bus port (+10 000) free too, below 30 000
+    python3 -c '
+import random, socket
+for _ in range(500):
+    p = random.randint(20000, 29999)
+    try:
+        for q in (p, p + 10000):
+            socket.socket().bind(("127.0.0.1", q))
+    except OSError:
+        continue
+    print(p)
+    break'
 }
 sentinel() {  # NAME PORT PRIMARY_PORT
     local name=$1 port=$2
@@ -107,13 +135,14 @@ deployment() {
     done
     log "the sentinels did not see each other within 30 s"; return 1
 }
-hubgate() {  # MIN_REPLICAS: a hubgate through the sentinels; sets HG_PID, API
-    local api proxy
+hubgate() {  # MIN_REPLICAS [STORE FLAGS]: a hubgate (default: through the sentinels); sets HG_PID, API
+    local api proxy n=$1; shift
+    [ $# -gt 0 ] || set -- --redis-sentinel "127.0.0.1:$S1,127.0.0.1:$S2,127.0.0.1:$S3" \
+        --redis-sentinel-master hub
     api=$(free_port); proxy=$(free_port)
     CONFIGPROXY_AUTH_TOKEN=$TOKEN "$BIN" --ip 127.0.0.1 --port "$proxy" --api-ip 127.0.0.1 \
-        --api-port "$api" --log-level warn --storage-backend redis \
-        --redis-sentinel "127.0.0.1:$S1,127.0.0.1:$S2,127.0.0.1:$S3" --redis-sentinel-master hub \
-        --redis-min-replicas "$1" 2>>"$WORK/hubgate.log" &
+        --api-port "$api" --log-level warn --storage-backend redis "$@" \
+        --redis-min-replicas "$n" 2>>"$WORK/hubgate.log" &
     HG_PID=$!
     PIDS+=($HG_PID)
     API=http://127.0.0.1:$api
@@ -125,16 +154,74 @@ hubgate() {  # MIN_REPLICAS: a hubgate through the sentinels; sets HG_PID, API
     return 1
 }
 
+# Six cluster-enabled servers made one cluster of three primaries with a replica each, as
+# tests/it/redis_failover.rs makes it. Sets CLUSTER (the --redis-cluster value: three nodes).
+# (Ports from cluster_port: a cluster node refuses a port above 55 535, and the ephemeral range
+# free_port draws from goes to 60 999.)
+cluster() {
+    local ports=() p i
+    for i in 1 2 3 4 5 6; do
+        p=$(cluster_port); ports+=("$p")
+        redis "node$i" "$p" --cluster-enabled yes --cluster-config-file "$WORK/node$i/nodes.conf" \
+            --cluster-node-timeout 1000 || return 1
+    done
+    redis-cli --cluster create "${ports[@]/#/127.0.0.1:}" --cluster-replicas 1 --cluster-yes \
+        >"$WORK/cluster-create.log" 2>&1 || { log "redis-cli --cluster create failed"; return 1; }
+    for _ in $(seq 300); do
+        local ok=1
+        for p in "${ports[@]}"; do
+            redis-cli -p "$p" cluster info 2>/dev/null | grep -q 'cluster_state:ok' || ok=0
+        done
+        [ $ok = 1 ] && break
+        sleep 0.1
+    done
+    [ $ok = 1 ] || { log "the cluster was not ok within 30 s"; return 1; }
+    CLUSTER="127.0.0.1:${ports[0]},127.0.0.1:${ports[1]},127.0.0.1:${ports[2]}"
+}
+
+# propagation NAME STORE FLAGS...: two hubgates on the same store; changes through the first,
+# timed until the second lists them (propagation.py, N/2 adds then N/2 deletes).
+propagation() {
+    local name=$1 a b a_pid res; shift
+    hubgate 0 "$@" || { log "hubgate did not get ready"; tail "$WORK/hubgate.log" >&2; return 1; }
+    a=$API; a_pid=$HG_PID
+    hubgate 0 "$@" || { log "hubgate did not get ready"; tail "$WORK/hubgate.log" >&2; return 1; }
+    b=$API
+    res=$(python3 "$HERE/propagation.py" --writer "$a" --reader "$b" --token "$TOKEN" \
+        --target http://127.0.0.1:9 --count $((COUNT / 2)))
+    echo "| propagation between two replicas, $name | $res |"
+    kill "$a_pid" "$HG_PID"; wait "$a_pid" "$HG_PID" 2>/dev/null
+}
+
+# latency NAME MIN_REPLICAS [STORE FLAGS]: write latency through one hubgate.
+latency() {
+    local name=$1 n=$2 res; shift 2
+    hubgate "$n" "$@" || { log "hubgate did not get ready"; tail "$WORK/hubgate.log" >&2; return 1; }
+    res=$(python3 "$HERE/failover.py" latency --api "$API" --token "$TOKEN" --count "$COUNT")
+    echo "| write latency, ${name}--redis-min-replicas $n | $res |"
+    kill "$HG_PID"; wait "$HG_PID" 2>/dev/null
+}
+
 log "hubgate: $("$BIN" --version | head -1); $(redis-server --version | cut -d' ' -f1-3)"
-deployment lat || exit 1
 echo "| row | result |"
 echo "|---|---|"
-for n in 0 1; do
-    hubgate "$n" || { log "hubgate did not get ready"; tail "$WORK/hubgate.log" >&2; exit 1; }
-    res=$(python3 "$HERE/failover.py" latency --api "$API" --token "$TOKEN" --count "$COUNT")
-    echo "| write latency, --redis-min-replicas $n | $res |"
-    kill "$HG_PID"; wait "$HG_PID" 2>/dev/null
-done
+if want propagation; then
+    single=$(free_port)
+    redis single "$single" || exit 1
+    cluster || exit 1
+    propagation "one Redis" --redis-url "redis://127.0.0.1:$single" || exit 1
+    propagation "Redis Cluster (3 primaries, 3 replicas)" --redis-cluster "$CLUSTER" || exit 1
+    for n in 0 1; do
+        latency "Redis Cluster, " "$n" --redis-cluster "$CLUSTER" || exit 1
+    done
+fi
+want sentinel || ROUNDS=0
+if want sentinel; then
+    deployment lat || exit 1
+    for n in 0 1; do
+        latency "" "$n" || exit 1
+    done
+fi
 for round in $(seq "$ROUNDS"); do
     deployment "fo$round" || exit 1
     hubgate 0 || { log "hubgate did not get ready"; exit 1; }

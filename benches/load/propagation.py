@@ -7,7 +7,9 @@ for the load benchmark. Prints one JSON line.
 For each of N routes: POST /api/routes/prop/r<i> on the writer, then GET /api/routes/prop/r<i>
 on the reader as fast as one keep-alive connection allows until it answers 200. The delay is
 from just before the POST to the first 200: it includes the POST itself (reported apart as
-write_*) and up to one GET round trip of polling. Then the same for DELETE (until 404).
+write_*) and up to one GET round trip of polling; after_answer_* is the part after the writer
+answered 201 (what the hub, told "done", could see as the other replica lagging). Then the
+same for DELETE (until 404).
 Loopback only.
 """
 import argparse
@@ -51,7 +53,7 @@ def main():
     p.add_argument("--limit-secs", type=float, default=5.0, help="give up on one change after this")
     a = p.parse_args()
     w, r = connect(a.writer), connect(a.reader)
-    delays, writes, lost = [], [], 0
+    delays, writes, after, lost = [], [], [], 0
     for op in ("add", "delete"):
         for i in range(a.count):
             path = f"/api/routes/prop/r{i}"
@@ -73,8 +75,10 @@ def main():
                     lost += 1
                     break
             else:
-                delays.append((time.perf_counter() - started) * 1000)
+                seen = time.perf_counter()
+                delays.append((seen - started) * 1000)
                 writes.append((wrote - started) * 1000)
+                after.append((seen - wrote) * 1000)
     print(json.dumps({
         "changes": len(delays),
         "failed": lost,
@@ -83,6 +87,8 @@ def main():
         "max_ms": round(max(delays, default=0), 3),
         "write_p50_ms": round(pct(writes, 0.50), 3),
         "write_p99_ms": round(pct(writes, 0.99), 3),
+        "after_answer_p50_ms": round(pct(after, 0.50), 3),
+        "after_answer_p99_ms": round(pct(after, 0.99), 3),
     }))
 
 

@@ -17,6 +17,11 @@
 #               scrape hubgate with /metrics scraped, the plain run again, one scrape's cost
 #               auth   hubgate with authentication at the edge against a fake hub
 #               redis  hubgate replicas on a Redis store
+#               failover  Redis's own rows, from failover.sh: write latency with
+#                      --redis-min-replicas 0 and 1 (Sentinel, cluster), SIGKILL of the primary
+#                      to the first accepted write, propagation between two replicas through one
+#                      Redis and through a cluster. Not in `all`: it needs no quiet machine (Redis
+#                      round trips, not proxy CPU), and alone it starts no nginx and no wrk
 #               e.g. `--rows small,big --rounds 3`: issue 14's comparison, quickly
 #   --rounds N  measure every selected row N times (rounds one after another, each with fresh
 #               processes) and report each figure's median, with the rounds' figures in the notes
@@ -69,13 +74,13 @@ while [ $# -gt 0 ]; do
         --rounds) ROUNDS=${2:?--rounds needs a number}; shift ;;
         --rounds=*) ROUNDS=${1#--rounds=} ;;
         --emit) EMIT=${2:?}; shift ;;   # internal: one round of --rounds, rows and meta to $EMIT.*
-        -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,49p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 64 ;;
     esac
     shift
 done
 
-GROUPS_KNOWN=",all,small,big,chp,api,table,ws,scrape,auth,redis,"
+GROUPS_KNOWN=",all,small,big,chp,api,table,ws,scrape,auth,redis,failover,"
 for g in ${ROWS//,/ }; do
     case "$GROUPS_KNOWN" in *",$g,"*) ;; *) echo "run.sh: unknown row group '$g' in --rows (see --help)" >&2; exit 64 ;; esac
 done
@@ -83,6 +88,14 @@ case "$ROUNDS" in ''|*[!0-9]*|0) echo "run.sh: --rounds wants a number from 1, n
 # want GROUP: whether --rows selected it.
 want() { case ",$ROWS," in *",$1,"* | *",all,"*) return 0 ;; esac; return 1; }
 want_load() { want small || want big; }
+# named GROUP: whether --rows names it (for the groups that `all` leaves out).
+named() { case ",$ROWS," in *",$1,"*) return 0 ;; esac; return 1; }
+# Whether a selected group needs the nginx backend, wrk and wsload (every group but failover).
+want_backend() {
+    local g
+    for g in small big chp api table ws scrape auth redis; do want "$g" && return 0; done
+    return 1
+}
 
 if [ "$QUICK" = 1 ]; then
     DUR=2; WARM=1; WS_SMALL=100; WS_LARGE=1000; WS_RATE_SECS=2; WS_HOLD_SECS=1
@@ -130,9 +143,11 @@ row() { python3 "$HERE/report.py" add --rows "$WORK/rows.jsonl" "$@"; }
 # 1. What the benchmark needs.
 install_tools() {
     local missing=()
-    command -v wrk >/dev/null || missing+=(wrk)
-    command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
-    if want redis; then command -v redis-server >/dev/null || missing+=(redis-server); fi
+    if want_backend; then
+        command -v wrk >/dev/null || missing+=(wrk)
+        command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+    fi
+    if want redis || named failover; then command -v redis-server >/dev/null || missing+=(redis-server); fi
     if want chp; then
         command -v node >/dev/null || missing+=(nodejs)
         command -v npm >/dev/null || missing+=(npm)
@@ -169,12 +184,14 @@ install_tools() {
         if [ "$SRC" != "$REPO" ] && ! git -C "$REPO" cat-file -e "$COMMIT_FULL:examples/wsload.rs" 2>/dev/null; then
             mkdir -p "$SRC/examples" && cp "$REPO/examples/wsload.rs" "$SRC/examples/wsload.rs"
         fi
-        log "building hubgate and wsload in $SRC (cargo build --release)"
-        (cd "$SRC" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release --bin hubgate --example wsload) \
+        local what=(--bin hubgate)
+        want_backend && what+=(--example wsload)
+        log "building ${what[*]} in $SRC (cargo build --release)"
+        (cd "$SRC" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release "${what[@]}") \
             || die "cargo build --release failed"
     fi
     [ -x "$HUBGATE" ] || die "no $HUBGATE (build it, or drop --no-build)"
-    [ -x "$WSLOAD" ] || die "no $WSLOAD (build it, or drop --no-build)"
+    if want_backend; then [ -x "$WSLOAD" ] || die "no $WSLOAD (build it, or drop --no-build)"; fi
 }
 
 install_tools
@@ -231,6 +248,8 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 # 2. The backends: nginx serving a small response and a 1 MiB file, and the websocket echo.
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+if want_backend; then
 BACKEND_PORT=$(free_port)
 mkdir -p "$WORK/backend/www" "$WORK/backend/tmp"
 head -c "$BIG_BYTES" /dev/urandom >"$WORK/backend/www/big.bin"
@@ -279,7 +298,6 @@ EOF
 }
 EOF
 } >"$WORK/backend/nginx.conf"
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 start backend "$BACKEND_CPUS" "$NGINX" -p "$WORK/backend" -e "$WORK/backend/error.log" -c "$WORK/backend/nginx.conf"
 BACKEND_PID=$LAST_PID
 wait_port "$BACKEND_PORT" || die "backend nginx did not start: $(cat "$WORK/backend.log" "$WORK/backend/error.log" 2>/dev/null)"
@@ -298,6 +316,7 @@ got=$(curl -s --max-time 5 -o /dev/null -w '%{size_download}' "$BACKEND/user/u$M
 [ "$got" = "$BIG_BYTES" ] || die "backend's big file is $got bytes"
 
 log "backend nginx on :$BACKEND_PORT (cpus $BACKEND_CPUS), websocket echo on :$WS_PORT; work dir $WORK"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # wrk rows.
@@ -835,6 +854,31 @@ fi
 stop "$PROXY_PID"
 stop "$REDIS_PID"
 HGR_ERRLINES="$(errlines hubgate-r1)/$(errlines hubgate-r2)"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 9b. Redis's own rows, measured by failover.sh (one implementation of each): its table rows
+# become report rows, the JSON in the notes and the percentiles in the p50/p99 columns (for a
+# failover, the time from the SIGKILL to the first accepted write).
+if named failover; then
+log "redis: failover.sh"
+if [ "$QUICK" = 1 ]; then fo_args=(--count 200 --rounds 1); else fo_args=(--count 1000 --rounds 3); fi
+timeout 900 bash "$HERE/failover.sh" --bin "$HUBGATE" "${fo_args[@]}" >"$WORK/failover.out" 2>"$WORK/failover.log" \
+    || log "failover.sh failed: $(tail -c 300 "$WORK/failover.log" | tr '\n' ' ')"
+i=0
+while IFS='|' read -r _ name res _; do
+    name=$(echo "$name" | sed 's/^ *//; s/ *$//'); res=$(echo "$res" | sed 's/^ *//; s/ *$//')
+    case "$res" in "{"*) ;; *) continue ;; esac
+    i=$((i + 1))
+    p50=$(jq_ "$res" p50_ms 2>/dev/null || true); p99=$(jq_ "$res" p99_ms 2>/dev/null || true)
+    resumed=$(jq_ "$res" first_accepted_write_s 2>/dev/null || true)
+    if [ -n "$resumed" ]; then   # a failover: its time goes in the p50 column, to get a median
+        p50=$(python3 -c "print($resumed * 1000)"); name="$name (ms, in the p50 column)"
+    fi
+    row --id "redis.failover$i" --name "$name" --p50 "$p50" --p99 "$p99" --note "$res" --data "$res"
+done <"$WORK/failover.out"
+[ "$i" -gt 0 ] || row --id redis.failover --name "Redis (failover.sh)" \
+    --note "no rows: $(tail -c 300 "$WORK/failover.log" | tr '\n' ' ')"
 fi
 
 # ---------------------------------------------------------------------------------------------

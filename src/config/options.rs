@@ -41,8 +41,9 @@ pub const FLAG_ONLY: &[&str] = &[
 
 /// Every option: flags and defaults follow configurable-http-proxy 5.3. A file key is the field
 /// name; `auth_token`, `hub_api_token` and `custom_headers` are file keys only (the tokens'
-/// usual home is the environment, read in [`super::Config::load`]).
-#[derive(Debug, Clone, Parser, Serialize, Deserialize)]
+/// usual home is the environment, read in [`super::Config::load`]). Its `Debug` hides the
+/// secrets ([`SECRET_OPTIONS`], and the password in `--redis-url`).
+#[derive(Clone, Parser, Serialize, Deserialize)]
 #[command(
     name = "hubgate",
     version,
@@ -390,6 +391,42 @@ impl Options {
             .into_iter()
             .filter(|k| !FLAG_ONLY.contains(&k.as_str()))
             .collect()
+    }
+}
+
+/// The options that hold a secret (field names): `Debug` shows them as `"<hidden>"`.
+pub const SECRET_OPTIONS: &[&str] = &[
+    "auth_token",
+    "hub_api_token",
+    "redis_password",
+    "redis_sentinel_password",
+    "session_secrets",
+];
+
+/// Every option by name, as the file would have it, except that the secrets are hidden: what
+/// ends up in a log or a panic message when options are printed.
+impl fmt::Debug for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Ok(serde_json::Value::Object(mut fields)) = serde_json::to_value(self) else {
+            return f.write_str("Options { .. }");
+        };
+        for (name, value) in fields.iter_mut() {
+            if value.is_null() {
+                continue;
+            }
+            if SECRET_OPTIONS.contains(&name.as_str()) {
+                *value = "<hidden>".into();
+            } else if name == "redis_url" {
+                if let Some(url) = value.as_str() {
+                    *value = crate::store::redis::without_password(url).into();
+                }
+            }
+        }
+        let mut out = f.debug_struct("Options");
+        for (name, value) in &fields {
+            out.field(name, &format_args!("{value}"));
+        }
+        out.finish()
     }
 }
 

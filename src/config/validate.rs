@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 
 use super::options::{Cli, Options};
-use super::{Config, ConfigError, Storage};
+use super::{Config, ConfigError, Secret, Storage};
 use crate::auth::oauth::OAuthSettings;
 use crate::auth::AuthSettings;
 use crate::logging::LogFormat;
@@ -64,7 +64,9 @@ pub(super) fn validate(
         proxy_listen,
         api_listen,
         metrics_listen,
-        auth_token: token(env("CONFIGPROXY_AUTH_TOKEN"), o.auth_token).filter(|t| !t.is_empty()),
+        auth_token: token(env("CONFIGPROXY_AUTH_TOKEN"), o.auth_token)
+            .filter(|t| !t.is_empty())
+            .map(Secret::new),
         default_target,
         error_pages,
         host_routing: o.host_routing,
@@ -92,7 +94,7 @@ pub(super) fn validate(
         max_sync_body: o.max_sync_body,
         storage,
         hub_api_url,
-        hub_api_token: token(env("JUPYTERHUB_API_TOKEN"), o.hub_api_token),
+        hub_api_token: token(env("JUPYTERHUB_API_TOKEN"), o.hub_api_token).map(Secret::new),
         notify_hub: o.notify_hub,
         api_url: o.api_url,
         auth,
@@ -359,6 +361,13 @@ fn redis_settings(o: &Options) -> Result<RedisSettings, ConfigError> {
             "--redis-ca",
             "TLS towards Sentinel or a cluster is not supported yet",
         ));
+    }
+    if let Some(path) = &o.redis_ca {
+        // Read again when the store opens; a file that is not there is a configuration error,
+        // found before any socket is bound, not a store that seems unreachable.
+        std::fs::read(path).map_err(|e| {
+            ConfigError::new("--redis-ca", format!("cannot read {}: {e}", path.display()))
+        })?;
     }
     let prefix = o.redis_prefix.clone();
     if prefix.is_empty() || prefix.contains(['{', '}']) || prefix.chars().any(char::is_whitespace) {

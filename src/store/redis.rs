@@ -7,7 +7,13 @@
 //! - `{p}:version`: the table version, one more per batch, shared by every replica;
 //! - `{p}:log`: a stream of what happened, in order: small batches in full, large ones as a
 //!   `reload` marker, raised activity and revocations; trimmed to about [`LOG_LENGTH`] entries;
-//! - `{p}:synced`: present once the hub has synced the table.
+//! - `{p}:synced`: when the hub synced the table (milliseconds), `0` until it has.
+//!
+//! Every script keeps every key it names in existence (the hashes hold a placeholder field
+//! `""`, written by every change): while a Redis Cluster moves the slot, Redis runs a script
+//! only when all of its keys are on one node, and refuses (`TRYAGAIN`) one that names a key
+//! that does not exist; a script that deleted the last route and then wrote one would even be
+//! stopped halfway. So a change mid-migration runs whole, on the node that has the keys.
 //!
 //! Every write is a Lua script, so a batch is applied whole or not at all, and only if no change
 //! since the version the writing replica computed it on touched its routes (optimistic
@@ -26,6 +32,7 @@
 //! (trimmed while it was away) reloads the whole table.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -62,8 +69,8 @@ pub struct RedisSettings {
     pub min_replicas: u32,
 }
 
-/// How the Redis primary is found.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How the Redis primary is found. `Debug` hides the passwords.
+#[derive(Clone, PartialEq, Eq)]
 pub enum RedisServer {
     /// One address (`--redis-url`).
     Url(String),
@@ -89,8 +96,22 @@ impl RedisServer {
     }
 }
 
-/// `--redis-sentinel` and the flags that go with it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl fmt::Debug for RedisServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RedisServer::Url(url) => f.debug_tuple("Url").field(&without_password(url)).finish(),
+            RedisServer::Sentinel(s) => f.debug_tuple("Sentinel").field(s).finish(),
+            RedisServer::Cluster { nodes, password } => f
+                .debug_struct("Cluster")
+                .field("nodes", nodes)
+                .field("password", &password.as_ref().map(|_| "<hidden>"))
+                .finish(),
+        }
+    }
+}
+
+/// `--redis-sentinel` and the flags that go with it. `Debug` hides the passwords.
+#[derive(Clone, PartialEq, Eq)]
 pub struct SentinelSettings {
     /// Each sentinel as `(host, port)`.
     pub nodes: Vec<(String, u16)>,
@@ -99,6 +120,31 @@ pub struct SentinelSettings {
     pub password: Option<String>,
     /// Of the sentinels.
     pub sentinel_password: Option<String>,
+}
+
+impl fmt::Debug for SentinelSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hidden = |p: &Option<String>| p.as_ref().map(|_| "<hidden>");
+        f.debug_struct("SentinelSettings")
+            .field("nodes", &self.nodes)
+            .field("master", &self.master)
+            .field("password", &hidden(&self.password))
+            .field("sentinel_password", &hidden(&self.sentinel_password))
+            .finish()
+    }
+}
+
+/// A URL with whatever stands before `@` in its authority (a password, perhaps with a user
+/// name) replaced by `<hidden>`.
+pub fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://<hidden>{}", &rest[at..]),
+        None => url.to_owned(),
+    }
 }
 
 type RedisResult<T> = Result<T, RedisError>;
@@ -136,7 +182,9 @@ const BEHIND_MAX: u64 = 256;
 /// writer took as absent without changing them: a change to them between is a conflict too. The
 /// log says what came between: each batch entry lists its changes. Answers
 /// `{1, version applied on, {v, changes, ...}}` (what came between, oldest first, so the writer
-/// need not wait for the log to bring it) or, on a conflict, `{0, version, {}}`.
+/// need not wait for the log to bring it) or, on a conflict, `{0, version, {}}`. Before it
+/// changes anything it writes the placeholders (see the module's doc), so no key it names can
+/// vanish while it runs.
 const COMMIT: &str = r"
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 local base = tonumber(ARGV[1])
@@ -174,6 +222,9 @@ if cur ~= base then
     end
   end
 end
+redis.call('HSETNX', KEYS[2], '', '')
+redis.call('HSETNX', KEYS[3], '', '0')
+redis.call('SETNX', KEYS[5], '0')
 local came = {}
 if cur ~= base then
   for n = cur - base, 1, -1 do
@@ -231,6 +282,9 @@ return #raised / 2
 const REFILL: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('HSET', KEYS[2], '', '')
+redis.call('HSET', KEYS[3], '', '0')
+redis.call('SETNX', KEYS[5], '0')
 for i = 3, #ARGV, 3 do
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
   redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 2])
@@ -240,7 +294,8 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[1], '*', 'kind', 'reload', 'v', 
 return 1
 ";
 
-/// The whole table, its version, whether the hub synced it, and the log's last entry id.
+/// The whole table (with the placeholders), its version, when the hub synced it (`0`: not
+/// yet), and the log's last entry id.
 const LOAD: &str = r"
 local last = redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', 1)
 local position = '0-0'
@@ -249,7 +304,7 @@ return {
   redis.call('GET', KEYS[1]) or '',
   redis.call('HGETALL', KEYS[2]),
   redis.call('HGETALL', KEYS[3]),
-  redis.call('EXISTS', KEYS[4]),
+  redis.call('GET', KEYS[4]) or '0',
   position,
 }
 ";
@@ -299,8 +354,8 @@ struct Conn {
     replid: Arc<str>,
 }
 
-/// A connection to one server, or to a cluster (`slot`: the keys' slot, to which the commands
-/// without a key that must reach the keys' primary, `INFO` and `WAIT`, are routed).
+/// A connection to one server, or to a cluster (`slot`: the keys' slot, to which `INFO`, a
+/// command without a key that must reach the keys' primary, is routed).
 #[derive(Clone)]
 enum Link {
     Single(MultiplexedConnection),
@@ -686,34 +741,74 @@ impl Shared {
                 }
             }
         }
-        match f(conn).await {
+        let e = match f(conn).await {
             Ok(v) => {
                 self.up();
-                Ok((v, replid))
+                return Ok((v, replid));
             }
-            Err(e) if e.is_io_error() || e.is_timeout() || e.is_unrecoverable_error() => {
+            Err(e) => e,
+        };
+        Err(match classify(&e) {
+            Failure::Lost => {
                 *lock(&self.conn) = None;
                 self.down(&e);
-                Err(if access == Access::Read {
+                if access == Access::Read {
                     StoreError::Unavailable(describe(&e))
                 } else {
                     StoreError::Indeterminate(describe(&e))
-                })
+                }
             }
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly) => {
-                // The server was demoted (a failover): nothing was applied. Leave it; the next
-                // connection asks Sentinel for the new primary, and the log reader moves too.
+            Failure::Demoted => {
+                // Nothing was applied. Leave the server; the next connection asks Sentinel for
+                // the new primary, and the log reader moves too.
                 self.leave_primary();
                 tracing::warn!("the Redis server answered READONLY (it is a replica now); reconnecting to the primary");
-                Err(StoreError::Unavailable(format!(
+                StoreError::Unavailable(format!(
                     "the Redis server is a replica now (failover); nothing was applied: {}",
                     describe(&e)
-                )))
+                ))
             }
-            // Redis answered with an error: it is reachable, and nothing was applied.
-            Err(e) => Err(StoreError::Refused(describe(&e))),
-        }
+            Failure::Refused => StoreError::Refused(describe(&e)),
+        })
     }
+}
+
+/// What a failed command says about Redis, for [`Shared::run`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The connection failed or timed out: Redis may be gone, and a command sent may have run.
+    Lost,
+    /// The server was demoted by a failover (READONLY): nothing was applied.
+    Demoted,
+    /// Redis answered, with an error or a reply hubgate cannot read: it is reachable, and
+    /// asking again will not help.
+    Refused,
+}
+
+fn classify(e: &RedisError) -> Failure {
+    if e.kind() == ErrorKind::UnexpectedReturnType {
+        Failure::Refused
+    } else if e.is_io_error() || e.is_timeout() || e.is_unrecoverable_error() {
+        Failure::Lost
+    } else if e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly) {
+        Failure::Demoted
+    } else {
+        Failure::Refused
+    }
+}
+
+/// A reply as `T`. A reply of another type came from a Redis that answered, but not as hubgate
+/// expects (another kind of value under `--redis-prefix`'s keys, a server that only looks like
+/// Redis): a refusal, not a lost connection (the redis crate calls it a parse error, as it does
+/// a garbled stream, which would leave the outcome unknown).
+fn typed<T: redis::FromRedisValue>(reply: redis::Value) -> RedisResult<T> {
+    redis::from_redis_value(reply).map_err(|e| {
+        RedisError::from((
+            ErrorKind::UnexpectedReturnType,
+            "Redis answered with a reply of an unexpected type (another kind of value under --redis-prefix's keys, or a server that is not a compatible Redis)",
+            e.to_string(),
+        ))
+    })
 }
 
 /// What a command does, for [`Shared::run`].
@@ -754,7 +849,7 @@ impl Store for RedisStore {
                 String,
                 HashMap<String, String>,
                 HashMap<String, i64>,
-                bool,
+                String,
                 String,
             );
             // One script, so the table, its version and the log position agree. (Not MULTI:
@@ -769,8 +864,9 @@ impl Store for RedisStore {
                         .key(&k.activity)
                         .key(&k.synced)
                         .key(&k.log)
-                        .invoke_async(&mut c)
+                        .invoke_async::<redis::Value>(&mut c)
                         .await
+                        .and_then(typed)
                 })
                 .await?;
             let version = if version.is_empty() {
@@ -781,7 +877,8 @@ impl Store for RedisStore {
                 })?
             };
             let mut stored = Vec::with_capacity(routes.len());
-            for (key, data) in routes {
+            // The placeholder (see the module's doc) is no route.
+            for (key, data) in routes.into_iter().filter(|(key, _)| !key.is_empty()) {
                 match serde_json::from_str::<Map<String, Value>>(&data) {
                     Ok(data) => stored.push(StoredRoute {
                         last_activity: activity.get(&key).copied().unwrap_or(0),
@@ -801,7 +898,7 @@ impl Store for RedisStore {
             Ok(Loaded {
                 routes: stored,
                 version,
-                trusted: synced,
+                trusted: !synced.is_empty() && synced != "0",
             })
         })
     }
@@ -812,7 +909,11 @@ impl Store for RedisStore {
             let (version, _): (Option<u64>, _) = self
                 .shared
                 .run(Access::Table, |mut c| async move {
-                    redis::cmd("GET").arg(key).query_async(&mut c).await
+                    redis::cmd("GET")
+                        .arg(key)
+                        .query_async::<redis::Value>(&mut c)
+                        .await
+                        .and_then(typed)
                 })
                 .await?;
             Ok(Some(version.unwrap_or(0)))
@@ -844,6 +945,7 @@ impl Store for RedisStore {
                 .key(&k.routes)
                 .key(&k.activity)
                 .key(&k.log)
+                .key(&k.synced)
                 .arg(base)
                 .arg(LOG_LENGTH)
                 .arg(batches.len())
@@ -884,13 +986,22 @@ impl Store for RedisStore {
             let ((applied, current, came, confirmed), _) = self
                 .shared
                 .run(Access::Table, |mut c| async move {
-                    let (applied, current, came): (i64, u64, Vec<String>) =
-                        invocation.invoke_async(&mut c).await?;
-                    // WAIT counts the writes of the connection it is sent on: this one.
+                    let (applied, current, came): (i64, u64, Vec<String>) = invocation
+                        .invoke_async::<redis::Value>(&mut c)
+                        .await
+                        .and_then(typed)?;
+                    // WAIT counts the writes of the connection it is sent on: this one. In a
+                    // cluster it goes to every primary and the least count stands (Redis's own
+                    // routing for WAIT): while the slot migrates, the script may have run on
+                    // the importing node after an ASK redirection, not on the one the client's
+                    // slot map names, and a WAIT there alone would count nothing of it.
                     let confirmed = if applied == 1 && min_replicas > 0 {
-                        let mut wait = redis::cmd("WAIT");
-                        wait.arg(min_replicas).arg(WAIT_TIMEOUT.as_millis() as u64);
-                        c.on_primary::<u32>(wait).await?
+                        redis::cmd("WAIT")
+                            .arg(min_replicas)
+                            .arg(WAIT_TIMEOUT.as_millis() as u64)
+                            .query_async::<redis::Value>(&mut c)
+                            .await
+                            .and_then(typed)?
                     } else {
                         min_replicas
                     };
@@ -944,7 +1055,10 @@ impl Store for RedisStore {
             let (_raised, _): (i64, _) = self
                 .shared
                 .run(Access::Write, |mut c| async move {
-                    invocation.invoke_async(&mut c).await
+                    invocation
+                        .invoke_async::<redis::Value>(&mut c)
+                        .await
+                        .and_then(typed)
                 })
                 .await?;
             Ok(())
@@ -959,8 +1073,9 @@ impl Store for RedisStore {
                     redis::cmd("SET")
                         .arg(key)
                         .arg(crate::routes::now_ms())
-                        .query_async::<()>(&mut c)
+                        .query_async::<redis::Value>(&mut c)
                         .await
+                        .and_then(typed::<()>)
                 })
                 .await
                 .map(drop)
@@ -984,8 +1099,9 @@ impl Store for RedisStore {
                         .arg("revoke")
                         .arg("revocation")
                         .arg(body)
-                        .query_async::<String>(&mut c)
+                        .query_async::<redis::Value>(&mut c)
                         .await
+                        .and_then(typed::<String>)
                 })
                 .await
                 .map(drop)
@@ -1005,6 +1121,7 @@ impl Store for RedisStore {
                 .key(&k.routes)
                 .key(&k.activity)
                 .key(&k.log)
+                .key(&k.synced)
                 .arg(LOG_LENGTH)
                 .arg(version);
             for r in &routes {
@@ -1015,7 +1132,10 @@ impl Store for RedisStore {
             let (wrote, _): (i64, _) = self
                 .shared
                 .run(Access::Table, |mut c| async move {
-                    invocation.invoke_async(&mut c).await
+                    invocation
+                        .invoke_async::<redis::Value>(&mut c)
+                        .await
+                        .and_then(typed)
                 })
                 .await?;
             Ok(wrote == 1)
@@ -1238,6 +1358,39 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reply_of_another_type_is_a_refusal_and_a_lost_connection_is_not() {
+        let e = typed::<(i64, u64, Vec<String>)>(redis::Value::Okay).unwrap_err();
+        assert_eq!(classify(&e), Failure::Refused);
+        assert!(describe(&e).contains("unexpected type"), "{}", describe(&e));
+        let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(classify(&io), Failure::Lost);
+        let demoted = RedisError::from((ErrorKind::Server(ServerErrorKind::ReadOnly), "READONLY"));
+        assert_eq!(classify(&demoted), Failure::Demoted);
+    }
+
+    #[test]
+    fn settings_print_no_password() {
+        let printed = format!(
+            "{:?} {:?} {:?}",
+            RedisServer::Url("redis://:url-pw@h:6379".into()),
+            RedisServer::Cluster {
+                nodes: vec![("h".into(), 7000)],
+                password: Some("cluster-pw".into()),
+            },
+            RedisServer::Sentinel(SentinelSettings {
+                nodes: vec![("h".into(), 26379)],
+                master: "hub".into(),
+                password: Some("server-pw".into()),
+                sentinel_password: Some("sentinel-pw".into()),
+            }),
+        );
+        for secret in ["url-pw", "cluster-pw", "server-pw", "sentinel-pw"] {
+            assert!(!printed.contains(secret), "{secret} in {printed}");
+        }
+        assert!(printed.contains("redis://<hidden>@h:6379"), "{printed}");
+    }
 
     #[test]
     fn keys_share_one_hash_tag() {

@@ -44,6 +44,7 @@ mod model;
 mod openapi;
 mod proxy;
 mod redis;
+mod redis_cluster;
 mod redis_failover;
 mod streaming;
 mod sync;

@@ -171,6 +171,13 @@ impl RedisServer {
         self.signal_and_wait("TERM").await;
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to the running server and does not wait.
+    pub fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            send_signal(child.id(), signal);
+        }
+    }
+
     /// SIGKILL, and waits until it has exited.
     pub async fn kill(&mut self) {
         self.signal_and_wait("KILL").await;

@@ -300,10 +300,12 @@ impl Deployment {
 /// What one writer saw: every route answered 201 (with when it was asked), every route it
 /// tried, and the first messages of refusals.
 #[derive(Default)]
-struct Written {
-    acked: Vec<(Instant, String)>,
+pub(crate) struct Written {
+    pub(crate) acked: Vec<(Instant, String)>,
     attempted: Vec<String>,
     refused: Vec<String>,
+    /// Every refusal: when the write was asked, and the message.
+    pub(crate) refusals: Vec<(Instant, String)>,
     /// When the first write asked after `since` was answered 201.
     resumed: Option<Instant>,
     since: Option<Instant>,
@@ -312,7 +314,7 @@ struct Written {
 /// Adds `/<name>/<i>` through `hg` one after the other, at once again after a refusal, until
 /// `stop`. A write may be answered 201 or a JSON 503 (no primary, or the outcome is unknown);
 /// anything else fails the test.
-async fn writer(hg: &Hubgate, name: &str, log: &Mutex<Written>, stop: &AtomicBool) {
+pub(crate) async fn writer(hg: &Hubgate, name: &str, log: &Mutex<Written>, stop: &AtomicBool) {
     let mut i = 0;
     while !stop.load(Ordering::Relaxed) {
         let key = format!("/{name}/{i}");
@@ -337,8 +339,9 @@ async fn writer(hg: &Hubgate, name: &str, log: &Mutex<Written>, stop: &AtomicBoo
         {
             let mut log = log.lock().unwrap();
             if log.refused.len() < 5 {
-                log.refused.push(message);
+                log.refused.push(message.clone());
             }
+            log.refusals.push((asked, message));
         }
         // No primary yet: do not spin the machine the sentinels need.
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -497,7 +500,7 @@ async fn primary_killed_mid_traffic(min_replicas: u32) {
 }
 
 /// Whether `server` (a primary) has a replica that is online.
-async fn replica_online(server: &RedisServer) -> bool {
+pub(crate) async fn replica_online(server: &RedisServer) -> bool {
     let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{}", server.port())) else {
         return false;
     };
@@ -621,15 +624,15 @@ async fn a_manual_failover_with_the_old_primary_alive_loses_no_route_answered_20
 
 /// Six `redis-server --cluster-enabled yes` on loopback ports, made one cluster of three
 /// primaries with a replica each by `redis-cli --cluster create`.
-struct Cluster {
-    nodes: Vec<RedisServer>,
+pub(crate) struct Cluster {
+    pub(crate) nodes: Vec<RedisServer>,
 }
 
 /// The key whose slot holds every hubgate key (they share the hash tag `{hubgate}`).
-const HUBGATE_KEY: &str = "{hubgate}:version";
+pub(crate) const HUBGATE_KEY: &str = "{hubgate}:version";
 
 impl Cluster {
-    async fn start() -> Cluster {
+    pub(crate) async fn start() -> Cluster {
         let mut nodes = Vec::with_capacity(6);
         for _ in 0..6 {
             let opts = RedisOptions {
@@ -680,7 +683,7 @@ impl Cluster {
     }
 
     /// `--redis-cluster`'s value: three of the nodes to start from.
-    fn arg(&self) -> String {
+    pub(crate) fn arg(&self) -> String {
         self.nodes[..3]
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port()))
@@ -689,7 +692,7 @@ impl Cluster {
     }
 
     /// Which node is the primary of hubgate's slot, as the first node that answers says.
-    async fn primary(&self) -> Option<usize> {
+    pub(crate) async fn primary(&self) -> Option<usize> {
         for n in &self.nodes {
             let Some(slot) = query::<u16>(
                 n.port(),
@@ -718,7 +721,7 @@ impl Cluster {
 }
 
 /// One command on the server at `port`; `None` when it cannot be had within 2 s.
-async fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> Option<T> {
+pub(crate) async fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> Option<T> {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
     let mut conn = tokio::time::timeout(
         Duration::from_secs(2),
@@ -851,7 +854,7 @@ async fn a_cluster_whose_primary_for_the_slot_dies_keeps_every_route_answered_20
 }
 
 /// Every route a writer was answered 201 for is in the table after the failover.
-fn assert_no_acknowledged_route_lost(logs: &[Mutex<Written>], table: &Posted) {
+pub(crate) fn assert_no_acknowledged_route_lost(logs: &[Mutex<Written>], table: &Posted) {
     let lost: Vec<String> = logs
         .iter()
         .flat_map(|l| l.lock().unwrap().acked.clone())
@@ -868,7 +871,11 @@ fn assert_no_acknowledged_route_lost(logs: &[Mutex<Written>], table: &Posted) {
 
 /// Each route the writers meant to keep points where it was last written, and no replica
 /// panicked on the way.
-fn assert_served_and_no_panic(served: &BTreeMap<String, String>, table: &Posted, r: &[Hubgate]) {
+pub(crate) fn assert_served_and_no_panic(
+    served: &BTreeMap<String, String>,
+    table: &Posted,
+    r: &[Hubgate],
+) {
     let expected = targets(served);
     for key in served.keys() {
         assert_eq!(table.get(key), expected.get(key), "{key}");
