@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
@@ -274,9 +275,13 @@ impl Proxy {
         trace: &mut Trace,
     ) -> Response<ProxyBody> {
         let method = req.method().clone();
-        // Kept for `--error-target`'s `url=`; cloning a parsed URI shares its bytes.
-        let uri = req.uri().clone();
-        match self.forward(req, &uri, conn, websocket, trace).await {
+        // Kept for `--error-target`'s `url=` and to forward unchanged when nothing changes it;
+        // cloning shares its bytes.
+        let asked = req.uri().path_and_query().cloned();
+        match self
+            .forward(req, asked.as_ref(), conn, websocket, trace)
+            .await
+        {
             Ok(resp) => resp,
             Err(err) => {
                 err.report(&method);
@@ -284,7 +289,7 @@ impl Proxy {
                     // A websocket client gets the bare status, as CHP sends it.
                     return empty(err.status());
                 }
-                let original = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
+                let original = asked.as_ref().map_or("", PathAndQuery::as_str);
                 self.error_response(err.status(), original).await
             }
         }
@@ -294,12 +299,12 @@ impl Proxy {
     async fn forward(
         &self,
         mut req: Request<Incoming>,
-        uri: &http::Uri,
+        asked: Option<&PathAndQuery>,
         conn: &ConnInfo,
         websocket: bool,
         trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let path = RequestPath::parse(uri.path())?;
+        let path = RequestPath::parse(asked.map_or("", PathAndQuery::path))?;
         // RFC 9112 §3.2: more than one Host is a 400. Forwarding them all would let hubgate route
         // (and authenticate) by one while the target acts on another.
         if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
@@ -322,7 +327,7 @@ impl Proxy {
         };
         let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
         let (upstream_req, client_failed) =
-            self.upstream_request(req, conn, &path, &route, host, &grant, websocket)?;
+            self.upstream_request(req, asked, conn, &path, &route, host, &grant, websocket)?;
         let resp = self
             .exchange(upstream_req, &route, websocket, &client_failed, trace)
             .await?;
@@ -421,6 +426,7 @@ impl Proxy {
     fn upstream_request(
         &self,
         req: Request<Incoming>,
+        asked: Option<&PathAndQuery>,
         conn: &ConnInfo,
         path: &RequestPath<'_>,
         route: &Arc<Route>,
@@ -444,7 +450,7 @@ impl Proxy {
         };
         let uri = route
             .target()
-            .origin_form(base, rest, query.as_deref())
+            .origin_form(base, rest, query.as_deref(), asked)
             .map_err(|_| ProxyError::BadPath(path::PathError::BadEscape))?;
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, websocket);

@@ -200,15 +200,39 @@ impl Target {
     /// # Errors
     /// When `path` and `query` do not form a valid request target (they come from a request that
     /// hyper already parsed, so this means a bug or a hostile byte hyper let through).
+    ///
+    /// When that is exactly what the client `asked` for (a target without path or query, the
+    /// path forwarded whole: JupyterHub's routes), it is the client's own, shared rather than
+    /// built and parsed again.
     pub fn origin_form(
         &self,
         base: &str,
         rest: &str,
         query: Option<&str>,
+        asked: Option<&PathAndQuery>,
     ) -> Result<Uri, http::Error> {
+        if let Some(asked) = asked.filter(|a| self.forwards_unchanged(a, base, rest, query)) {
+            return Ok(Uri::from(asked.clone()));
+        }
         Uri::builder()
             .path_and_query(self.path_and_query(base, rest, query))
             .build()
+    }
+
+    /// Whether [`Self::path_and_query`] would give back `asked` itself.
+    fn forwards_unchanged(
+        &self,
+        asked: &PathAndQuery,
+        base: &str,
+        rest: &str,
+        query: Option<&str>,
+    ) -> bool {
+        let theirs = query.filter(|q| !q.is_empty());
+        self.query.is_none()
+            && matches!(base, "" | "/")
+            && rest.starts_with('/')
+            && asked.path() == rest
+            && asked.query() == theirs
     }
 
     /// `base` and `rest` joined as [`crate::path::join`] does, then the queries, in one string.
@@ -297,13 +321,39 @@ mod tests {
     fn origins_name_the_server_and_origin_forms_carry_no_server() {
         let t = Target::parse("http://127.0.0.1:8888/prefix?a=1").unwrap();
         assert_eq!(t.origin(), "http://127.0.0.1:8888");
-        assert_eq!(t.origin_form("/x", "", Some("b=2")).unwrap(), "/x?a=1&b=2");
-        assert_eq!(t.origin_form("/x", "/y", Some("")).unwrap(), "/x/y?a=1");
+        assert_eq!(
+            t.origin_form("/x", "", Some("b=2"), None).unwrap(),
+            "/x?a=1&b=2"
+        );
+        assert_eq!(
+            t.origin_form("/x", "/y", Some(""), None).unwrap(),
+            "/x/y?a=1"
+        );
         let t = Target::parse("https://hub.example").unwrap();
         assert_eq!(t.origin(), "https://hub.example");
-        assert_eq!(t.origin_form("/", "", None).unwrap(), "/");
+        assert_eq!(t.origin_form("/", "", None, None).unwrap(), "/");
         let t = Target::parse("http+unix://%2Ftmp%2Fs.sock/p").unwrap();
         assert_eq!(t.origin(), "http+unix://%2Ftmp%2Fs.sock");
+    }
+
+    proptest::proptest! {
+        /// Sharing the client's path and query gives the very URI that building one would.
+        #[test]
+        fn the_shared_origin_form_is_the_built_one(
+            target in proptest::sample::select(vec![
+                "http://h", "http://h/", "http://h/p", "http://h/?t=1", "http://h/p/?t=1",
+            ]),
+            asked in "/[a-z/]{0,6}(\\?[a-z=&]{0,4})?",
+            prepend in proptest::bool::ANY,
+        ) {
+            let t = Target::parse(target).unwrap();
+            let asked: PathAndQuery = asked.parse().unwrap();
+            let base = if prepend { t.path() } else { "/" };
+            let (rest, query) = (asked.path(), asked.query());
+            let shared = t.origin_form(base, rest, query, Some(&asked)).unwrap();
+            let built = t.origin_form(base, rest, query, None).unwrap();
+            proptest::prop_assert_eq!(shared.to_string(), built.to_string());
+        }
     }
 
     #[test]

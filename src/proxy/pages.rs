@@ -33,7 +33,7 @@ pub(super) async fn error_page(
         ErrorPages::Builtin => {}
         ErrorPages::Target(target) => {
             let query = format!("url={}", utf8_percent_encode(original, QUERY_VALUE));
-            match target.origin_form(target.path(), status.as_str(), Some(&query)) {
+            match target.origin_form(target.path(), status.as_str(), Some(&query), None) {
                 Ok(uri) => match fetch(pool, target, uri).await {
                     Ok((headers, body)) => {
                         let mut resp = Response::new(body);
