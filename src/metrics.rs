@@ -11,7 +11,7 @@
 //! becomes a label value.
 
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{LazyLock, OnceLock};
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use http::Method;
@@ -21,7 +21,12 @@ use prometheus::{
 };
 
 use crate::routes::{now_ms, RouteKind};
+
+mod sharded;
+
 use crate::upstream::FailureCause;
+pub use sharded::use_worker_shard;
+use sharded::Sharded;
 
 const KINDS: [&str; 5] = ["user", "service", "hub", "other", "none"];
 const METHODS: [&str; 8] = [
@@ -58,43 +63,19 @@ const LIFETIME: &[f64] = &[1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0, 8640
 /// Sizes of syncs and batches, in routes.
 const SIZES: &[f64] = &[1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0, 1000000.0];
 
-/// The series of one labelled family, each made on its first use and reached from then on with
-/// one atomic load: a request never takes the family's lock, and a scrape shows only series
-/// that happened (which keeps scrapes small and cheap).
-/// Makes the series for a list of label values (the family's `with_label_values`).
-type MakeSeries<M> = Box<dyn Fn(&[&str]) -> M + Send + Sync>;
-
-struct Lazy<M> {
-    make: MakeSeries<M>,
-    cells: Box<[OnceLock<M>]>,
-}
-
-impl<M> Lazy<M> {
-    fn new(make: impl Fn(&[&str]) -> M + Send + Sync + 'static, n: usize) -> Self {
-        Lazy {
-            make: Box::new(make),
-            cells: (0..n).map(|_| OnceLock::new()).collect(),
-        }
-    }
-
-    fn get<L: AsRef<str>, const N: usize>(&self, i: usize, labels: impl FnOnce() -> [L; N]) -> &M {
-        self.cells[i].get_or_init(|| {
-            let labels = labels();
-            (self.make)(&labels.each_ref().map(AsRef::as_ref))
-        })
-    }
-}
+/// The labels of a family that has none.
+const NO_LABELS: fn() -> [&'static str; 0] = || [];
 
 /// The process's metrics.
 pub struct Metrics {
     registry: Registry,
 
-    requests: Lazy<IntCounter>,
-    duration: Lazy<Histogram>,
-    upstream: Lazy<Histogram>,
-    overhead: Histogram,
-    request_bytes: Lazy<IntCounter>,
-    response_bytes: Lazy<IntCounter>,
+    requests: Sharded<IntCounter>,
+    duration: Sharded<Histogram>,
+    upstream: Sharded<Histogram>,
+    overhead: Sharded<Histogram>,
+    request_bytes: Sharded<IntCounter>,
+    response_bytes: Sharded<IntCounter>,
     pub active_connections: IntGaugeVec,
     pub active_websockets: IntGauge,
     pub websockets: IntCounter,
@@ -130,15 +111,15 @@ pub struct Metrics {
     pub hub_requests: IntCounterVec,
     pub hub_request_seconds: HistogramVec,
 
-    chp_requests_web: IntCounter,
-    chp_requests_ws: IntCounter,
+    chp_requests_web: Sharded<IntCounter>,
+    chp_requests_ws: Sharded<IntCounter>,
     /// By status code, 100 to 599 (CHP's label is the code itself).
-    chp_requests_proxy: Lazy<IntCounter>,
+    chp_requests_proxy: Sharded<IntCounter>,
     pub chp_requests_api: IntCounterVec,
     pub chp_api_route_get: IntCounter,
     pub chp_api_route_add: IntCounter,
     pub chp_api_route_delete: IntCounter,
-    chp_find_target: Histogram,
+    chp_find_target: Sharded<Histogram>,
     pub chp_last_activity_updating: Histogram,
 
     pub start_time_seconds: IntGauge,
@@ -203,32 +184,23 @@ fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeV
 
 /// The request path's series: traffic, latency, bytes and failures on the public port.
 struct Traffic {
-    requests: Lazy<IntCounter>,
-    duration: Lazy<Histogram>,
-    upstream: Lazy<Histogram>,
-    overhead: Histogram,
-    request_bytes: Lazy<IntCounter>,
-    response_bytes: Lazy<IntCounter>,
+    requests: Sharded<IntCounter>,
+    duration: Sharded<Histogram>,
+    upstream: Sharded<Histogram>,
+    overhead: Sharded<Histogram>,
+    request_bytes: Sharded<IntCounter>,
+    response_bytes: Sharded<IntCounter>,
     upstream_errors: Vec<IntCounter>,
     no_route: IntCounter,
 }
 
 impl Traffic {
     fn register(r: &Registry) -> Self {
-        let requests_vec = counter_vec(
-            r,
-            "hubgate_requests_total",
-            "Requests on the public port, by route kind, method and status class.",
-            &["kind", "method", "status_class"],
-        );
         let by_kind = |name: &str, help: &str| {
-            let v = histogram_vec(r, name, help, &["kind"], LATENCY);
-            Lazy::new(move |l| v.with_label_values(l), KINDS.len())
+            Sharded::histograms(r, name, help, &["kind"], KINDS.len(), LATENCY)
         };
-        let bytes = |name: &str, help: &str| {
-            let v = counter_vec(r, name, help, &["kind"]);
-            Lazy::new(move |l| v.with_label_values(l), KINDS.len())
-        };
+        let bytes =
+            |name: &str, help: &str| Sharded::counters(r, name, help, &["kind"], KINDS.len());
         let errors_vec = counter_vec(
             r,
             "hubgate_upstream_errors_total",
@@ -236,8 +208,11 @@ impl Traffic {
             &["cause"],
         );
         Traffic {
-            requests: Lazy::new(
-                move |l| requests_vec.with_label_values(l),
+            requests: Sharded::counters(
+                r,
+                "hubgate_requests_total",
+                "Requests on the public port, by route kind, method and status class.",
+                &["kind", "method", "status_class"],
                 KINDS.len() * METHODS.len() * CLASSES.len(),
             ),
             duration: by_kind(
@@ -248,10 +223,12 @@ impl Traffic {
                 "hubgate_upstream_duration_seconds",
                 "Time spent waiting for the target's response head, by route kind.",
             ),
-            overhead: histogram(
+            overhead: Sharded::histograms(
                 r,
                 "hubgate_overhead_seconds",
                 "hubgate's own share of a proxied request's duration (total minus upstream).",
+                &[],
+                1,
                 OVERHEAD,
             ),
             request_bytes: bytes(
@@ -440,27 +417,40 @@ impl AuthAndHub {
 
 /// configurable-http-proxy's metric names, with CHP's meaning.
 struct Chp {
-    requests_web: IntCounter,
-    requests_ws: IntCounter,
-    requests_proxy: IntCounterVec,
+    requests_web: Sharded<IntCounter>,
+    requests_ws: Sharded<IntCounter>,
+    requests_proxy: Sharded<IntCounter>,
     requests_api: IntCounterVec,
     api_route_get: IntCounter,
     api_route_add: IntCounter,
     api_route_delete: IntCounter,
-    find_target: Histogram,
+    find_target: Sharded<Histogram>,
     last_activity_updating: Histogram,
 }
 
 impl Chp {
     fn register(r: &Registry) -> Self {
         Chp {
-            requests_web: counter(r, "requests_web", "Count of web requests (as CHP)."),
-            requests_ws: counter(r, "requests_ws", "Count of websocket requests (as CHP)."),
-            requests_proxy: counter_vec(
+            requests_web: Sharded::counters(
+                r,
+                "requests_web",
+                "Count of web requests (as CHP).",
+                &[],
+                1,
+            ),
+            requests_ws: Sharded::counters(
+                r,
+                "requests_ws",
+                "Count of websocket requests (as CHP).",
+                &[],
+                1,
+            ),
+            requests_proxy: Sharded::counters(
                 r,
                 "requests_proxy",
                 "Count of proxy requests, by status (as CHP).",
                 &["status"],
+                STATUSES,
             ),
             requests_api: counter_vec(
                 r,
@@ -483,10 +473,12 @@ impl Chp {
                 "api_route_delete",
                 "Count of API route delete requests (as CHP).",
             ),
-            find_target: histogram(
+            find_target: Sharded::histograms(
                 r,
                 "find_target_for_req",
                 "Time to find a request's route, seconds (a summary in CHP).",
+                &[],
+                1,
                 OVERHEAD,
             ),
             last_activity_updating: histogram(
@@ -590,10 +582,7 @@ impl Metrics {
             hub_request_seconds: auth.hub_request_seconds,
             chp_requests_web: chp.requests_web,
             chp_requests_ws: chp.requests_ws,
-            chp_requests_proxy: {
-                let family = chp.requests_proxy;
-                Lazy::new(move |l| family.with_label_values(l), STATUSES)
-            },
+            chp_requests_proxy: chp.requests_proxy,
             chp_requests_api: chp.requests_api,
             chp_api_route_get: chp.api_route_get,
             chp_api_route_add: chp.api_route_add,
@@ -648,12 +637,13 @@ impl Metrics {
                 .get(k, || [KINDS[k]])
                 .observe(up.as_secs_f64());
             self.overhead
+                .get(0, NO_LABELS)
                 .observe(total.saturating_sub(up).as_secs_f64());
         }
         if websocket {
-            self.chp_requests_ws.inc();
+            self.chp_requests_ws.get(0, NO_LABELS).inc();
         } else {
-            self.chp_requests_web.inc();
+            self.chp_requests_web.get(0, NO_LABELS).inc();
         }
         if kind == RouteKind::None && status == 404 {
             self.no_route.inc();
@@ -669,7 +659,9 @@ impl Metrics {
     }
 
     pub fn lookup_time(&self, d: Duration) {
-        self.chp_find_target.observe(d.as_secs_f64());
+        self.chp_find_target
+            .get(0, NO_LABELS)
+            .observe(d.as_secs_f64());
     }
 
     pub fn upstream_error(&self, cause: FailureCause) {

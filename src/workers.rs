@@ -122,6 +122,8 @@ impl Job {
     /// The worker thread's whole life: serve until shutdown, report, keep the runtime (and its
     /// tunnels) alive until told to exit.
     fn run(self, make: impl FnOnce() -> Arc<Proxy>) {
+        // This worker's requests count into metric series of their own (summed at scrape).
+        crate::metrics::use_worker_shard(self.worker);
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
