@@ -329,6 +329,17 @@ def versus_nginx_figures(rows):
         lines.append((f"{label}, CPU per request (small)", *of("small", "cpu_us")))
         lines.append((f"{label}, context switches per request (small)", ctx(hg), ctx(ng)))
         lines.append((f"{label}, MB/s (1 MiB)", *of("big", "mbps")))
+    # The floor: what hyper alone costs against nginx, and hubgate's own work on top of it.
+    for num, den, label in (("floor", "nginx1", "bare hyper floor / nginx 1 worker"),
+                            ("hubgate1", "floor", "hubgate --workers 1 / bare hyper floor")):
+        def of(rid, key, num=num, den=den):
+            return get(rows, f"{num}.{rid}", key), get(rows, f"{den}.{rid}", key)
+
+        lines.append((f"{label}, requests/s (small)", *of("small", "rps")))
+        lines.append((f"{label}, user CPU per request (small)", *of("small", "user_us")))
+        lines.append((f"{label}, kernel CPU per request (small)", *of("small", "sys_us")))
+        lines.append((f"{label}, CPU per request (small)", *of("small", "cpu_us")))
+        lines.append((f"{label}, MB/s (1 MiB)", *of("big", "mbps")))
     return lines
 
 

@@ -7,8 +7,9 @@
 #
 #   --quick     a short smoke run (2 s per row, 100/1000 websockets): proves it works, nothing more
 #   --rows LIST only these groups of rows, comma-separated (default all):
-#               small  small responses: backend directly, nginx 1 and N workers, hubgate
-#                      --workers 1 and default workers (and CHP with chp)
+#               small  small responses: backend directly, nginx 1 and N workers, the bare hyper
+#                      proxy (the floor, one thread), hubgate --workers 1 and default workers
+#                      (and CHP with chp)
 #               big    the same with 1 MiB responses
 #               chp    configurable-http-proxy's rows (its load rows follow small/big)
 #               api    route adds one by one (hubgate and CHP; hubgate's file store)
@@ -132,6 +133,7 @@ if [ -n "$COMMIT_REV" ]; then
 fi
 HUBGATE=$TARGET_DIR/release/hubgate
 WSLOAD=$TARGET_DIR/release/examples/wsload
+FIXEDLOAD=$TARGET_DIR/release/examples/fixedload
 
 num() { python3 -c "print(f'{$1:,}')"; }   # 10000 -> 10,000, for row names
 # shellcheck source=lib.sh
@@ -181,17 +183,22 @@ install_tools() {
                 && mv "$SRC.part" "$SRC" || die "cannot export $COMMIT_REV"
         fi
         # The load tool comes from the work tree when the commit predates it.
-        if [ "$SRC" != "$REPO" ] && ! git -C "$REPO" cat-file -e "$COMMIT_FULL:examples/wsload.rs" 2>/dev/null; then
-            mkdir -p "$SRC/examples" && cp "$REPO/examples/wsload.rs" "$SRC/examples/wsload.rs"
-        fi
+        local tool
+        for tool in wsload fixedload; do
+            if [ "$SRC" != "$REPO" ] && ! git -C "$REPO" cat-file -e "$COMMIT_FULL:examples/$tool.rs" 2>/dev/null; then
+                mkdir -p "$SRC/examples" && cp "$REPO/examples/$tool.rs" "$SRC/examples/$tool.rs"
+            fi
+        done
         local what=(--bin hubgate)
         want_backend && what+=(--example wsload)
+        want_load && what+=(--example fixedload)
         log "building ${what[*]} in $SRC (cargo build --release)"
         (cd "$SRC" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release "${what[@]}") \
             || die "cargo build --release failed"
     fi
     [ -x "$HUBGATE" ] || die "no $HUBGATE (build it, or drop --no-build)"
     if want_backend; then [ -x "$WSLOAD" ] || die "no $WSLOAD (build it, or drop --no-build)"; fi
+    if want_load; then [ -x "$FIXEDLOAD" ] || die "no $FIXEDLOAD (build it, or drop --no-build)"; fi
 }
 
 install_tools
@@ -364,6 +371,10 @@ if want_load; then
     load_pair direct "backend directly" "$BACKEND/user/u$MIDDLE" "$BACKEND_PID"
 fi
 
+not_started() {  # ID NAME LOG
+    row --id "$1" --name "$2" --note "did not start: $(tail -c 300 "$WORK/$3.log" | tr '\n' ' ')"
+}
+
 # 4. nginx as a reverse proxy, 10 000 locations like the proxies' 10 000 routes.
 run_nginx_proxy() {
     local id=$1 workers=$2 name=$3
@@ -410,6 +421,23 @@ EOF
 if want_load; then
     run_nginx_proxy nginx1 1 "nginx proxy, 1 worker"
     run_nginx_proxy nginxN "$NPROC" "nginx proxy, $NPROC workers"
+fi
+
+# 4b. The floor hubgate is built on: a bare hyper 1.x proxy of one thread (`fixedload floor`: one
+# current_thread runtime, one upstream connection per client connection, one header added; no
+# routing, auth, metrics or log). Above it is hubgate's own work; below it, hyper's against nginx's.
+if want_load; then
+    FLOOR_PORT=$(free_port)
+    start floor "$PROXY_CPUS" "$FIXEDLOAD" floor --listen "127.0.0.1:$FLOOR_PORT" \
+        --target "127.0.0.1:$BACKEND_PORT" --secs 3600
+    FLOOR_PID=$LAST_PID
+    if wait_port "$FLOOR_PORT"; then
+        log "bare hyper proxy (the floor)"
+        load_pair floor "bare hyper proxy (floor), 1 thread" "http://127.0.0.1:$FLOOR_PORT/user/u$MIDDLE" "$FLOOR_PID"
+    else
+        not_started floor.small "bare hyper proxy (floor), 1 thread" floor
+    fi
+    stop "$FLOOR_PID"
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -537,9 +565,6 @@ start_hubgate() {  # NAME [extra flags]: as start_chp
     PROXY_PID=$LAST_PID
     PROXY_API=http://127.0.0.1:$api_port
     wait_port "$api_port" && wait_port "$PROXY_PORT" && sleep 1
-}
-not_started() {  # ID NAME LOG
-    row --id "$1" --name "$2" --note "did not start: $(tail -c 300 "$WORK/$3.log" | tr '\n' ' ')"
 }
 ws_route() {  # API: the one route of a websocket process, to the echo backend
     curl -s -o /dev/null --max-time 10 -X POST -H "Authorization: token $TOKEN" \
