@@ -732,16 +732,18 @@ fn host_without_port(host: &str) -> &str {
     host.split(':').next().unwrap_or(host)
 }
 
+/// The port the client asked for: the digits after the host's last `:` (not inside an IPv6
+/// literal's brackets), else the scheme's. One backward scan: this runs on every request.
 fn forwarded_port(host: Option<&str>, tls: bool) -> &str {
-    let port = host.and_then(|h| {
-        let after = match h.rfind(']') {
-            Some(end) => &h[end + 1..],
-            None => h,
-        };
-        after.rsplit_once(':').map(|(_, p)| p)
-    });
-    port.filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-        .unwrap_or(if tls { "443" } else { "80" })
+    let default = if tls { "443" } else { "80" };
+    let Some(host) = host else { return default };
+    let b = host.as_bytes();
+    let digits = b.iter().rev().take_while(|c| c.is_ascii_digit()).count();
+    let start = b.len() - digits;
+    match start.checked_sub(1).map(|colon| b[colon]) {
+        Some(b':') if digits > 0 => &host[start..],
+        _ => default,
+    }
 }
 
 /// A header value from a string that is most often one of a few constants.
@@ -815,6 +817,12 @@ mod tests {
         assert_eq!(forwarded_port(Some("[::1]:9"), false), "9");
         assert_eq!(forwarded_port(Some("[::1]"), false), "80");
         assert_eq!(forwarded_port(None, false), "80");
+        assert_eq!(forwarded_port(Some("a.example:"), false), "80");
+        assert_eq!(forwarded_port(Some("a.example:8a"), true), "443");
+        assert_eq!(forwarded_port(Some("a.example:a8"), false), "80");
+        assert_eq!(forwarded_port(Some("[::1]5"), false), "80");
+        assert_eq!(forwarded_port(Some("[1:2]"), false), "80");
+        assert_eq!(forwarded_port(Some("8080"), false), "80");
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::target::{hex_decode, Endpoint, UNIX_SCHEME};
 
 mod pool;
 
-pub use pool::{Pool, PoolSettings, PooledBody, SendError};
+pub use pool::{Pool, PoolSettings, PooledBody, SendError, SWEEP_EVERY};
 
 /// The pooled client the hub's API is called through (control plane: handshakes, credential
 /// checks, OAuth). Forwarded requests go through each worker's [`Pool`] instead.

@@ -20,9 +20,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::proxy::Proxy;
 use crate::server::{self, Handoff, Intake, Listener, Port, Unregistered};
 
-/// How often each worker closes its idle target connections past their timeout.
-const SWEEP_EVERY: Duration = Duration::from_secs(15);
-
 /// The running workers.
 pub struct Workers {
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -174,7 +171,7 @@ impl Job {
 }
 
 async fn sweep(proxy: Arc<Proxy>) {
-    let mut every = tokio::time::interval(SWEEP_EVERY);
+    let mut every = tokio::time::interval(crate::upstream::SWEEP_EVERY);
     loop {
         every.tick().await;
         proxy.pool().sweep();

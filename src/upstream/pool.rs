@@ -16,9 +16,10 @@
 use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -32,10 +33,13 @@ use super::{dial, UpstreamStream, CONNECT_TIMEOUT};
 use crate::http::ProxyBody;
 use crate::target::Target;
 
+/// How often a worker sweeps its pool ([`Pool::sweep`]): the grain of the idle timeout.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(15);
+
 /// How a worker keeps its connections.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolSettings {
-    /// An idle connection unused for this long is closed.
+    /// An idle connection unused for this long is closed (up to one [`SWEEP_EVERY`] later).
     pub idle_timeout: Duration,
     /// At most this many idle connections per origin; more are closed when their response ends.
     pub max_idle_per_origin: usize,
@@ -59,7 +63,17 @@ pub enum SendError {
     Exchange(#[source] hyper::Error),
 }
 
-type Idle = Vec<(SendRequest<ProxyBody>, Instant)>;
+/// Whether a connection idle since sweep `since` may still be used at sweep `now`. It has been
+/// idle for more than `now - since - 1` sweep intervals, so it goes once that reaches the
+/// timeout: between `idle_timeout` and one interval more after it became idle.
+fn fresh(idle_timeout: Duration, since: u64, now: u64) -> bool {
+    let allowed = idle_timeout.as_millis().div_ceil(SWEEP_EVERY.as_millis());
+    u128::from(now.saturating_sub(since)) <= allowed
+}
+
+/// Idle connections, each with the sweep count when it became idle: counting sweeps instead
+/// of reading the clock saves two clock reads a request.
+type Idle = Vec<(SendRequest<ProxyBody>, u64)>;
 
 /// Idle connections by origin; the origin is kept in the entry too, so that a response can hold
 /// it without allocating.
@@ -71,6 +85,8 @@ pub struct Pool {
     settings: PoolSettings,
     /// Only the owning worker's tasks take this lock, so it is never contended.
     idle: Mutex<ByOrigin>,
+    /// Sweeps so far.
+    sweeps: AtomicU64,
 }
 
 impl Pool {
@@ -79,6 +95,7 @@ impl Pool {
             tls: TlsConnector::from(tls),
             settings,
             idle: Mutex::default(),
+            sweeps: AtomicU64::new(0),
         })
     }
 
@@ -134,11 +151,15 @@ impl Pool {
 
     /// Closes idle connections past their timeout and forgets origins with none left.
     pub fn sweep(&self) {
-        let timeout = self.settings.idle_timeout;
+        let now = self.sweeps.fetch_add(1, Ordering::Relaxed) + 1;
         self.lock().retain(|_, (_, idle)| {
-            idle.retain(|(sender, since)| !sender.is_closed() && since.elapsed() < timeout);
+            idle.retain(|(sender, since)| !sender.is_closed() && self.fresh(*since, now));
             !idle.is_empty()
         });
+    }
+
+    fn fresh(&self, since: u64, now: u64) -> bool {
+        fresh(self.settings.idle_timeout, since, now)
     }
 
     fn lock(&self) -> MutexGuard<'_, ByOrigin> {
@@ -168,13 +189,13 @@ impl Pool {
     }
 
     fn take_idle(&self, origin: &str) -> (Arc<str>, Option<SendRequest<ProxyBody>>) {
-        let timeout = self.settings.idle_timeout;
+        let now = self.sweeps.load(Ordering::Relaxed);
         let mut map = self.lock();
         let Some((name, idle)) = map.get_mut(origin) else {
             return (Arc::from(origin), None);
         };
         while let Some((sender, since)) = idle.pop() {
-            if !sender.is_closed() && since.elapsed() < timeout {
+            if !sender.is_closed() && self.fresh(since, now) {
                 return (name.clone(), Some(sender));
             }
         }
@@ -190,7 +211,7 @@ impl Pool {
             .entry(origin.clone())
             .or_insert_with(|| (origin, Vec::new()));
         if idle.len() < self.settings.max_idle_per_origin {
-            idle.push((sender, Instant::now()));
+            idle.push((sender, self.sweeps.load(Ordering::Relaxed)));
         }
     }
 
@@ -304,5 +325,22 @@ impl Drop for PooledBody {
         if self.inner.is_end_stream() {
             self.release();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_connections_go_within_one_sweep_after_their_timeout() {
+        let ninety = Duration::from_secs(90);
+        // 90 s is six sweeps: idle since sweep 3, usable through sweep 9, gone at sweep 10.
+        assert!(fresh(ninety, 3, 3));
+        assert!(fresh(ninety, 3, 9));
+        assert!(!fresh(ninety, 3, 10));
+        // A timeout shorter than a sweep still keeps a connection until the next one.
+        assert!(fresh(Duration::from_secs(1), 5, 6));
+        assert!(!fresh(Duration::from_secs(1), 5, 7));
     }
 }
