@@ -24,13 +24,13 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::http::{ConnInfo, ProxyBody};
 
+mod drain;
 mod timer;
 
 /// Where a listener binds.
@@ -376,7 +376,7 @@ where
     H: Fn(Request<Incoming>, ConnInfo) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>> + Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
+    let graceful = Arc::new(drain::Drain::default());
     let conns = Conns {
         port: intake.port.clone(),
         worker: intake.worker,
@@ -409,7 +409,7 @@ where
     // A short settle lets them read it; then it is in flight and graceful shutdown waits for it.
     tokio::time::sleep(SETTLE.min(grace)).await;
     tokio::select! {
-        _ = graceful.shutdown() => true,
+        () = graceful.stop() => true,
         _ = tokio::time::sleep(grace.saturating_sub(SETTLE)) => false,
     }
 }
@@ -418,7 +418,7 @@ where
 struct Conns<'a> {
     port: Arc<Port>,
     worker: usize,
-    graceful: &'a GracefulShutdown,
+    graceful: &'a Arc<drain::Drain>,
 }
 
 impl Conns<'_> {
