@@ -5,9 +5,9 @@
 //! their number. Two modes, loopback only, each bounded:
 //! - `fixedload serve --listen 127.0.0.1:PORT [--secs S]`: a backend answering every request
 //!   with a small fixed body (exits after `S` seconds, default one hour).
-//! - `fixedload send --url http://127.0.0.1:PORT/path --conns C --requests N`: `N` GET requests
-//!   spread over `C` keep-alive connections, one at a time on each; fails unless every answer is
-//!   a 200. Prints one JSON line with the count and the elapsed seconds.
+//! - `fixedload send --url http://127.0.0.1:PORT/path --conns C --requests N [--header 'N: V']`:
+//!   `N` GET requests (each with that header, if given) spread over `C` keep-alive connections,
+//!   one at a time on each; fails unless every answer is a 200. Prints one JSON line with the count and the elapsed seconds.
 //! - `fixedload floor --listen 127.0.0.1:PORT --target 127.0.0.1:PORT [--secs S]`: the floor
 //!   the issue-14 measurements compare hubgate with: a bare hyper 1.x proxy on one
 //!   `current_thread` runtime, one upstream connection (`client::conn::http1`) per client
@@ -47,7 +47,8 @@ async fn main() -> anyhow::Result<()> {
                 .parse()?;
             let conns: usize = arg(&args, "--conns").map_or(Ok(32), |s| s.parse())?;
             let requests: usize = arg(&args, "--requests").map_or(Ok(20_000), |s| s.parse())?;
-            send(url, conns, requests).await
+            let header = arg(&args, "--header");
+            send(url, conns, requests, header).await
         }
         Some("floor") => {
             let listen = arg(&args, "--listen").unwrap_or_else(|| "127.0.0.1:0".into());
@@ -58,7 +59,7 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => anyhow::bail!(
             "usage: fixedload serve --listen ADDR | send --url URL --conns C --requests N \
-             | floor --listen ADDR --target HOST:PORT"
+             [--header 'N: V'] | floor --listen ADDR --target HOST:PORT"
         ),
     }
 }
@@ -88,7 +89,20 @@ async fn serve(listen: &str, lifetime: Duration) -> anyhow::Result<()> {
     }
 }
 
-async fn send(url: hyper::Uri, conns: usize, requests: usize) -> anyhow::Result<()> {
+async fn send(
+    url: hyper::Uri,
+    conns: usize,
+    requests: usize,
+    header: Option<String>,
+) -> anyhow::Result<()> {
+    let header = match header.as_deref().map(|h| h.split_once(':')) {
+        None => None,
+        Some(Some((name, value))) => Some((
+            hyper::header::HeaderName::from_bytes(name.trim().as_bytes())?,
+            hyper::header::HeaderValue::from_str(value.trim())?,
+        )),
+        Some(None) => anyhow::bail!("--header wants 'Name: value'"),
+    };
     let authority = url
         .authority()
         .ok_or_else(|| anyhow::anyhow!("--url needs host:port"))?
@@ -97,7 +111,7 @@ async fn send(url: hyper::Uri, conns: usize, requests: usize) -> anyhow::Result<
     let mut tasks = Vec::new();
     for i in 0..conns {
         let share = requests / conns + usize::from(i < requests % conns);
-        let (url, authority) = (url.clone(), authority.clone());
+        let (url, authority, header) = (url.clone(), authority.clone(), header.clone());
         tasks.push(tokio::spawn(async move {
             let stream = TcpStream::connect(authority.as_str()).await?;
             stream.set_nodelay(true)?;
@@ -105,9 +119,12 @@ async fn send(url: hyper::Uri, conns: usize, requests: usize) -> anyhow::Result<
                 hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
             tokio::spawn(conn);
             for _ in 0..share {
-                let req = Request::get(url.clone())
+                let mut req = Request::get(url.clone())
                     .header(hyper::header::HOST, authority.as_str())
                     .body(Empty::<Bytes>::new())?;
+                if let Some((name, value)) = &header {
+                    req.headers_mut().insert(name.clone(), value.clone());
+                }
                 let resp = tokio::time::timeout(Duration::from_secs(60), sender.send_request(req))
                     .await??;
                 anyhow::ensure!(resp.status() == 200, "answered {}", resp.status());

@@ -3,7 +3,7 @@
 # (not timed) so that the figure is the same on a busy machine as on a quiet one.
 #
 #   bash benches/load/budget.sh [--bin PATH] [--requests N] [--conns C] [--routes R] [--top K]
-#                               [--preload LIB] [--floor]
+#                               [--preload LIB] [--floor | --auth]
 #
 # hubgate runs under `valgrind --tool=callgrind` with one worker; a backend (examples/fixedload
 # serve) answers a small body. After a warm-up (every connection opened, pools filled), the
@@ -13,7 +13,8 @@
 # instructions. `--bin` measures another build (e.g. an older commit's) the same way;
 # `--preload` runs it with another allocator (e.g. /usr/lib/x86_64-linux-gnu/libjemalloc.so.2).
 # `--floor` measures the bare hyper proxy (`fixedload floor`) instead: the floor hubgate's own
-# work sits on.
+# work sits on. `--auth` turns on authentication at the edge against benches/load/fakehub.py and
+# sends a token the hub knows (cached after the warm-up): what a checked request costs.
 #
 # Needs valgrind (installed from Debian when missing, as root) and builds hubgate and
 # examples/fixedload with cargo --release unless --bin is given.
@@ -31,6 +32,7 @@ ROUTES=1000
 TOP=25
 PRELOAD=""
 FLOOR=""
+AUTH=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --bin) BIN=${2:?}; shift ;;
@@ -40,6 +42,7 @@ while [ $# -gt 0 ]; do
         --top) TOP=${2:?}; shift ;;
         --preload) PRELOAD=${2:?}; shift ;;
         --floor) FLOOR=1 ;;
+        --auth) AUTH=1 ;;
         --keep) KEEP=1 ;;
         -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "budget.sh: unknown argument $1" >&2; exit 64 ;;
@@ -74,7 +77,8 @@ add_routes() {
     python3 - "$API_PORT" "$TOKEN" "$ROUTES" "$BACKEND_PORT" <<'PY' || die "adding routes failed"
 import json, sys, urllib.request
 api, token, n, backend = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-routes = {f"/user/u{i}": {"target": f"http://127.0.0.1:{backend}"} for i in range(n)}
+routes = {f"/user/u{i}": {"target": f"http://127.0.0.1:{backend}", "user": f"u{i}"}
+          for i in range(n)}
 req = urllib.request.Request(f"http://127.0.0.1:{api}/api/proxy", method="POST",
     data=json.dumps(routes).encode(),
     headers={"Authorization": f"token {token}", "Content-Type": "application/json"})
@@ -88,22 +92,36 @@ if [ -n "$FLOOR" ]; then
         --callgrind-out-file="$WORK/cg.out" \
         "$LOAD" floor --listen "127.0.0.1:$PROXY_PORT" --target "127.0.0.1:$BACKEND_PORT" --secs 1800
 else
+    HUB_FLAGS=()
+    if [ -n "$AUTH" ]; then
+        HUB_PORT=$(free_port)
+        USER_TOKEN=budget-user-token-$$
+        start fakehub 0-63 python3 "$HERE/fakehub.py" --port "$HUB_PORT" --token "$USER_TOKEN" \
+            --user "u$((ROUTES / 2))" --secs 1800
+        wait_port "$HUB_PORT" || die "the fake hub did not start"
+        HUB_FLAGS=(--hub-api-url "http://127.0.0.1:$HUB_PORT/hub/api")
+        export JUPYTERHUB_API_TOKEN=budget-hub-token-$$
+    fi
     # One worker: the budget is the work a request costs, not how it spreads.
     # TOKIO_WORKER_THREADS does the same for builds older than --workers.
     HUBGATE_WORKERS=1 TOKIO_WORKER_THREADS=1 CONFIGPROXY_AUTH_TOKEN=$TOKEN LD_PRELOAD=$PRELOAD \
         start hubgate 0-63 valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" \
         "$BIN" --ip 127.0.0.1 --port "$PROXY_PORT" --api-ip 127.0.0.1 --api-port "$API_PORT" \
-        --log-level warn
+        --log-level warn "${HUB_FLAGS[@]}"
 fi
+SEND_HEADER=()
+[ -n "$AUTH" ] && SEND_HEADER=(--header "Authorization: token $USER_TOKEN")
 HG_PID=$LAST_PID
 wait_port "$PROXY_PORT" 1200 || die "the proxy did not start under valgrind: $(tail -5 "$WORK/hubgate.log")"
 [ -n "$FLOOR" ] || add_routes
 URL="http://127.0.0.1:$PROXY_PORT/user/u$((ROUTES / 2))/api/contents"
 log "warm-up: $((CONNS * 20)) requests on $CONNS connections"
-"$LOAD" send --url "$URL" --conns "$CONNS" --requests $((CONNS * 20)) >/dev/null || die "warm-up failed"
+"$LOAD" send --url "$URL" --conns "$CONNS" --requests $((CONNS * 20)) "${SEND_HEADER[@]}" >/dev/null \
+    || die "warm-up failed"
 callgrind_control -z "$HG_PID" >/dev/null || die "callgrind_control -z failed"
 log "measuring: $REQUESTS requests on $CONNS connections"
-"$LOAD" send --url "$URL" --conns "$CONNS" --requests "$REQUESTS" >"$WORK/send.json" || die "load failed"
+"$LOAD" send --url "$URL" --conns "$CONNS" --requests "$REQUESTS" "${SEND_HEADER[@]}" \
+    >"$WORK/send.json" || die "load failed"
 callgrind_control -d "$HG_PID" >/dev/null || die "callgrind_control -d failed"
 DUMP=$(ls "$WORK"/cg.out.* 2>/dev/null | head -1)
 [ -n "$DUMP" ] || die "no callgrind dump"
