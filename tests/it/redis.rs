@@ -892,6 +892,18 @@ impl Traffic {
     pub(crate) async fn passes(&self, from: usize, more: usize, what: &str) {
         eventually(LIMIT, what, || async move { self.ok() >= from + more }).await;
     }
+
+    /// Fails the test if any request failed `during` what it ran through.
+    pub(crate) fn assert_none_failed(&self, during: &str) {
+        let failures = self.failures.lock().unwrap().clone();
+        assert!(
+            failures.is_empty(),
+            "{} of {} proxied requests failed {during}; first ones: {:?}",
+            failures.len(),
+            failures.len() + self.ok(),
+            &failures[..failures.len().min(20)]
+        );
+    }
 }
 
 /// Redis goes away for a while and comes back (with its data when `persistent`, empty when not)
@@ -999,14 +1011,7 @@ async fn redis_outage(persistent: bool) {
     };
     tokio::join!(traffic.run(&all, &paths, &stop), scenario);
 
-    let failures = traffic.failures.lock().unwrap().clone();
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests failed; first ones: {:?}",
-        failures.len(),
-        failures.len() + traffic.ok(),
-        &failures[..failures.len().min(20)]
-    );
+    traffic.assert_none_failed("during the outage");
     let table = converge(&all, false, "after the outage").await;
     assert_eq!(posted(&table), targets(&expected));
     for (i, hg) in r.iter().enumerate() {

@@ -14,7 +14,6 @@
 //! points, the old node, would have confirmed them).
 
 use std::{
-    collections::BTreeMap,
     sync::{
         atomic::{AtomicBool, Ordering},
         Mutex,
@@ -22,14 +21,12 @@ use std::{
     time::Instant,
 };
 
-use futures_util::future::join_all;
-
 use crate::redis::{converge, posted, wait_ready, Traffic, LIMIT, PACE};
 use crate::redis_failover::{
-    assert_no_acknowledged_route_lost, assert_served_and_no_panic, query, replica_online, writer,
-    Cluster, Written, HUBGATE_KEY,
+    assert_no_acknowledged_route_lost, assert_served_and_no_panic, cluster_args, query,
+    replica_online, three_writers_on, writers, Cluster, Written, HUBGATE_KEY,
 };
-use crate::support::{eventually, Backend, Hubgate};
+use crate::support::{eventually, Hubgate};
 
 /// One line of `CLUSTER NODES`.
 struct Node {
@@ -130,29 +127,9 @@ async fn the_slot_moving_to_another_primary_mid_traffic_loses_no_route_and_no_re
     let _shared = PACE.read().await;
     let cluster = Cluster::start().await;
     let cluster_arg = cluster.arg();
-    let args = [
-        "--storage-backend",
-        "redis",
-        "--redis-cluster",
-        &cluster_arg,
-        "--redis-min-replicas",
-        "1",
-    ];
-    let mut r = Vec::new();
-    for i in 0..3 {
-        let hg = Hubgate::builder().args(args).start().await;
-        wait_ready(&hg, &format!("hubgate {i} on the cluster")).await;
-        r.push(hg);
-    }
+    let args = cluster_args(&cluster_arg);
+    let (r, _backend, served) = three_writers_on(&cluster, "before the migration").await;
     let all: Vec<&Hubgate> = r.iter().collect();
-    let backend = Backend::echo().await;
-    let mut served = BTreeMap::new();
-    for (i, hg) in r.iter().enumerate() {
-        let key = format!("/app{i}");
-        hg.add_route(&key, &backend.url("")).await;
-        served.insert(key, backend.url(""));
-    }
-    converge(&all, false, "before the migration").await;
 
     let source = cluster
         .primary()
@@ -293,26 +270,13 @@ async fn the_slot_moving_to_another_primary_mid_traffic_loses_no_route_and_no_re
         stop.store(true, Ordering::Relaxed);
         mid
     };
-    let names = ["a", "b", "c"];
     let (_, mid, _) = tokio::join!(
         traffic.run(&all, &paths, &stop),
         scenario,
-        join_all(
-            r.iter()
-                .zip(&logs)
-                .zip(names)
-                .map(|((hg, log), name)| writer(hg, name, log, &stop))
-        )
+        writers(&r, &logs, &stop)
     );
 
-    let failures = traffic.failures.lock().unwrap().clone();
-    assert!(
-        failures.is_empty(),
-        "{} of {} proxied requests failed during the migration; first ones: {:?}",
-        failures.len(),
-        failures.len() + traffic.ok(),
-        &failures[..failures.len().min(20)]
-    );
+    traffic.assert_none_failed("during the migration");
     let late = Hubgate::builder().args(args).start().await;
     wait_ready(&late, "a hubgate started after the migration").await;
     let every: Vec<&Hubgate> = r.iter().chain([&mid, &late]).collect();

@@ -314,6 +314,19 @@ pub(crate) struct Written {
 /// Adds `/<name>/<i>` through `hg` one after the other, at once again after a refusal, until
 /// `stop`. A write may be answered 201 or a JSON 503 (no primary, or the outcome is unknown);
 /// anything else fails the test.
+/// One [`writer`] on each replica, named a, b, c, ...
+pub(crate) async fn writers(replicas: &[Hubgate], logs: &[Mutex<Written>], stop: &AtomicBool) {
+    let names = ["a", "b", "c", "d", "e", "f"];
+    join_all(
+        replicas
+            .iter()
+            .zip(logs)
+            .zip(names)
+            .map(|((hg, log), name)| writer(hg, name, log, stop)),
+    )
+    .await;
+}
+
 pub(crate) async fn writer(hg: &Hubgate, name: &str, log: &Mutex<Written>, stop: &AtomicBool) {
     let mut i = 0;
     while !stop.load(Ordering::Relaxed) {
@@ -443,26 +456,13 @@ async fn primary_killed_mid_traffic(min_replicas: u32) {
         .await;
         stop.store(true, Ordering::Relaxed);
     };
-    let names = ["a", "b", "c"];
     tokio::join!(
         traffic.run(&all, &paths, &stop),
         scenario,
-        join_all(
-            r.iter()
-                .zip(&logs)
-                .zip(names)
-                .map(|((hg, log), name)| writer(hg, name, log, &stop))
-        )
+        writers(&r, &logs, &stop)
     );
 
-    let failures = traffic.failures.lock().unwrap().clone();
-    assert!(
-        failures.is_empty(),
-        "{} of {} proxied requests failed during the failover; first ones: {:?}",
-        failures.len(),
-        failures.len() + traffic.ok(),
-        &failures[..failures.len().min(20)]
-    );
+    traffic.assert_none_failed("during the failover");
     let refused: Vec<String> = logs
         .iter()
         .flat_map(|l| l.lock().unwrap().refused.clone())
@@ -746,25 +746,33 @@ fn redis_cli() -> &'static str {
     }
 }
 
-#[tokio::test]
-async fn a_cluster_whose_primary_for_the_slot_dies_keeps_every_route_answered_201() {
-    let _shared = PACE.read().await;
-    let mut cluster = Cluster::start().await;
-    let args = [
+/// A hubgate's flags for `cluster` (its `Cluster::arg`), writes confirmed by one replica.
+pub(crate) fn cluster_args(cluster_arg: &str) -> [&str; 6] {
+    [
         "--storage-backend",
         "redis",
         "--redis-cluster",
-        &cluster.arg(),
+        cluster_arg,
         "--redis-min-replicas",
         "1",
-    ];
+    ]
+}
+
+/// Three hubgates on `cluster` with `--redis-min-replicas 1`, each having added a route
+/// `/app<i>` to one echo backend, converged: the cluster tests' starting point. Returns them,
+/// the backend (to keep alive) and the routes with their targets.
+pub(crate) async fn three_writers_on(
+    cluster: &Cluster,
+    when: &str,
+) -> (Vec<Hubgate>, Backend, BTreeMap<String, String>) {
+    let cluster_arg = cluster.arg();
+    let args = cluster_args(&cluster_arg);
     let mut r = Vec::new();
     for i in 0..3 {
         let hg = Hubgate::builder().args(args).start().await;
         wait_ready(&hg, &format!("hubgate {i} on the cluster")).await;
         r.push(hg);
     }
-    let all: Vec<&Hubgate> = r.iter().collect();
     let backend = Backend::echo().await;
     let mut served = BTreeMap::new();
     for (i, hg) in r.iter().enumerate() {
@@ -772,7 +780,16 @@ async fn a_cluster_whose_primary_for_the_slot_dies_keeps_every_route_answered_20
         hg.add_route(&key, &backend.url("")).await;
         served.insert(key, backend.url(""));
     }
-    converge(&all, false, "before the failover").await;
+    converge(&r.iter().collect::<Vec<_>>(), false, when).await;
+    (r, backend, served)
+}
+
+#[tokio::test]
+async fn a_cluster_whose_primary_for_the_slot_dies_keeps_every_route_answered_201() {
+    let _shared = PACE.read().await;
+    let mut cluster = Cluster::start().await;
+    let (r, _backend, served) = three_writers_on(&cluster, "before the failover").await;
+    let all: Vec<&Hubgate> = r.iter().collect();
     let paths: Vec<String> = (0..3).map(|i| format!("/app{i}/ping")).collect();
     let traffic = Traffic::new();
     let stop = AtomicBool::new(false);
@@ -828,26 +845,13 @@ async fn a_cluster_whose_primary_for_the_slot_dies_keeps_every_route_answered_20
         traffic.passes(at, 30, "traffic after the failover").await;
         stop.store(true, Ordering::Relaxed);
     };
-    let names = ["a", "b", "c"];
     tokio::join!(
         traffic.run(&all, &paths, &stop),
         scenario,
-        join_all(
-            r.iter()
-                .zip(&logs)
-                .zip(names)
-                .map(|((hg, log), name)| writer(hg, name, log, &stop))
-        )
+        writers(&r, &logs, &stop)
     );
 
-    let failures = traffic.failures.lock().unwrap().clone();
-    assert!(
-        failures.is_empty(),
-        "{} of {} proxied requests failed during the failover; first ones: {:?}",
-        failures.len(),
-        failures.len() + traffic.ok(),
-        &failures[..failures.len().min(20)]
-    );
+    traffic.assert_none_failed("during the failover");
     let table = posted(&converge(&all, false, "after the failover").await);
     assert_no_acknowledged_route_lost(&logs, &table);
     assert_served_and_no_panic(&served, &table, &r);
