@@ -15,6 +15,7 @@ pub mod cache;
 pub mod oauth;
 pub mod session;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -204,8 +205,12 @@ struct Identified {
 }
 
 /// Where a request's credential came from.
-enum Credential {
-    Token { token: String, from_url: bool },
+enum Credential<'r> {
+    /// Borrowed from the request's header, or decoded from its query.
+    Token {
+        token: Cow<'r, str>,
+        from_url: bool,
+    },
     Session(String),
     HubCookie(String),
 }
@@ -349,7 +354,8 @@ impl Auth {
                     .map(|who| Identified {
                         who,
                         from_url: *from_url,
-                        token: Some(token.clone()),
+                        // Needed only to trade a token in the URL for a cookie.
+                        token: from_url.then(|| token.clone().into_owned()),
                         renewed: false,
                     }),
                 Credential::Session(jwt) => self.identify_session(jwt, &session_id).await?,
@@ -443,11 +449,11 @@ impl Auth {
     }
 
     /// The credentials of a request, in the order they are tried.
-    fn credentials_of<B>(&self, req: &Request<B>, websocket: bool) -> Vec<Credential> {
+    fn credentials_of<'r, B>(&self, req: &'r Request<B>, websocket: bool) -> Vec<Credential<'r>> {
         let mut found = Vec::new();
         if let Some(token) = header_token(req.headers()) {
             found.push(Credential::Token {
-                token,
+                token: Cow::Borrowed(token),
                 from_url: false,
             });
             return found;
@@ -455,7 +461,7 @@ impl Auth {
         if websocket || self.settings.allow_token_in_url {
             if let Some(token) = query_token(req.uri().query()) {
                 found.push(Credential::Token {
-                    token,
+                    token: Cow::Owned(token),
                     from_url: true,
                 });
                 return found;
@@ -730,12 +736,17 @@ fn digest(parts: &[&str]) -> [u8; 32] {
 }
 
 /// `Authorization: token <t>` or `Bearer <t>`, scheme in any case.
-pub fn header_token(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.trim().split_once(char::is_whitespace)?;
-    let token = token.trim();
+/// Borrowed from the request, in ASCII only: `to_str` admits nothing else.
+pub fn header_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .trim_ascii();
+    let (scheme, token) = value.split_at(value.find(|c: char| c.is_ascii_whitespace())?);
+    let token = token.trim_ascii();
     let known = scheme.eq_ignore_ascii_case("token") || scheme.eq_ignore_ascii_case("bearer");
-    (known && !token.is_empty() && !token.contains(char::is_whitespace)).then(|| token.to_owned())
+    (known && !token.is_empty() && !token.bytes().any(|b| b.is_ascii_whitespace())).then_some(token)
 }
 
 pub fn query_token(query: Option<&str>) -> Option<String> {
@@ -881,15 +892,15 @@ mod tests {
     #[test]
     fn tokens_come_from_token_or_bearer_headers() {
         assert_eq!(
-            header_token(&headers(&[("authorization", "token abc")])).as_deref(),
+            header_token(&headers(&[("authorization", "token abc")])),
             Some("abc")
         );
         assert_eq!(
-            header_token(&headers(&[("authorization", "Bearer abc")])).as_deref(),
+            header_token(&headers(&[("authorization", "Bearer abc")])),
             Some("abc")
         );
         assert_eq!(
-            header_token(&headers(&[("authorization", "TOKEN  abc ")])).as_deref(),
+            header_token(&headers(&[("authorization", "TOKEN  abc ")])),
             Some("abc")
         );
         assert_eq!(
@@ -904,6 +915,11 @@ mod tests {
             header_token(&headers(&[("authorization", "xtoken abc")])),
             None
         );
+        assert_eq!(
+            header_token(&headers(&[("authorization", "token\tabc")])),
+            Some("abc")
+        );
+        assert_eq!(header_token(&headers(&[("authorization", "token")])), None);
     }
 
     #[test]
