@@ -178,6 +178,17 @@ mod tests {
         (client, asked_rx)
     }
 
+    /// `drain.stop()` running, checked to be still waiting half a minute (of paused time) on.
+    async fn stop_still_waiting(drain: &Arc<Drain>, when: &str) -> tokio::task::JoinHandle<()> {
+        let stop = tokio::spawn({
+            let drain = drain.clone();
+            async move { drain.stop().await }
+        });
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(!stop.is_finished(), "stop returned {when}");
+        stop
+    }
+
     #[tokio::test(start_paused = true)]
     async fn stopping_waits_for_the_request_in_flight_then_the_connection_closes() {
         let drain = Arc::new(Drain::default());
@@ -193,15 +204,7 @@ mod tests {
         let response = tokio::spawn(async move { sender.send_request(request).await });
         asked.await.unwrap();
 
-        let stop = tokio::spawn({
-            let drain = drain.clone();
-            async move { drain.stop().await }
-        });
-        tokio::time::sleep(Duration::from_secs(30)).await;
-        assert!(
-            !stop.is_finished(),
-            "stop returned with a request in flight"
-        );
+        let stop = stop_still_waiting(&drain, "with a request in flight").await;
 
         answer_tx.send(()).unwrap();
         let body = response.await.unwrap().unwrap().into_body().collect().await;
@@ -218,15 +221,7 @@ mod tests {
     async fn a_connection_counted_before_it_is_served_is_waited_for() {
         let drain = Arc::new(Drain::default());
         let watcher = drain.watcher();
-        let stop = tokio::spawn({
-            let drain = drain.clone();
-            async move { drain.stop().await }
-        });
-        tokio::time::sleep(Duration::from_secs(30)).await;
-        assert!(
-            !stop.is_finished(),
-            "stop returned while a connection was still counted"
-        );
+        let stop = stop_still_waiting(&drain, "while a connection was still counted").await;
         drop(watcher);
         tokio::time::timeout(Duration::from_secs(30), stop)
             .await
