@@ -314,6 +314,22 @@ pub(crate) struct Written {
 /// Adds `/<name>/<i>` through `hg` one after the other, at once again after a refusal, until
 /// `stop`. A write may be answered 201 or a JSON 503 (no primary, or the outcome is unknown);
 /// anything else fails the test.
+/// Waits (up to [`RESUME_BOUND`] after `resumed_from`, when writes could be confirmed again)
+/// until every writer had a write asked after the failure accepted; returns when the last one
+/// was.
+async fn every_writer_resumed(logs: &[Mutex<Written>], resumed_from: Instant) -> Instant {
+    eventually(
+        resumed_from.elapsed() + RESUME_BOUND,
+        "every writer to have a write accepted after the failover",
+        || async { logs.iter().all(|l| l.lock().unwrap().resumed.is_some()) },
+    )
+    .await;
+    logs.iter()
+        .filter_map(|l| l.lock().unwrap().resumed)
+        .max()
+        .expect("every writer had one")
+}
+
 /// One [`writer`] on each replica, named a, b, c, ...
 pub(crate) async fn writers(replicas: &[Hubgate], logs: &[Mutex<Written>], stop: &AtomicBool) {
     let names = ["a", "b", "c", "d", "e", "f"];
@@ -426,17 +442,7 @@ async fn primary_killed_mid_traffic(min_replicas: u32) {
             .await;
             resumed_from = Instant::now();
         }
-        eventually(
-            resumed_from.elapsed() + RESUME_BOUND,
-            "every writer to have a write accepted after the failover",
-            || async { logs.iter().all(|l| l.lock().unwrap().resumed.is_some()) },
-        )
-        .await;
-        let first = logs
-            .iter()
-            .filter_map(|l| l.lock().unwrap().resumed)
-            .max()
-            .expect("every writer had one");
+        let first = every_writer_resumed(&logs, resumed_from).await;
         eprintln!(
             "failover (min-replicas {min_replicas}): sentinels named the new primary {:?} after \
              the SIGKILL; every replica had a write asked after the SIGKILL accepted {:?} after \
@@ -824,17 +830,7 @@ async fn a_cluster_whose_primary_for_the_slot_dies_keeps_every_route_answered_20
         )
         .await;
         let resumed_from = Instant::now();
-        eventually(
-            resumed_from.elapsed() + RESUME_BOUND,
-            "every writer to have a write accepted after the failover",
-            || async { logs.iter().all(|l| l.lock().unwrap().resumed.is_some()) },
-        )
-        .await;
-        let first = logs
-            .iter()
-            .filter_map(|l| l.lock().unwrap().resumed)
-            .max()
-            .expect("every writer had one");
+        let first = every_writer_resumed(&logs, resumed_from).await;
         eprintln!(
             "cluster failover (min-replicas 1): the replica was promoted {:?} after the SIGKILL; \
              every replica had a write asked after the SIGKILL accepted {:?} after it",
