@@ -139,13 +139,7 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     assert_eq!(resp.status, StatusCode::OK, "{resp:?}");
     assert_eq!(resp.text(), "slow answer");
 
-    let status = hg.exit_status().await;
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "exit after a complete drain: {status}\n{}",
-        hg.logs()
-    );
+    hg.assert_exits_with_0("exit after a complete drain").await;
 }
 
 #[tokio::test]
@@ -230,8 +224,8 @@ async fn open_websocket_is_closed_when_hubgate_stops() {
         matches!(peer.next_event().await, WsEvent::Closed),
         "the target side of the tunnel was not closed"
     );
-    let status = hg.exit_status().await;
-    assert_eq!(status.code(), Some(0), "{status}\n{}", hg.logs());
+    hg.assert_exits_with_0("exit after the tunnels closed")
+        .await;
 }
 
 /// Sets `net.ipv4.tcp_migrate_req` to 1 for the life of the guard, then restores it.

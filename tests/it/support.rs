@@ -655,6 +655,12 @@ impl Hubgate {
         self.process.exit_status().await
     }
 
+    /// Waits (at most `WAIT`) for hubgate to exit, and fails unless it exited with 0.
+    pub async fn assert_exits_with_0(&mut self, what: &str) {
+        let status = self.exit_status().await;
+        assert_eq!(status.code(), Some(0), "{what}: {status}\n{}", self.logs());
+    }
+
     /// Send signal `name` and wait (at most `WAIT`) for the process to exit.
     pub async fn stop(&mut self, name: &str) -> ExitStatus {
         self.process.stop(name).await

@@ -419,13 +419,7 @@ async fn sigterm_drains_slow_requests_on_every_worker_then_exits_0() {
             .unwrap_or_else(|e| panic!("a slow request failed: {e}\n{}", hg.logs()));
         assert_eq!(body, "slow answer");
     }
-    let status = hg.exit_status().await;
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "exit after a complete drain: {status}\n{}",
-        hg.logs()
-    );
+    hg.assert_exits_with_0("exit after a complete drain").await;
 }
 
 #[tokio::test]
