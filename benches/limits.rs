@@ -45,11 +45,16 @@ const ALL: &str = "user = { rate = 1e9, burst = 1000, concurrent = 1000 }\n\
                    client = { rate = 1e9, burst = 1000, concurrent = 1000 }\n\
                    login = { rate = 1e9, burst = 1000 }";
 
-fn per_check(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// A runtime with time enabled: the limits read tokio's clock.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
-        .expect("a runtime");
+        .expect("a runtime")
+}
+
+fn per_check(c: &mut Criterion) {
+    let rt = runtime();
     let _guard = rt.enter();
     let headers = HeaderMap::new();
     let peer = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
@@ -80,10 +85,7 @@ fn per_check(c: &mut Criterion) {
 
 /// Not a timing: prints the heap the state of 100 000 client addresses holds.
 fn memory(_c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .expect("a runtime");
+    let rt = runtime();
     let _guard = rt.enter();
     let headers = HeaderMap::new();
     let region = Region::new(GLOBAL);
