@@ -303,7 +303,11 @@ async fn sighup_reloads_the_limits_and_a_bad_file_keeps_the_old_ones() {
         gate.get("/").await.status == StatusCode::OK
     })
     .await;
-    assert!(gate.logs().contains("limits reloaded"), "{}", gate.logs());
+    // The new limits are in force a moment before the line saying so is written.
+    eventually(WAIT, "the reload in the log", || async {
+        gate.logs().contains("limits reloaded")
+    })
+    .await;
 }
 
 #[tokio::test]
