@@ -45,7 +45,6 @@ import platform
 import random
 import re
 import signal
-import socket
 import statistics
 import sys
 import time
@@ -191,13 +190,13 @@ class Client:
                 return await asyncio.wait_for(
                     self._exchange(method, path, headers or {}, body), timeout
                 )
-            except asyncio.TimeoutError:
+            except asyncio.TimeoutError as e:
                 self.close()
-                raise NoAnswer("timeout")
+                raise NoAnswer("timeout") from e
             except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError) as e:
                 self.close()
                 if not (reused and attempt == 0):
-                    raise NoAnswer(type(e).__name__)
+                    raise NoAnswer(type(e).__name__) from e
 
     async def _exchange(self, method, path, headers, body):
         if self.writer is None:
@@ -806,13 +805,13 @@ def machine():
     info = {}
     try:
         with open("/proc/cpuinfo") as f:
-            models = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+            models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
         info["cpu"] = f"{models[0] if models else '?'} x {os.cpu_count() or 0}"
     except OSError:
         info["cpu"] = "?"
     try:
         with open("/proc/meminfo") as f:
-            mem = next(l for l in f if l.startswith("MemTotal:"))
+            mem = next(line for line in f if line.startswith("MemTotal:"))
         info["memory"] = "%.1f GiB" % (int(mem.split()[1]) / 1048576)
     except (OSError, StopIteration):
         info["memory"] = "?"
