@@ -368,8 +368,15 @@ class Soak:
         self.restart_failures = 0
         self.samples = []
         self.proxy_died = False
-        self.ws = {"opened": 0, "refused": 0, "errors": 0, "messages": 0, "bad_echo": 0,
-                   "closed": 0, "dropped": 0}
+        self.ws = {
+            "opened": 0,
+            "refused": 0,
+            "errors": 0,
+            "messages": 0,
+            "bad_echo": 0,
+            "closed": 0,
+            "dropped": 0,
+        }
         self.ws_rtts = []
 
     @staticmethod
@@ -510,8 +517,13 @@ class Soak:
         """One websocket after another through hubgate, each open for 2-15 s with a message
         and its echo about every second; 4 in 5 end with a close handshake, the others by
         dropping the connection."""
-        errors = (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, OSError,
-                  ValueError)
+        errors = (
+            asyncio.IncompleteReadError,
+            asyncio.TimeoutError,
+            ConnectionError,
+            OSError,
+            ValueError,
+        )
         while time.monotonic() < deadline:
             writer = None
             try:
@@ -645,10 +657,12 @@ class Soak:
             }
             self.samples.append(sample)
             log(
-                "t={t:5.0f}s fds={fds} (clients {clients}, upstream {upstream}, ws {ws_upstream}) "
-                "rss={rss_kb}KiB threads={threads} routes={routes} ws_open={ws_open} "
-                "req={requests} 503={s503} noans={no_answer} p99={p99_ms}ms hg_p99<={hub_p99_ms}ms"
-                .format_map(sample)
+                (
+                    "t={t:5.0f}s fds={fds} (clients {clients}, upstream {upstream}, "
+                    "ws {ws_upstream}) rss={rss_kb}KiB threads={threads} routes={routes} "
+                    "ws_open={ws_open} req={requests} 503={s503} noans={no_answer} "
+                    "p99={p99_ms}ms hg_p99<={hub_p99_ms}ms"
+                ).format_map(sample)
             )
 
     # -- the run -------------------------------------------------------------------------------
@@ -681,8 +695,7 @@ class Soak:
             asyncio.create_task(self.flap(deadline)),
         ]
         tasks += [
-            asyncio.create_task(self.traffic_worker(slots, deadline))
-            for _ in range(a.concurrency)
+            asyncio.create_task(self.traffic_worker(slots, deadline)) for _ in range(a.concurrency)
         ]
         tasks += [asyncio.create_task(self.websocket(deadline)) for _ in range(a.websockets)]
         sampler = asyncio.create_task(self.sampler(started + a.seconds, started))
@@ -715,7 +728,7 @@ def dechunk(text):
         if size == 0:
             break
         out.append(rest[:size])
-        rest = rest[size + 2:]
+        rest = rest[size + 2 :]
     return "".join(out)
 
 
@@ -779,9 +792,14 @@ def verdict(soak):
     fd_limit = fd2 + max(fd2 * a.fd_tolerance, a.fd_floor)
     rss_limit = rss2 + max(rss2 * a.rss_tolerance, a.rss_floor_kb)
     figures = {
-        "fds_q2": fd2, "fds_q4": fd4, "fds_limit": fd_limit,
-        "rss_q2": rss2, "rss_q4": rss4, "rss_limit": rss_limit,
-        "threads_q2": th2, "threads_q4": th4,
+        "fds_q2": fd2,
+        "fds_q4": fd4,
+        "fds_limit": fd_limit,
+        "rss_q2": rss2,
+        "rss_q4": rss4,
+        "rss_limit": rss_limit,
+        "threads_q2": th2,
+        "threads_q4": th4,
         # Over everything after the first (warm-up) quarter.
         "fds_slope": slope_per_minute(samples[len(samples) // 4 :], "fds"),
         "rss_slope": slope_per_minute(samples[len(samples) // 4 :], "rss_kb"),
@@ -845,18 +863,30 @@ def proxy_log_summary(path):
 
 
 COLUMNS = [
-    ("t", "t (s)"), ("fds", "FDs"), ("clients", "client conns"), ("upstream", "upstream conns"),
-    ("ws_upstream", "ws upstream"), ("rss_kb", "RSS (KiB)"), ("threads", "threads"),
-    ("routes", "routes"), ("ws_open", "ws open"), ("backends_up", "backends up"),
-    ("requests", "requests"), ("ok", "200"), ("s503", "503"), ("s404", "404"),
-    ("other", "other"), ("no_answer", "no answer"), ("p50_ms", "client p50 ms"),
-    ("p99_ms", "client p99 ms"), ("hub_p99_ms", "hubgate p99 ≤ ms"),
+    ("t", "t (s)"),
+    ("fds", "FDs"),
+    ("clients", "client conns"),
+    ("upstream", "upstream conns"),
+    ("ws_upstream", "ws upstream"),
+    ("rss_kb", "RSS (KiB)"),
+    ("threads", "threads"),
+    ("routes", "routes"),
+    ("ws_open", "ws open"),
+    ("backends_up", "backends up"),
+    ("requests", "requests"),
+    ("ok", "200"),
+    ("s503", "503"),
+    ("s404", "404"),
+    ("other", "other"),
+    ("no_answer", "no answer"),
+    ("p50_ms", "client p50 ms"),
+    ("p99_ms", "client p99 ms"),
+    ("hub_p99_ms", "hubgate p99 ≤ ms"),
 ]
 
 
 def table(samples):
-    out = ["| " + " | ".join(h for _, h in COLUMNS) + " |",
-           "|" + "---|" * len(COLUMNS)]
+    out = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for s in samples:
         out.append("| " + " | ".join("" if s[k] is None else str(s[k]) for k, _ in COLUMNS) + " |")
     return "\n".join(out)
@@ -911,7 +941,9 @@ def report(soak, reasons, notes, figures, logsum, wall):
         "",
     ]
     if logsum[1]:
-        lines += ["Distinct WARN/ERROR messages (numbers masked):", "", "```"] + logsum[1] + ["```", ""]
+        lines += (
+            ["Distinct WARN/ERROR messages (numbers masked):", "", "```"] + logsum[1] + ["```", ""]
+        )
     if figures:
         lines += [
             "## Trend (second quarter → last quarter of the samples)",
@@ -1000,8 +1032,20 @@ def main():
         f.write(text)
 
     s = soak.samples
-    keys = ("t", "fds", "clients", "upstream", "ws_upstream", "rss_kb", "threads", "routes",
-            "ws_open", "requests", "p99_ms", "hub_p99_ms")
+    keys = (
+        "t",
+        "fds",
+        "clients",
+        "upstream",
+        "ws_upstream",
+        "rss_kb",
+        "threads",
+        "routes",
+        "ws_open",
+        "requests",
+        "p99_ms",
+        "hub_p99_ms",
+    )
     if s:
         print("first sample: " + " ".join(f"{k}={s[0][k]}" for k in keys))
         print("last sample:  " + " ".join(f"{k}={s[-1][k]}" for k in keys))
