@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The pip package (jupyterhub-hubgate): build the wheel once, install it with JupyterHub into a
-# venv under target/, then ruff and the tests in tests/python (a real JupyterHub, headless
-# Chromium). Called by .ci/run after `cargo test`, whose compiled dependencies the wheel's
-# build reuses (the wheel is built with the dev profile here; see benches/jupyterhub_reconcile.py
-# for the release wheel and its size).
+# venv under target/, then the tests in tests/python (a real JupyterHub, headless Chromium).
+# Called by .ci/run after `cargo test`, whose compiled dependencies the wheel's build reuses (the
+# wheel is built with the dev profile here; see benches/jupyterhub_reconcile.py for the release
+# wheel and its size). (ruff checks this Python with the rest of the repository's: .ci/ruff.sh.)
 #
 # Installs what is missing: Debian's chromium and chromium-driver (apt-get, as root), and
-# maturin, ruff, JupyterHub, pytest, pytest-asyncio and selenium from PyPI into venvs under
+# maturin, JupyterHub, pytest, pytest-asyncio and selenium from PyPI into venvs under
 # target/python/ that later runs reuse (a venv is made again when its requirements change).
 set -euo pipefail
 
@@ -17,7 +17,7 @@ mkdir -p "$out"
 
 # The JupyterHub the tests run against: the same as tests/it/jhub.rs.
 jupyterhub_req='jupyterhub>=6,<7'
-tools_req='maturin>=1.5,<2 ruff==0.17.6'
+tools_req='maturin>=1.5,<2'
 test_req="$jupyterhub_req pytest>=8 pytest-asyncio>=0.24 selenium>=4.20"
 
 # venv DIR REQUIREMENTS: a venv at DIR holding REQUIREMENTS, made again when they change.
@@ -42,11 +42,6 @@ dpkg-query -W -f '${Package} ${Version}\n' chromium chromium-driver
 
 venv "$out/tools" "$tools_req"
 venv "$out/venv" "$test_req"
-
-echo "ruff check / ruff format --check"
-py_files=(python tests/python benches/jupyterhub_reconcile.py)
-"$out/tools/bin/ruff" check "${py_files[@]}"
-"$out/tools/bin/ruff" format --check "${py_files[@]}"
 
 echo "building the wheel"
 rm -rf "$out/wheels"

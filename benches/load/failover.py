@@ -35,9 +35,7 @@ def latency(a):
         for i in range(a.count):
             path = f"/api/routes/lat/r{i}"
             started = time.perf_counter()
-            status = call(
-                conn, method, path, a.token, body if method == "POST" else None
-            )
+            status = call(conn, method, path, a.token, body if method == "POST" else None)
             if status in (201, 204):
                 ms.append((time.perf_counter() - started) * 1000)
             else:
@@ -110,9 +108,7 @@ def failover(a):
     print(
         json.dumps(
             {
-                "sentinels_switched_s": round(
-                    switched.get("at", float("nan")) - killed, 3
-                ),
+                "sentinels_switched_s": round(switched.get("at", float("nan")) - killed, 3),
                 "first_accepted_write_s": round(resumed - killed, 3),
                 "refused_meanwhile": refused,
             }

@@ -8,6 +8,7 @@ Answers, under /hub/api:
 and GET /_stats with the number of calls per endpoint, so the benchmark can show that a cached
 token costs about one hub call for a whole run. Loopback only; exits after --secs.
 """
+
 import argparse
 import json
 import threading
@@ -49,14 +50,17 @@ class Handler(BaseHTTPRequestHandler):
             count("user")
             auth = self.headers.get("Authorization", "")
             if auth.split(None, 1)[-1:] == [self.server.token]:
-                return self.reply(200, {
-                    "kind": "user",
-                    "name": self.server.user,
-                    "admin": False,
-                    "groups": [],
-                    "scopes": [f"access:servers!user={self.server.user}"],
-                    "session_id": None,
-                })
+                return self.reply(
+                    200,
+                    {
+                        "kind": "user",
+                        "name": self.server.user,
+                        "admin": False,
+                        "groups": [],
+                        "scopes": [f"access:servers!user={self.server.user}"],
+                        "session_id": None,
+                    },
+                )
             return self.reply(403, {"status": 403, "message": "bad token"})
         count("other")
         return self.reply(404, {"status": 404, "message": "not here"})

@@ -12,6 +12,7 @@ answered 201 (what the hub, told "done", could see as the other replica lagging)
 same for DELETE (until 404).
 Loopback only.
 """
+
 import argparse
 import http.client
 import json
@@ -79,17 +80,21 @@ def main():
                 delays.append((seen - started) * 1000)
                 writes.append((wrote - started) * 1000)
                 after.append((seen - wrote) * 1000)
-    print(json.dumps({
-        "changes": len(delays),
-        "failed": lost,
-        "p50_ms": round(pct(delays, 0.50), 3),
-        "p99_ms": round(pct(delays, 0.99), 3),
-        "max_ms": round(max(delays, default=0), 3),
-        "write_p50_ms": round(pct(writes, 0.50), 3),
-        "write_p99_ms": round(pct(writes, 0.99), 3),
-        "after_answer_p50_ms": round(pct(after, 0.50), 3),
-        "after_answer_p99_ms": round(pct(after, 0.99), 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "changes": len(delays),
+                "failed": lost,
+                "p50_ms": round(pct(delays, 0.50), 3),
+                "p99_ms": round(pct(delays, 0.99), 3),
+                "max_ms": round(max(delays, default=0), 3),
+                "write_p50_ms": round(pct(writes, 0.50), 3),
+                "write_p99_ms": round(pct(writes, 0.99), 3),
+                "after_answer_p50_ms": round(pct(after, 0.50), 3),
+                "after_answer_p99_ms": round(pct(after, 0.99), 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

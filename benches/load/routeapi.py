@@ -10,6 +10,7 @@ includes this client's own cost (a few tens of microseconds per request).
 Route data: {"target": --target} plus {"user": "u<i>"} with --with-user. --ws-index I gives
 route u<I> --ws-target instead (the websocket echo backend). Loopback only.
 """
+
 import argparse
 import http.client
 import json
@@ -68,10 +69,18 @@ def cmd_add(a, conn):
                 print(json.dumps({"warning": f"POST u{i} answered {status}"}), flush=True)
     total = time.monotonic() - started
     s = sorted(took)
-    return {"op": "add", "wanted": a.count, "done": len(took), "errors": errors,
-            "total_s": total, "per_sec": len(took) / total if total else 0,
-            "p50_ms": pct(s, 0.5), "p99_ms": pct(s, 0.99), "max_ms": s[-1] if s else 0,
-            "timed_out": timed_out}
+    return {
+        "op": "add",
+        "wanted": a.count,
+        "done": len(took),
+        "errors": errors,
+        "total_s": total,
+        "per_sec": len(took) / total if total else 0,
+        "p50_ms": pct(s, 0.5),
+        "p99_ms": pct(s, 0.99),
+        "max_ms": s[-1] if s else 0,
+        "timed_out": timed_out,
+    }
 
 
 def cmd_sync(a, conn):
@@ -84,8 +93,14 @@ def cmd_sync(a, conn):
         answer = json.loads(data)
     except ValueError:
         answer = data[:200].decode(errors="replace")
-    return {"op": "sync", "routes": a.count, "status": status, "secs": secs,
-            "request_bytes": len(body), "answer": answer}
+    return {
+        "op": "sync",
+        "routes": a.count,
+        "status": status,
+        "secs": secs,
+        "request_bytes": len(body),
+        "answer": answer,
+    }
 
 
 def cmd_list(a, conn):

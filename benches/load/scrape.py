@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Scrapes a Prometheus endpoint every --interval seconds for --secs seconds, as Prometheus
 would (one keep-alive connection), and prints one JSON line: scrapes, failures, last size."""
+
 import argparse
 import http.client
 import json

@@ -45,7 +45,6 @@ import platform
 import random
 import re
 import signal
-import socket
 import statistics
 import sys
 import time
@@ -57,7 +56,7 @@ BIG = b"y" * 65536
 
 
 def log(msg):
-    sys.stderr.write("[%s] soak: %s\n" % (time.strftime("%H:%M:%S"), msg))
+    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] soak: {msg}\n")
     sys.stderr.flush()
 
 
@@ -191,21 +190,21 @@ class Client:
                 return await asyncio.wait_for(
                     self._exchange(method, path, headers or {}, body), timeout
                 )
-            except asyncio.TimeoutError:
+            except asyncio.TimeoutError as e:
                 self.close()
-                raise NoAnswer("timeout")
+                raise NoAnswer("timeout") from e
             except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError) as e:
                 self.close()
                 if not (reused and attempt == 0):
-                    raise NoAnswer(type(e).__name__)
+                    raise NoAnswer(type(e).__name__) from e
 
     async def _exchange(self, method, path, headers, body):
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        lines = ["%s %s HTTP/1.1" % (method, path), "Host: 127.0.0.1:%d" % self.port]
-        lines += ["%s: %s" % kv for kv in headers.items()]
+        lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{self.port}"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
         if body or method in ("POST", "PUT", "PATCH"):
-            lines.append("Content-Length: %d" % len(body))
+            lines.append(f"Content-Length: {len(body)}")
         self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
         await self.writer.drain()
         first, rheaders = await read_head(self.reader)
@@ -254,9 +253,9 @@ async def ws_read(reader):
 def proc_status(pid):
     """(open descriptors, VmRSS KiB, threads) of pid, or None when it is gone."""
     try:
-        fds = len(os.listdir("/proc/%d/fd" % pid))
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
         rss = threads = 0
-        with open("/proc/%d/status" % pid) as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
                     rss = int(line.split()[1])
@@ -271,9 +270,9 @@ def proxy_sockets(pid):
     """Inodes of the sockets pid holds open."""
     inodes = set()
     try:
-        for fd in os.listdir("/proc/%d/fd" % pid):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
             try:
-                link = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
             except OSError:
                 continue
             if link.startswith("socket:["):
@@ -369,8 +368,15 @@ class Soak:
         self.restart_failures = 0
         self.samples = []
         self.proxy_died = False
-        self.ws = {"opened": 0, "refused": 0, "errors": 0, "messages": 0, "bad_echo": 0,
-                   "closed": 0, "dropped": 0}
+        self.ws = {
+            "opened": 0,
+            "refused": 0,
+            "errors": 0,
+            "messages": 0,
+            "bad_echo": 0,
+            "closed": 0,
+            "dropped": 0,
+        }
         self.ws_rtts = []
 
     @staticmethod
@@ -390,7 +396,7 @@ class Soak:
                 continue
             self.backends.append(b)
         if len(self.backends) < self.a.backends:
-            raise SystemExit("soak: could not bind %d backends" % self.a.backends)
+            raise SystemExit(f"soak: could not bind {self.a.backends} backends")
 
     async def api_call(self, method, key, body=b""):
         self.api_calls += 1
@@ -403,19 +409,19 @@ class Soak:
             )
         except NoAnswer as e:
             self.api_errors += 1
-            log("API %s %s: no answer (%s)" % (method, key, e))
+            log(f"API {method} {key}: no answer ({e})")
             return None
         if status >= 300 and not (method == "DELETE" and status == 404):
             self.api_errors += 1
-            log("API %s %s: %d" % (method, key, status))
+            log(f"API {method} {key}: {status}")
         return status
 
     async def add_route(self, key, port):
-        body = json.dumps({"target": "http://127.0.0.1:%d" % port}).encode()
+        body = json.dumps({"target": f"http://127.0.0.1:{port}"}).encode()
         return await self.api_call("POST", key, body)
 
     async def new_route(self):
-        key = "/soak/r%d" % self.next_route
+        key = f"/soak/r{self.next_route}"
         self.next_route += 1
         backend = random.choice(self.backends)
         if await self.add_route(key, backend.port) == 201:
@@ -436,7 +442,7 @@ class Soak:
                 key = random.choice(self.routes)
                 roll = random.random()
                 if roll < 0.85:
-                    method, path, body = "GET", key + "/x?n=%d" % random.randrange(1000), b""
+                    method, path, body = "GET", key + f"/x?n={random.randrange(1000)}", b""
                 elif roll < 0.95:
                     method, path = "POST", key + "/upload"
                     body = os.urandom(random.randint(1024, 16384))
@@ -495,7 +501,7 @@ class Soak:
                     await b.start()
                 except OSError as e:
                     self.restart_failures += 1
-                    log("backend %d did not start again: %s" % (b.port, e))
+                    log(f"backend {b.port} did not start again: {e}")
             running = [b for b in self.backends if b.up]
             stopped = random.sample(running, min(self.a.flap_backends, len(running)))
             for b in stopped:
@@ -511,8 +517,13 @@ class Soak:
         """One websocket after another through hubgate, each open for 2-15 s with a message
         and its echo about every second; 4 in 5 end with a close handshake, the others by
         dropping the connection."""
-        errors = (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, OSError,
-                  ValueError)
+        errors = (
+            asyncio.IncompleteReadError,
+            asyncio.TimeoutError,
+            ConnectionError,
+            OSError,
+            ValueError,
+        )
         while time.monotonic() < deadline:
             writer = None
             try:
@@ -521,9 +532,11 @@ class Soak:
                 )
                 key = base64.b64encode(os.urandom(16)).decode()
                 writer.write(
-                    ("GET /soak/ws HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
-                     "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
-                     "Sec-WebSocket-Version: 13\r\n\r\n" % (self.a.proxy_port, key)).encode()
+                    (
+                        f"GET /soak/ws HTTP/1.1\r\nHost: 127.0.0.1:{self.a.proxy_port}\r\n"
+                        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                    ).encode()
                 )
                 first, _ = await asyncio.wait_for(read_head(reader), REQUEST_TIMEOUT)
                 if first.split(" ")[1] != "101":
@@ -585,7 +598,7 @@ class Soak:
                 text = dechunk(text)
             return parse_metrics(text)
         except (OSError, asyncio.TimeoutError, IndexError, ValueError) as e:
-            log("scraping /metrics failed: %s" % e)
+            log(f"scraping /metrics failed: {e}")
             return {}, {}
 
     async def sampler(self, deadline, started):
@@ -598,7 +611,7 @@ class Soak:
             st = proc_status(self.a.pid)
             if st is None:
                 self.proxy_died = True
-                log("the proxy (pid %d) is gone" % self.a.pid)
+                log(f"the proxy (pid {self.a.pid}) is gone")
                 return
             sockets = proxy_sockets(self.a.pid)
             tcp = tcp_table()
@@ -644,9 +657,12 @@ class Soak:
             }
             self.samples.append(sample)
             log(
-                "t=%(t)5.0fs fds=%(fds)d (clients %(clients)d, upstream %(upstream)d, ws %(ws_upstream)d) rss=%(rss_kb)dKiB threads=%(threads)d routes=%(routes)d "
-                "ws_open=%(ws_open)d req=%(requests)d 503=%(s503)d noans=%(no_answer)d "
-                "p99=%(p99_ms)sms hg_p99<=%(hub_p99_ms)sms" % sample
+                (
+                    "t={t:5.0f}s fds={fds} (clients {clients}, upstream {upstream}, "
+                    "ws {ws_upstream}) rss={rss_kb}KiB threads={threads} routes={routes} "
+                    "ws_open={ws_open} req={requests} 503={s503} noans={no_answer} "
+                    "p99={p99_ms}ms hg_p99<={hub_p99_ms}ms"
+                ).format_map(sample)
             )
 
     # -- the run -------------------------------------------------------------------------------
@@ -654,16 +670,18 @@ class Soak:
     async def run(self):
         a = self.a
         await self.start_backends()
-        log("%d backends on 127.0.0.1:%d-%d" % (len(self.backends), self.backends[0].port,
-                                                 self.backends[-1].port))
+        log(
+            f"{len(self.backends)} backends on "
+            f"127.0.0.1:{self.backends[0].port}-{self.backends[-1].port}"
+        )
         t = time.monotonic()
         if await self.add_route("/soak/ws", a.ws_port) != 201:
             raise SystemExit("soak: adding the websocket route failed")
         while len(self.routes) < a.routes and time.monotonic() - t < 300:
             await self.new_route()
         if len(self.routes) < a.routes:
-            raise SystemExit("soak: only %d of %d routes added" % (len(self.routes), a.routes))
-        log("%d routes added in %.1f s" % (len(self.routes), time.monotonic() - t))
+            raise SystemExit(f"soak: only {len(self.routes)} of {a.routes} routes added")
+        log(f"{len(self.routes)} routes added in {time.monotonic() - t:.1f} s")
         with open(a.ready_file, "w") as f:
             f.write("ready\n")
         started = time.monotonic()
@@ -677,8 +695,7 @@ class Soak:
             asyncio.create_task(self.flap(deadline)),
         ]
         tasks += [
-            asyncio.create_task(self.traffic_worker(slots, deadline))
-            for _ in range(a.concurrency)
+            asyncio.create_task(self.traffic_worker(slots, deadline)) for _ in range(a.concurrency)
         ]
         tasks += [asyncio.create_task(self.websocket(deadline)) for _ in range(a.websockets)]
         sampler = asyncio.create_task(self.sampler(started + a.seconds, started))
@@ -689,7 +706,7 @@ class Soak:
             task.cancel()
         for task in done:
             if task.exception() is not None:
-                log("task failed: %r" % task.exception())
+                log(f"task failed: {task.exception()!r}")
         for b in self.backends:
             await b.stop()
         self.api.close()
@@ -711,7 +728,7 @@ def dechunk(text):
         if size == 0:
             break
         out.append(rest[:size])
-        rest = rest[size + 2:]
+        rest = rest[size + 2 :]
     return "".join(out)
 
 
@@ -749,21 +766,25 @@ def verdict(soak):
     answered = soak.totals["requests"]
     lost = soak.totals["no_answer"]
     if lost > 0.005 * max(1, answered + lost):
-        reasons.append("%d of %d requests got no HTTP answer" % (lost, answered + lost))
+        reasons.append(f"{lost} of {answered + lost} requests got no HTTP answer")
     ws = soak.ws
     if ws["bad_echo"]:
-        reasons.append("%d websocket messages came back different" % ws["bad_echo"])
+        reasons.append(f"{ws['bad_echo']} websocket messages came back different")
     if ws["errors"] + ws["refused"] > 0.005 * max(1, ws["opened"] + ws["errors"] + ws["refused"]):
-        reasons.append("%d websockets refused and %d broken, of %d opened"
-                       % (ws["refused"], ws["errors"], ws["opened"]))
+        reasons.append(
+            f"{ws['refused']} websockets refused and {ws['errors']} broken, "
+            f"of {ws['opened']} opened"
+        )
     if soak.api_errors:
-        notes.append("%d of %d route API calls failed" % (soak.api_errors, soak.api_calls))
+        notes.append(f"{soak.api_errors} of {soak.api_calls} route API calls failed")
     routes = [s["routes"] for s in samples if s["routes"] >= 0]
     if routes and (min(routes) < a.routes or max(routes) > a.routes + 1):
-        notes.append("hubgate_routes ranged %d-%d (want %d + the websocket route)"
-                     % (min(routes), max(routes), a.routes))
+        notes.append(
+            f"hubgate_routes ranged {min(routes)}-{max(routes)} "
+            f"(want {a.routes} + the websocket route)"
+        )
     if len(samples) < 4:
-        reasons.append("only %d samples: too short to judge a trend" % len(samples))
+        reasons.append(f"only {len(samples)} samples: too short to judge a trend")
         return reasons, notes, {}
     fd2, fd4 = quarter_means(samples, "fds")
     rss2, rss4 = quarter_means(samples, "rss_kb")
@@ -771,25 +792,30 @@ def verdict(soak):
     fd_limit = fd2 + max(fd2 * a.fd_tolerance, a.fd_floor)
     rss_limit = rss2 + max(rss2 * a.rss_tolerance, a.rss_floor_kb)
     figures = {
-        "fds_q2": fd2, "fds_q4": fd4, "fds_limit": fd_limit,
-        "rss_q2": rss2, "rss_q4": rss4, "rss_limit": rss_limit,
-        "threads_q2": th2, "threads_q4": th4,
+        "fds_q2": fd2,
+        "fds_q4": fd4,
+        "fds_limit": fd_limit,
+        "rss_q2": rss2,
+        "rss_q4": rss4,
+        "rss_limit": rss_limit,
+        "threads_q2": th2,
+        "threads_q4": th4,
         # Over everything after the first (warm-up) quarter.
         "fds_slope": slope_per_minute(samples[len(samples) // 4 :], "fds"),
         "rss_slope": slope_per_minute(samples[len(samples) // 4 :], "rss_kb"),
     }
     if fd4 > fd_limit:
         reasons.append(
-            "open descriptors grew: last quarter %.0f vs second quarter %.0f (limit %.0f)"
-            % (fd4, fd2, fd_limit)
+            f"open descriptors grew: last quarter {fd4:.0f} vs second quarter {fd2:.0f} "
+            f"(limit {fd_limit:.0f})"
         )
     if rss4 > rss_limit:
         reasons.append(
-            "RSS grew: last quarter %.0f KiB vs second quarter %.0f KiB (limit %.0f KiB)"
-            % (rss4, rss2, rss_limit)
+            f"RSS grew: last quarter {rss4:.0f} KiB vs second quarter {rss2:.0f} KiB "
+            f"(limit {rss_limit:.0f} KiB)"
         )
     if th4 > th2 + 4:
-        notes.append("threads grew: %.1f -> %.1f" % (th2, th4))
+        notes.append(f"threads grew: {th2:.1f} -> {th4:.1f}")
     return reasons, notes, figures
 
 
@@ -797,18 +823,18 @@ def machine():
     info = {}
     try:
         with open("/proc/cpuinfo") as f:
-            models = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
-        info["cpu"] = "%s x %d" % (models[0] if models else "?", os.cpu_count() or 0)
+            models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        info["cpu"] = f"{models[0] if models else '?'} x {os.cpu_count() or 0}"
     except OSError:
         info["cpu"] = "?"
     try:
         with open("/proc/meminfo") as f:
-            mem = next(l for l in f if l.startswith("MemTotal:"))
+            mem = next(line for line in f if line.startswith("MemTotal:"))
         info["memory"] = "%.1f GiB" % (int(mem.split()[1]) / 1048576)
     except (OSError, StopIteration):
         info["memory"] = "?"
     u = platform.uname()
-    info["kernel"] = "%s %s %s" % (u.system, u.release, u.machine)
+    info["kernel"] = f"{u.system} {u.release} {u.machine}"
     info["python"] = platform.python_version()
     return info
 
@@ -826,29 +852,41 @@ def proxy_log_summary(path):
         with open(path, errors="replace") as f:
             for line in f:
                 for level in counts:
-                    if " %s " % level in line or '"level":"%s"' % level in line:
+                    if f" {level} " in line or f'"level":"{level}"' in line:
                         counts[level] += 1
                         shape = LOG_NUMBER.sub("N", LOG_STAMP.sub("", line.strip()))[:200]
                         messages[shape] = messages.get(shape, 0) + 1
     except OSError:
         pass
     top = sorted(messages.items(), key=lambda kv: -kv[1])[:10]
-    return counts, ["%7d × %s" % (n, m) for m, n in top]
+    return counts, [f"{n:7d} × {m}" for m, n in top]
 
 
 COLUMNS = [
-    ("t", "t (s)"), ("fds", "FDs"), ("clients", "client conns"), ("upstream", "upstream conns"),
-    ("ws_upstream", "ws upstream"), ("rss_kb", "RSS (KiB)"), ("threads", "threads"),
-    ("routes", "routes"), ("ws_open", "ws open"), ("backends_up", "backends up"),
-    ("requests", "requests"), ("ok", "200"), ("s503", "503"), ("s404", "404"),
-    ("other", "other"), ("no_answer", "no answer"), ("p50_ms", "client p50 ms"),
-    ("p99_ms", "client p99 ms"), ("hub_p99_ms", "hubgate p99 ≤ ms"),
+    ("t", "t (s)"),
+    ("fds", "FDs"),
+    ("clients", "client conns"),
+    ("upstream", "upstream conns"),
+    ("ws_upstream", "ws upstream"),
+    ("rss_kb", "RSS (KiB)"),
+    ("threads", "threads"),
+    ("routes", "routes"),
+    ("ws_open", "ws open"),
+    ("backends_up", "backends up"),
+    ("requests", "requests"),
+    ("ok", "200"),
+    ("s503", "503"),
+    ("s404", "404"),
+    ("other", "other"),
+    ("no_answer", "no answer"),
+    ("p50_ms", "client p50 ms"),
+    ("p99_ms", "client p99 ms"),
+    ("hub_p99_ms", "hubgate p99 ≤ ms"),
 ]
 
 
 def table(samples):
-    out = ["| " + " | ".join(h for _, h in COLUMNS) + " |",
-           "|" + "---|" * len(COLUMNS)]
+    out = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for s in samples:
         out.append("| " + " | ".join("" if s[k] is None else str(s[k]) for k, _ in COLUMNS) + " |")
     return "\n".join(out)
@@ -860,9 +898,9 @@ def report(soak, reasons, notes, figures, logsum, wall):
     ws = soak.ws
     verdict_line = "FAIL" if reasons else "PASS"
     lines = [
-        "# hubgate soak: %s" % time.strftime("%Y-%m-%d %H:%M %Z"),
+        f"# hubgate soak: {time.strftime('%Y-%m-%d %H:%M %Z')}",
         "",
-        "`bash benches/load/soak.sh --minutes %g` — verdict: **%s**" % (a.minutes, verdict_line),
+        f"`bash benches/load/soak.sh --minutes {a.minutes:g}` — verdict: **{verdict_line}**",
         "",
     ]
     lines += ["- " + r for r in reasons] + ["- note: " + n for n in notes]
@@ -870,66 +908,68 @@ def report(soak, reasons, notes, figures, logsum, wall):
         "",
         "## Machine",
         "",
-        "- CPU: %s; memory: %s; %s; Python %s" % (m["cpu"], m["memory"], m["kernel"], m["python"]),
-        "- hubgate: %s (release build), pid %d, `--log-level warn`" % (a.revision, a.pid),
-        "- load average before: %s; after: %s" % (a.loadavg_before, read_loadavg()),
+        f"- CPU: {m['cpu']}; memory: {m['memory']}; {m['kernel']}; Python {m['python']}",
+        f"- hubgate: {a.revision} (release build), pid {a.pid}, `--log-level warn`",
+        f"- load average before: {a.loadavg_before}; after: {read_loadavg()}",
         "- everything on 127.0.0.1, sharing all cores; the load generator is one Python process",
         "",
         "## Load",
         "",
-        "- %d routes `/soak/r<n>` over %d backends, plus `/soak/ws` to a websocket echo backend "
-        "(examples/wsload echo)" % (a.routes, a.backends),
-        "- churn: every %g s %d routes deleted and %d added (%d replaced in all; %d API calls, "
-        "%d failed)" % (a.churn_every, a.churn_routes, a.churn_routes, soak.churned,
-                        soak.api_calls, soak.api_errors),
-        "- backends: every %g s the %d stopped last time start again and %d others stop "
-        "(%d stops in all, %d restarts failed)" % (a.flap_every, a.flap_backends,
-                                                   a.flap_backends, soak.flaps,
-                                                   soak.restart_failures),
-        "- HTTP: at most %g req/s over %d keep-alive connections (85 %% GET, 10 %% POST "
-        "1-16 KiB, 5 %% GET 64 KiB); %d answered %s; %d without an answer %s"
-        % (a.rate, a.concurrency, soak.totals["requests"],
-           json.dumps(dict(sorted(soak.totals["by_status"].items()))),
-           soak.totals["no_answer"], json.dumps(soak.totals["no_answer_kinds"])),
-        "- websockets: %d open at a time, each for 2-15 s with a message and its echo about every "
-        "second, 4 in 5 closed with a close handshake and the rest dropped: %d opened, %d closed, "
-        "%d dropped, %d refused, %d broken; %d messages (%d echoed wrong), round trip p50 %s ms, "
-        "p99 %s ms" % (a.websockets, ws["opened"], ws["closed"], ws["dropped"], ws["refused"],
-                       ws["errors"], ws["messages"], ws["bad_echo"],
-                       ms(percentile(soak.ws_rtts, 0.5)), ms(percentile(soak.ws_rtts, 0.99))),
-        "- proxy log: %d WARN, %d ERROR lines" % (logsum[0]["WARN"], logsum[0]["ERROR"]),
-        "- wall time of the load process (setup and wind-down included): %.0f s; one sample every %g s" % (wall, a.sample_every),
+        f"- {a.routes} routes `/soak/r<n>` over {a.backends} backends, plus `/soak/ws` to a "
+        "websocket echo backend (examples/wsload echo)",
+        f"- churn: every {a.churn_every:g} s {a.churn_routes} routes deleted and {a.churn_routes} "
+        f"added ({soak.churned} replaced in all; {soak.api_calls} API calls, "
+        f"{soak.api_errors} failed)",
+        f"- backends: every {a.flap_every:g} s the {a.flap_backends} stopped last time start "
+        f"again and {a.flap_backends} others stop ({soak.flaps} stops in all, "
+        f"{soak.restart_failures} restarts failed)",
+        f"- HTTP: at most {a.rate:g} req/s over {a.concurrency} keep-alive connections "
+        f"(85 % GET, 10 % POST 1-16 KiB, 5 % GET 64 KiB); {soak.totals['requests']} answered "
+        f"{json.dumps(dict(sorted(soak.totals['by_status'].items())))}; "
+        f"{soak.totals['no_answer']} without an answer "
+        f"{json.dumps(soak.totals['no_answer_kinds'])}",
+        f"- websockets: {a.websockets} open at a time, each for 2-15 s with a message and its "
+        "echo about every second, 4 in 5 closed with a close handshake and the rest dropped: "
+        f"{ws['opened']} opened, {ws['closed']} closed, {ws['dropped']} dropped, "
+        f"{ws['refused']} refused, {ws['errors']} broken; {ws['messages']} messages "
+        f"({ws['bad_echo']} echoed wrong), "
+        f"round trip p50 {ms(percentile(soak.ws_rtts, 0.5))} ms, "
+        f"p99 {ms(percentile(soak.ws_rtts, 0.99))} ms",
+        f"- proxy log: {logsum[0]['WARN']} WARN, {logsum[0]['ERROR']} ERROR lines",
+        f"- wall time of the load process (setup and wind-down included): {wall:.0f} s; "
+        f"one sample every {a.sample_every:g} s",
         "",
     ]
     if logsum[1]:
-        lines += ["Distinct WARN/ERROR messages (numbers masked):", "", "```"] + logsum[1] + ["```", ""]
+        lines += (
+            ["Distinct WARN/ERROR messages (numbers masked):", "", "```"] + logsum[1] + ["```", ""]
+        )
     if figures:
         lines += [
             "## Trend (second quarter → last quarter of the samples)",
             "",
             "| | second quarter | last quarter | limit |",
             "|---|---|---|---|",
-            "| FDs | %.0f | %.0f | %.0f (+%d %% or +%d) |" % (
-                figures["fds_q2"], figures["fds_q4"], figures["fds_limit"],
-                round(a.fd_tolerance * 100), a.fd_floor),
-            "| RSS (KiB) | %.0f | %.0f | %.0f (+%d %% or +%d KiB) |" % (
-                figures["rss_q2"], figures["rss_q4"], figures["rss_limit"],
-                round(a.rss_tolerance * 100), a.rss_floor_kb),
-            "| threads | %.1f | %.1f | |" % (figures["threads_q2"], figures["threads_q4"]),
+            "| FDs | {fds_q2:.0f} | {fds_q4:.0f} | {fds_limit:.0f} ".format_map(figures)
+            + f"(+{round(a.fd_tolerance * 100)} % or +{a.fd_floor}) |",
+            "| RSS (KiB) | {rss_q2:.0f} | {rss_q4:.0f} | {rss_limit:.0f} ".format_map(figures)
+            + f"(+{round(a.rss_tolerance * 100)} % or +{a.rss_floor_kb} KiB) |",
+            "| threads | {threads_q2:.1f} | {threads_q4:.1f} | |".format_map(figures),
             "",
             "Least-squares slope after the first quarter (informational, not judged): "
-            "%+.2f FDs/min, %+.0f KiB/min." % (figures["fds_slope"], figures["rss_slope"]),
+            "{fds_slope:+.2f} FDs/min, {rss_slope:+.0f} KiB/min.".format_map(figures),
             "",
         ]
     lines += [
         "## Samples",
         "",
-        "Every %g s. FDs: `/proc/<pid>/fd`; client conns: hubgate's sockets on its own ports "
-        "(public, API, metrics); upstream conns: to the HTTP backends; ws upstream: to the "
+        f"Every {a.sample_every:g} s. FDs: `/proc/<pid>/fd`; client conns: hubgate's sockets "
+        "on its own ports (public, API, metrics); upstream conns: to the HTTP backends; "
+        "ws upstream: to the "
         "websocket echo backend (all from `/proc/net/tcp`). `hubgate p99 ≤` is the upper bound "
         "of the `hubgate_request_duration_seconds` bucket holding the interval's 99th "
         "percentile (all route kinds, websocket handshakes included); the client columns are "
-        "measured by the load generator and include its own scheduling delays." % a.sample_every,
+        "measured by the load generator and include its own scheduling delays.",
         "",
         table(soak.samples),
         "",
@@ -992,24 +1032,37 @@ def main():
         f.write(text)
 
     s = soak.samples
-    keys = ("t", "fds", "clients", "upstream", "ws_upstream", "rss_kb", "threads", "routes",
-            "ws_open", "requests", "p99_ms", "hub_p99_ms")
+    keys = (
+        "t",
+        "fds",
+        "clients",
+        "upstream",
+        "ws_upstream",
+        "rss_kb",
+        "threads",
+        "routes",
+        "ws_open",
+        "requests",
+        "p99_ms",
+        "hub_p99_ms",
+    )
     if s:
-        print("first sample: " + " ".join("%s=%s" % (k, s[0][k]) for k in keys))
-        print("last sample:  " + " ".join("%s=%s" % (k, s[-1][k]) for k in keys))
+        print("first sample: " + " ".join(f"{k}={s[0][k]}" for k in keys))
+        print("last sample:  " + " ".join(f"{k}={s[-1][k]}" for k in keys))
     if figures:
-        print("FDs %.0f -> %.0f (limit %.0f); RSS %.0f -> %.0f KiB (limit %.0f); threads "
-              "%.1f -> %.1f  [second quarter -> last quarter]; slope once warm %+.2f FDs/min, "
-              "%+.0f KiB/min"
-              % (figures["fds_q2"], figures["fds_q4"], figures["fds_limit"], figures["rss_q2"],
-                 figures["rss_q4"], figures["rss_limit"], figures["threads_q2"],
-                 figures["threads_q4"], figures["fds_slope"], figures["rss_slope"]))
+        print(
+            "FDs {fds_q2:.0f} -> {fds_q4:.0f} (limit {fds_limit:.0f}); "
+            "RSS {rss_q2:.0f} -> {rss_q4:.0f} KiB (limit {rss_limit:.0f}); "
+            "threads {threads_q2:.1f} -> {threads_q4:.1f}  [second quarter -> last quarter]; "
+            "slope once warm {fds_slope:+.2f} FDs/min, {rss_slope:+.0f} KiB/min".format_map(figures)
+        )
     ws = soak.ws
-    print("requests: %d answered %s, %d without answer; websockets: %d opened, %d refused, "
-          "%d broken, %d messages" % (soak.totals["requests"],
-                                       json.dumps(dict(sorted(soak.totals["by_status"].items()))),
-                                       soak.totals["no_answer"], ws["opened"], ws["refused"],
-                                       ws["errors"], ws["messages"]))
+    print(
+        f"requests: {soak.totals['requests']} answered "
+        f"{json.dumps(dict(sorted(soak.totals['by_status'].items())))}, "
+        f"{soak.totals['no_answer']} without answer; websockets: {ws['opened']} opened, "
+        f"{ws['refused']} refused, {ws['errors']} broken, {ws['messages']} messages"
+    )
     for n in notes:
         print("note: " + n)
     print("report: " + a.report)

@@ -24,12 +24,14 @@ users' servers against this hub and logs browsers in through it:
 
 import os
 
+# `jupyterhub -f` runs this file with get_config() defined (traitlets).
+c = get_config()  # noqa: F821
 env = os.environ
 
 here = os.path.dirname(os.path.abspath(__file__))
 # load_subconfig is provided by traitlets; it ignores a missing file, hence the check.
 load_subconfig(os.path.join(here, "jupyterhub_config.py"))  # noqa: F821
-assert c.JupyterHub.spawner_class == "simple", "jupyterhub_config.py was not loaded"  # noqa: F821
+assert c.JupyterHub.spawner_class == "simple", "jupyterhub_config.py was not loaded"
 
 
 hub_port = int(env["HUBGATE_E2E_HUB_PORT"])

@@ -17,6 +17,8 @@ the database and pid files.
 
 import os
 
+# `jupyterhub -f` runs this file with get_config() defined (traitlets).
+c = get_config()  # noqa: F821
 env = os.environ
 
 # Ports picked by the test; everything binds on loopback only.
@@ -57,9 +59,7 @@ c.Authenticator.allow_all = True
 # without the switch to a system user of the same name (there is no user
 # "alice" on the machine); it only changes into the home directory below.
 c.JupyterHub.spawner_class = "simple"
-c.SimpleLocalProcessSpawner.home_dir_template = os.path.join(
-    workdir, "home", "{username}"
-)
+c.SimpleLocalProcessSpawner.home_dir_template = os.path.join(workdir, "home", "{username}")
 c.Spawner.cmd = [env["HUBGATE_E2E_PYTHON"], os.path.join(here, "singleuser.py")]
 c.Spawner.start_timeout = 30
 c.Spawner.http_timeout = 30

@@ -85,9 +85,7 @@ class Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = answer
 
     def log_message(self, fmt, *args):
-        sys.stderr.write(
-            "[fake-singleuser %s] %s %s\n" % (USER, self.address_string(), fmt % args)
-        )
+        sys.stderr.write(f"[fake-singleuser {USER}] {self.address_string()} {fmt % args}\n")
 
 
 def exit_with_parent():
@@ -110,8 +108,7 @@ def main():
     threading.Thread(target=exit_with_parent, daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     sys.stderr.write(
-        "[fake-singleuser %s] listening on %s:%s for %s\n"
-        % (USER, url.hostname, url.port, SERVICE_URL)
+        f"[fake-singleuser {USER}] listening on {url.hostname}:{url.port} for {SERVICE_URL}\n"
     )
     try:
         server.serve_forever()

@@ -63,8 +63,7 @@ class Server(ThreadingHTTPServer):
     def handle_error(self, request, client_address):
         # Refused handshakes (no or wrong client certificate) are expected: one line, no trace.
         sys.stderr.write(
-            "[fake-singleuser %s] %s: %s\n"
-            % (singleuser.USER, client_address, sys.exc_info()[1])
+            f"[fake-singleuser {singleuser.USER}] {client_address}: {sys.exc_info()[1]}\n"
         )
 
 
@@ -82,8 +81,8 @@ def main():
     threading.Thread(target=singleuser.exit_with_parent, daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     sys.stderr.write(
-        "[fake-singleuser %s] listening with TLS on %s:%s for %s (client CA %s)\n"
-        % (singleuser.USER, url.hostname, url.port, singleuser.SERVICE_URL, CLIENT_CA)
+        f"[fake-singleuser {singleuser.USER}] listening with TLS on {url.hostname}:{url.port} "
+        f"for {singleuser.SERVICE_URL} (client CA {CLIENT_CA})\n"
     )
     try:
         server.serve_forever()

@@ -1,14 +1,16 @@
 """The hub of tests/python: hubgate through `c.JupyterHub.proxy_class = "hubgate"` alone.
 
-The first line is the whole hubgate configuration, as an administrator writes it. Everything
-below it is the test's environment, read from HUBGATE_PY_* variables that hubtest.py sets:
-loopback ports, the hub's state in a temporary directory, the DummyAuthenticator, a spawner,
-and an admin token for the test to drive the hub's REST API.
+The line after `c = get_config()` is the whole hubgate configuration, as an administrator
+writes it. Everything below it is the test's environment, read from HUBGATE_PY_* variables that
+hubtest.py sets: loopback ports, the hub's state in a temporary directory, the
+DummyAuthenticator, a spawner, and an admin token for the test to drive the hub's REST API.
 """
 
 import os
 import sys
 
+# `jupyterhub -f` runs this file with get_config() defined (traitlets).
+c = get_config()  # noqa: F821
 c.JupyterHub.proxy_class = "hubgate"
 
 # ----- the test's environment -----------------------------------------------------------------
