@@ -25,8 +25,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use crate::http::ProxyBody;
-use crate::http::{full_body, json};
+use crate::http::{full_body, json, ConnInfo, ProxyBody};
 use crate::hub::{Hub, HubError, HubUser};
 use crate::routes::Route;
 use crate::store::Revocation;
@@ -255,8 +254,14 @@ impl Auth {
     }
 
     /// Decides whether a request may go to `route`.
-    pub async fn check<B>(&self, req: &Request<B>, route: &Route, websocket: bool) -> Verdict {
-        let verdict = self.decide(req, route, websocket).await;
+    pub async fn check<B>(
+        &self,
+        req: &Request<B>,
+        conn: &ConnInfo,
+        route: &Route,
+        websocket: bool,
+    ) -> Verdict {
+        let verdict = self.decide(req, conn, route, websocket).await;
         use crate::metrics::AuthOutcome;
         let outcome = match &verdict {
             Verdict::Allow(a) if a.identity.is_none() => None,
@@ -277,7 +282,13 @@ impl Auth {
         verdict
     }
 
-    async fn decide<B>(&self, req: &Request<B>, route: &Route, websocket: bool) -> Verdict {
+    async fn decide<B>(
+        &self,
+        req: &Request<B>,
+        conn: &ConnInfo,
+        route: &Route,
+        websocket: bool,
+    ) -> Verdict {
         let protection = protection(route);
         if protection == Protection::Open {
             return Verdict::Allow(Allowed {
@@ -289,7 +300,7 @@ impl Auth {
         let browser = wants_html(req.headers()) && !websocket;
         let found = match self.identify(req, websocket).await {
             Ok(Some(found)) => found,
-            Ok(None) => return Verdict::Respond(self.unauthenticated(req, browser)),
+            Ok(None) => return Verdict::Respond(self.unauthenticated(req, conn, browser)),
             Err(e) => {
                 tracing::warn!(route = %route.key(), error = %e, "hub unavailable; request refused");
                 return Verdict::Respond(refusal(
@@ -322,13 +333,13 @@ impl Auth {
         if found.from_url && browser && req.method() == Method::GET {
             // Trade the token in the address bar for a cookie, so it leaves the URL (and the
             // browser history, and the Referer of every link on the page).
-            if let Some(resp) = self.token_to_cookie(req, &who, found.token.as_deref()) {
+            if let Some(resp) = self.token_to_cookie(req, conn, &who, found.token.as_deref()) {
                 return Verdict::Respond(resp);
             }
         }
         let set_cookie = if found.renewed {
             tracing::debug!(user = %who.name, "session renewed with its hub token");
-            self.session_cookie(&who, found.token.as_deref(), self.secure(req))
+            self.session_cookie(&who, found.token.as_deref(), self.secure(conn))
         } else {
             None
         };
@@ -448,34 +459,37 @@ impl Auth {
         }
     }
 
-    /// The credentials of a request, in the order they are tried.
-    fn credentials_of<'r, B>(&self, req: &'r Request<B>, websocket: bool) -> Vec<Credential<'r>> {
-        let mut found = Vec::new();
+    /// The credentials of a request, in the order they are tried: one token, or up to two
+    /// cookies. (Two slots rather than a `Vec`: this runs on every checked request.)
+    fn credentials_of<'r, B>(
+        &self,
+        req: &'r Request<B>,
+        websocket: bool,
+    ) -> impl Iterator<Item = Credential<'r>> {
+        let mut found = [None, None];
         if let Some(token) = header_token(req.headers()) {
-            found.push(Credential::Token {
+            found[0] = Some(Credential::Token {
                 token: Cow::Borrowed(token),
                 from_url: false,
             });
-            return found;
+        } else if let Some(token) = (websocket || self.settings.allow_token_in_url)
+            .then(|| query_token(req.uri().query()))
+            .flatten()
+        {
+            found[0] = Some(Credential::Token {
+                token: Cow::Owned(token),
+                from_url: true,
+            });
+        } else {
+            found[0] = cookie(req.headers(), SESSION_COOKIE).map(Credential::Session);
+            found[1] = self
+                .settings
+                .hub_login_cookie
+                .as_deref()
+                .and_then(|name| cookie(req.headers(), name))
+                .map(Credential::HubCookie);
         }
-        if websocket || self.settings.allow_token_in_url {
-            if let Some(token) = query_token(req.uri().query()) {
-                found.push(Credential::Token {
-                    token: Cow::Owned(token),
-                    from_url: true,
-                });
-                return found;
-            }
-        }
-        if let Some(jwt) = cookie(req.headers(), SESSION_COOKIE) {
-            found.push(Credential::Session(jwt));
-        }
-        if let Some(name) = &self.settings.hub_login_cookie {
-            if let Some(value) = cookie(req.headers(), name) {
-                found.push(Credential::HubCookie(value));
-            }
-        }
-        found
+        found.into_iter().flatten()
     }
 
     /// Whether a session of `name` issued at `issued_ms` was voided by a revocation since.
@@ -551,7 +565,12 @@ impl Auth {
 
     /// The answer to a request without usable credentials: browsers are sent to log in, API
     /// clients get 401.
-    fn unauthenticated<B>(&self, req: &Request<B>, browser: bool) -> Response<ProxyBody> {
+    fn unauthenticated<B>(
+        &self,
+        req: &Request<B>,
+        conn: &ConnInfo,
+        browser: bool,
+    ) -> Response<ProxyBody> {
         let navigable = matches!(*req.method(), Method::GET | Method::HEAD);
         if browser && navigable {
             let next = req
@@ -560,7 +579,7 @@ impl Auth {
                 .map_or("/", |pq| pq.as_str())
                 .to_owned();
             if self.settings.oauth.is_some() {
-                if let Some(resp) = self.oauth_redirect(&next, self.secure(req)) {
+                if let Some(resp) = self.oauth_redirect(&next, self.secure(conn)) {
                     return resp;
                 }
             }
@@ -585,12 +604,8 @@ impl Auth {
 
     /// Whether hubgate's cookies for this request get `Secure`: always with `--cookie-secure`,
     /// and whenever the request came over TLS.
-    fn secure<B>(&self, req: &Request<B>) -> bool {
-        self.settings.cookie_secure
-            || req
-                .extensions()
-                .get::<crate::http::ConnInfo>()
-                .is_some_and(|c| c.tls)
+    fn secure(&self, conn: &ConnInfo) -> bool {
+        self.settings.cookie_secure || conn.tls
     }
 
     /// `/hub/api` → `/hub/`: where the hub's pages live, for login redirects.
@@ -604,10 +619,11 @@ impl Auth {
     fn token_to_cookie<B>(
         &self,
         req: &Request<B>,
+        conn: &ConnInfo,
         who: &Identity,
         token: Option<&str>,
     ) -> Option<Response<ProxyBody>> {
-        let cookie = self.session_cookie(who, token, self.secure(req))?;
+        let cookie = self.session_cookie(who, token, self.secure(conn))?;
         let mut location = same_site_path(req.uri().path());
         if let Some(q) = strip_token_param(req.uri().query()) {
             location.push('?');

@@ -209,17 +209,15 @@ impl Proxy {
     /// Serves one request. Never fails: every error becomes a response.
     pub async fn handle(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         conn: ConnInfo,
     ) -> Result<Response<ProxyBody>, Infallible> {
         if req.uri().path() == "/_chp_healthz" && req.uri().query().is_none() {
             return Ok(crate::http::json(StatusCode::OK, r#"{"status": "OK"}"#));
         }
         if let Some(auth) = &self.auth {
-            // Authentication reads it (cookies are `Secure` on TLS connections).
-            req.extensions_mut().insert(conn.clone());
             if auth.is_callback(req.uri().path()) {
-                return Ok(auth.callback(&req).await);
+                return Ok(auth.callback(&req, &conn).await);
             }
         }
         let started = Instant::now();
@@ -317,7 +315,7 @@ impl Proxy {
             trace.route = Some(route.clone());
         }
         // Decided on the route just matched, so the check and the router cannot disagree.
-        let grant = match self.authorize(&req, &route, websocket).await {
+        let grant = match self.authorize(&req, conn, &route, websocket).await {
             Ok(grant) => grant,
             Err(resp) => return Ok(resp),
         };
@@ -375,13 +373,14 @@ impl Proxy {
     async fn authorize(
         &self,
         req: &Request<Incoming>,
+        conn: &ConnInfo,
         route: &Route,
         websocket: bool,
     ) -> Result<Grant, Response<ProxyBody>> {
         let Some(auth) = &self.auth else {
             return Ok(Grant::default());
         };
-        match auth.check(req, route, websocket).await {
+        match auth.check(req, conn, route, websocket).await {
             Verdict::Allow(a) => Ok(Grant {
                 identity: a.identity,
                 strip_token: a.strip_token,

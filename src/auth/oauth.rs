@@ -15,7 +15,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
 use super::{cookie, redirect, refusal, Auth, Identity};
-use crate::http::ProxyBody;
+use crate::http::{ConnInfo, ProxyBody};
 
 /// The cookie holding the PKCE verifier while a login is under way.
 pub const STATE_COOKIE: &str = "hubgate-oauth-state";
@@ -88,7 +88,7 @@ impl Auth {
 
     /// Answers the hub's redirect back to hubgate: checks the state, trades the code, sets the
     /// session cookie and sends the browser where it was going.
-    pub async fn callback<B>(&self, req: &Request<B>) -> Response<ProxyBody> {
+    pub async fn callback<B>(&self, req: &Request<B>, conn: &ConnInfo) -> Response<ProxyBody> {
         let Some(oauth) = &self.settings.oauth else {
             return refusal(StatusCode::NOT_FOUND, "OAuth is not configured.", true);
         };
@@ -179,7 +179,7 @@ impl Auth {
             }
         };
         tracing::info!(user = %who.name, "logged in through the hub");
-        let Some(session) = self.session_cookie(&who, Some(&token), self.secure(req)) else {
+        let Some(session) = self.session_cookie(&who, Some(&token), self.secure(conn)) else {
             return refusal(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "Could not create a session.",

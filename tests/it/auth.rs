@@ -24,6 +24,7 @@ use tokio::{
 };
 use tokio_tungstenite::{connect_async, tungstenite};
 
+use crate::certs::{client_config, tls_get, Ca, ClientOptions};
 use crate::fakehub::{Endpoint, FakeHub, Mode, LOGIN_COOKIE};
 use crate::support::{
     empty, eventually, http_client, parse_raw_response, random_token, raw_http, send, Backend,
@@ -823,6 +824,52 @@ async fn an_allowed_url_token_becomes_a_session_cookie_for_browsers() {
         .await;
     let doc = echoed(&resp, "API client with ?token=");
     assert_eq!(doc["path"], "/user/alice/api/status?a=b");
+}
+
+/// The `Set-Cookie` line of the session a browser's URL token is traded for.
+fn traded_session_cookie(resp: &Resp) -> String {
+    location(resp, "browser GET with ?token=");
+    set_cookie(resp, "hubgate-session").unwrap_or_else(|| panic!("no session cookie: {resp:?}"))
+}
+
+fn is_secure(set_cookie_line: &str) -> bool {
+    set_cookie_line
+        .split(';')
+        .any(|attribute| attribute.trim().eq_ignore_ascii_case("secure"))
+}
+
+#[tokio::test]
+async fn session_cookies_are_secure_over_tls_or_when_configured_and_only_then() {
+    let hub = hub().await;
+    let token = own_token(&hub, "alice");
+    let path = format!("/user/alice/lab?token={token}");
+
+    let (plain, _backend) = start_with_alice(with_hub(&hub).args(["--allow-token-in-url"])).await;
+    let line = traded_session_cookie(&plain.get_with(&path, &[BROWSER]).await);
+    assert!(!is_secure(&line), "Secure over plain HTTP: {line}");
+
+    let (configured, _backend) =
+        start_with_alice(with_hub(&hub).args(["--allow-token-in-url", "--cookie-secure"])).await;
+    let line = traded_session_cookie(&configured.get_with(&path, &[BROWSER]).await);
+    assert!(is_secure(&line), "--cookie-secure without Secure: {line}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("hubgate auth test CA");
+    let (key, cert) = ca.issue("server", 1).write(dir.path(), "server");
+    let tls_args = [
+        "--ssl-key",
+        key.to_str().unwrap(),
+        "--ssl-cert",
+        cert.to_str().unwrap(),
+    ];
+    let (tls, _backend) =
+        start_with_alice(with_hub(&hub).args(["--allow-token-in-url"]).args(tls_args)).await;
+    let client = client_config(ClientOptions::trusting(&ca));
+    let resp = tls_get(tls.proxy, client, &path, &[BROWSER])
+        .await
+        .expect("HTTPS request");
+    let line = traded_session_cookie(&resp);
+    assert!(is_secure(&line), "no Secure over TLS: {line}");
 }
 
 #[tokio::test]
