@@ -3,10 +3,21 @@
 //! The signing secrets are a list: the first signs, all verify, so a secret can be rotated by
 //! putting the new one first and dropping the old one after a cookie lifetime. Replicas that share
 //! the list accept each other's cookies without asking the hub.
+//!
+//! A JWT is signed, not encrypted: anyone holding the cookie can read its claims. The hub token a
+//! session keeps for renewal is therefore sealed (ChaCha20-Poly1305, with a key derived from the
+//! same secret by HKDF and the user's name as associated data), as oauth2-proxy seals the tokens
+//! in its cookies: a cookie that leaks into a log or a proxy's trace gives away a session that
+//! ends with the cache lifetime, not a hub token that outlives it.
 
 use std::sync::Arc;
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
+use ring::hkdf;
+use ring::rand::{SecureRandom, SystemRandom};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::Identity;
@@ -26,11 +37,11 @@ struct SessionClaims {
     /// Expiry, seconds (checked by the JWT library).
     exp: i64,
     /// The hub token the session was made from (an OAuth access token, or a token a browser
-    /// brought in its URL). When the session expires it is checked with the hub again and the
-    /// session renewed, so a browser is not sent through OAuth (and a new hub token made) at
-    /// every cache lifetime.
+    /// brought in its URL), sealed ([`Keys::seal`]). When the session expires it is checked with
+    /// the hub again and the session renewed, so a browser is not sent through OAuth (and a new
+    /// hub token made) at every cache lifetime.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    tok: Option<String>,
+    etk: Option<String>,
 }
 
 /// What a session cookie turned out to be.
@@ -48,10 +59,61 @@ pub enum SessionCheck {
     Invalid,
 }
 
+/// The keys made from one secret: the JWT's signing keys and the key that seals hub tokens.
+struct Keys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    sealing: LessSafeKey,
+}
+
+impl Keys {
+    fn new(secret: &[u8]) -> Keys {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"hubgate").extract(secret);
+        let okm = prk
+            .expand(&[b"session hub token v1"], &aead::CHACHA20_POLY1305)
+            .expect("32 bytes are within HKDF-SHA256's output limit");
+        Keys {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            sealing: LessSafeKey::new(UnboundKey::from(okm)),
+        }
+    }
+
+    /// `token` sealed for `user`: base64url of a random nonce and the ciphertext with its tag.
+    fn seal(&self, user: &str, token: &str) -> Option<String> {
+        let mut nonce = [0u8; NONCE_LEN];
+        SystemRandom::new().fill(&mut nonce).ok()?;
+        let mut sealed = token.as_bytes().to_vec();
+        self.sealing
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(user.as_bytes()),
+                &mut sealed,
+            )
+            .ok()?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&sealed);
+        Some(URL_SAFE_NO_PAD.encode(out))
+    }
+
+    /// The token `seal` sealed for `user` with this key; `None` for anything else.
+    fn open(&self, user: &str, sealed: &str) -> Option<String> {
+        let raw = URL_SAFE_NO_PAD.decode(sealed).ok()?;
+        let (nonce, ciphertext) = raw.split_at_checked(NONCE_LEN)?;
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut buf = ciphertext.to_vec();
+        let plain = self
+            .sealing
+            .open_in_place(nonce, Aad::from(user.as_bytes()), &mut buf)
+            .ok()?;
+        String::from_utf8(plain.to_vec()).ok()
+    }
+}
+
 /// Signs and checks JWTs with a rotatable list of secrets.
 pub struct Signer {
-    /// Index 0 signs.
-    keys: Vec<(EncodingKey, DecodingKey)>,
+    /// Index 0 signs (and seals).
+    keys: Vec<Keys>,
     validation: Validation,
     /// The same checks without the expiry, to recognise an expired session of ours.
     ignoring_expiry: Validation,
@@ -61,10 +123,7 @@ impl Signer {
     /// # Panics
     /// Never: an empty list is replaced by one random secret by the caller (config).
     pub fn new(secrets: &[Vec<u8>]) -> Self {
-        let keys = secrets
-            .iter()
-            .map(|s| (EncodingKey::from_secret(s), DecodingKey::from_secret(s)))
-            .collect();
+        let keys = secrets.iter().map(|s| Keys::new(s)).collect();
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
         validation.required_spec_claims = ["exp".to_owned()].into_iter().collect();
@@ -78,8 +137,8 @@ impl Signer {
     }
 
     fn sign<T: Serialize>(&self, claims: &T) -> Option<String> {
-        let (key, _) = self.keys.first()?;
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, key).ok()
+        let keys = self.keys.first()?;
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &keys.encoding).ok()
     }
 
     fn verify<T: DeserializeOwned>(&self, token: &str) -> Option<T> {
@@ -89,7 +148,7 @@ impl Signer {
     fn verify_with<T: DeserializeOwned>(&self, token: &str, validation: &Validation) -> Option<T> {
         self.keys
             .iter()
-            .find_map(|(_, key)| jsonwebtoken::decode::<T>(token, key, validation).ok())
+            .find_map(|keys| jsonwebtoken::decode::<T>(token, &keys.decoding, validation).ok())
             .map(|data| data.claims)
     }
 
@@ -102,6 +161,11 @@ impl Signer {
         hub_token: Option<&str>,
     ) -> Option<String> {
         let now = chrono::Utc::now();
+        let etk = match hub_token {
+            // A token that cannot be sealed is not written in the clear: no session then.
+            Some(token) => Some(self.keys.first()?.seal(&who.name, token)?),
+            None => None,
+        };
         self.sign(&SessionClaims {
             sub: who.name.clone(),
             adm: who.admin,
@@ -109,7 +173,7 @@ impl Signer {
             scp: who.scopes.clone(),
             iat_ms: now.timestamp_millis(),
             exp: now.timestamp() + lifetime_secs,
-            tok: hub_token.map(str::to_owned),
+            etk,
         })
     }
 
@@ -129,9 +193,12 @@ impl Signer {
         }
         match self.verify_with::<SessionClaims>(token, &self.ignoring_expiry) {
             Some(c) => SessionCheck::Expired {
+                // Sealed with whichever secret signed it; one that opens with none is no token.
+                token: c.etk.and_then(|sealed| {
+                    self.keys.iter().find_map(|keys| keys.open(&c.sub, &sealed))
+                }),
                 name: c.sub,
                 issued_ms: c.iat_ms,
-                token: c.tok,
             },
             None => SessionCheck::Invalid,
         }
@@ -181,6 +248,46 @@ mod tests {
 
         let other = Signer::new(&[b"someone-else".to_vec()]);
         assert!(matches!(other.check_session(&token), SessionCheck::Invalid));
+    }
+
+    /// The claims of a JWT, read without checking it (as anyone holding the cookie can).
+    fn claims_of(jwt: &str) -> String {
+        let payload = jwt.split('.').nth(1).unwrap();
+        String::from_utf8(URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_hub_token_is_sealed_and_opens_only_for_its_user_and_secrets() {
+        let s = Signer::new(&[b"k".to_vec()]);
+        let expired = s.session(&alice(), -10, Some("hub-token-123")).unwrap();
+        let claims = claims_of(&expired);
+        assert!(!claims.contains("hub-token-123"), "readable: {claims}");
+
+        // Rotation: still opened with the old secret listed second.
+        let rotated = Signer::new(&[b"new".to_vec(), b"k".to_vec()]);
+        let SessionCheck::Expired { token, .. } = rotated.check_session(&expired) else {
+            panic!("expected an expired session")
+        };
+        assert_eq!(token.as_deref(), Some("hub-token-123"));
+
+        // Sealed for alice: opened for anyone else (or tampered with), it is no token.
+        let keys = Keys::new(b"k");
+        let sealed = keys.seal("alice", "hub-token-123").unwrap();
+        assert_eq!(
+            keys.open("alice", &sealed).as_deref(),
+            Some("hub-token-123")
+        );
+        assert_eq!(keys.open("mallory", &sealed), None);
+        let mut flipped = URL_SAFE_NO_PAD.decode(&sealed).unwrap();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert_eq!(keys.open("alice", &URL_SAFE_NO_PAD.encode(flipped)), None);
+        assert_eq!(Keys::new(b"other").open("alice", &sealed), None);
+        assert_eq!(keys.open("alice", "short"), None);
+        assert_ne!(
+            sealed,
+            keys.seal("alice", "hub-token-123").unwrap(),
+            "fresh nonces"
+        );
     }
 
     #[test]
