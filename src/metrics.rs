@@ -70,20 +70,14 @@ const NO_LABELS: fn() -> [&'static str; 0] = || [];
 pub struct Metrics {
     registry: Registry,
 
-    requests: Sharded<IntCounter>,
-    duration: Sharded<Histogram>,
-    upstream: Sharded<Histogram>,
-    overhead: Sharded<Histogram>,
-    request_bytes: Sharded<IntCounter>,
-    response_bytes: Sharded<IntCounter>,
+    /// The request path's series, kept as their group: only this module's methods touch them.
+    traffic: Traffic,
     pub active_connections: IntGaugeVec,
     pub active_websockets: IntGauge,
     pub websockets: IntCounter,
     pub websocket_duration: Histogram,
-    upstream_errors: Vec<IntCounter>,
     /// When a target last failed (ms since the epoch; 0: never). For `/api/status`.
     pub last_upstream_failure_ms: AtomicI64,
-    pub no_route: IntCounter,
     /// Connections refused because a listener was at `--max-connections`.
     pub connections_refused: IntCounter,
     /// Client connections closed by a timeout (nothing sent after connecting, or idle).
@@ -530,10 +524,11 @@ impl Process {
 }
 
 impl Metrics {
-    /// Registers every family, in groups, and lays them out flat for the code that uses them.
+    /// Registers every family, in groups, and lays them out flat for the code elsewhere that uses
+    /// them (the request path's series stay a group: only this module uses them).
     fn new() -> Self {
         let r = Registry::new();
-        let (t, c) = (Traffic::register(&r), Connections::register(&r));
+        let (traffic, c) = (Traffic::register(&r), Connections::register(&r));
         let (table, auth, chp) = (
             Table::register(&r),
             AuthAndHub::register(&r),
@@ -549,19 +544,12 @@ impl Metrics {
         let m = Metrics {
             limit_refusals,
             registry: r,
-            requests: t.requests,
-            duration: t.duration,
-            upstream: t.upstream,
-            overhead: t.overhead,
-            request_bytes: t.request_bytes,
-            response_bytes: t.response_bytes,
+            traffic,
             active_connections: c.active_connections,
             active_websockets: c.active_websockets,
             websockets: c.websockets,
             websocket_duration: c.websocket_duration,
-            upstream_errors: t.upstream_errors,
             last_upstream_failure_ms: AtomicI64::new(0),
-            no_route: t.no_route,
             connections_refused: c.connections_refused,
             client_timeouts: c.client_timeouts,
             routes: table.routes,
@@ -601,12 +589,13 @@ impl Metrics {
     /// traffic; the rest appear as they happen.
     fn seed(&self) {
         let user = RouteKind::User as usize;
-        self.requests
+        self.traffic
+            .requests
             .get(user * METHODS.len() * CLASSES.len() + 1, || {
                 [KINDS[user], METHODS[0], CLASSES[1]]
             });
-        self.duration.get(user, || [KINDS[user]]);
-        self.upstream.get(user, || [KINDS[user]]);
+        self.traffic.duration.get(user, || [KINDS[user]]);
+        self.traffic.upstream.get(user, || [KINDS[user]]);
         self.request_bytes(RouteKind::User);
         self.response_bytes(RouteKind::User);
     }
@@ -624,19 +613,23 @@ impl Metrics {
         let m = method_index(method);
         let class = (usize::from(status / 100)).clamp(1, 5) - 1;
         let k = kind as usize;
-        self.requests
+        self.traffic
+            .requests
             .get((k * METHODS.len() + m) * CLASSES.len() + class, || {
                 [KINDS[k], METHODS[m], CLASSES[class]]
             })
             .inc();
-        self.duration
+        self.traffic
+            .duration
             .get(k, || [KINDS[k]])
             .observe(total.as_secs_f64());
         if let Some(up) = upstream {
-            self.upstream
+            self.traffic
+                .upstream
                 .get(k, || [KINDS[k]])
                 .observe(up.as_secs_f64());
-            self.overhead
+            self.traffic
+                .overhead
                 .get(0, NO_LABELS)
                 .observe(total.saturating_sub(up).as_secs_f64());
         }
@@ -646,7 +639,7 @@ impl Metrics {
             self.chp_requests_web.get(0, NO_LABELS).inc();
         }
         if kind == RouteKind::None && status == 404 {
-            self.no_route.inc();
+            self.traffic.no_route.inc();
         }
         let code = usize::from(status.clamp(100, 599));
         self.chp_requests_proxy
@@ -672,19 +665,19 @@ impl Metrics {
             FailureCause::Tls => 3,
             FailureCause::Other => 4,
         };
-        self.upstream_errors[i].inc();
+        self.traffic.upstream_errors[i].inc();
         self.last_upstream_failure_ms
             .store(now_ms(), Ordering::Relaxed);
     }
 
     pub fn request_bytes(&self, kind: RouteKind) -> &IntCounter {
         let k = kind as usize;
-        self.request_bytes.get(k, || [KINDS[k]])
+        self.traffic.request_bytes.get(k, || [KINDS[k]])
     }
 
     pub fn response_bytes(&self, kind: RouteKind) -> &IntCounter {
         let k = kind as usize;
-        self.response_bytes.get(k, || [KINDS[k]])
+        self.traffic.response_bytes.get(k, || [KINDS[k]])
     }
 
     /// The Prometheus text format of every metric.
